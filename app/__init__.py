@@ -1,0 +1,1 @@
+"""The Gradio clinic app (see the clinic-app issue). It imports `model`; `model` never imports it."""

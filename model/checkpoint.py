@@ -1,0 +1,244 @@
+"""Weight bundles: self-describing directories that serving loads strictly and verifies.
+
+    BUNDLE/
+      skingpt.yaml            architecture, prompt template, preprocessing, generation defaults
+      encoder.safetensors     vision + ln_vision + Q-Former + query tokens + projection
+      llm/                    the LLM as a Hugging Face directory (safetensors, tokenizer)
+      manifest.json           sha256 and size of every file above, and where the weights came from
+
+Serving reads safetensors only; pickles are converted once by `model.convert`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ConfigError, SkinGPTConfig
+from .errors import UserFacingError
+from .llm import LLMLoadError, config_from_dir, load_llm, load_tokenizer
+from .quantization import LoadPolicy, bnb_config, module_bytes
+from .skingpt import ENCODER_PARTS, SkinGPT
+
+CONFIG_FILE = "skingpt.yaml"
+ENCODER_FILE = "encoder.safetensors"
+LLM_DIR = "llm"
+MANIFEST_FILE = "manifest.json"
+BUNDLE_FORMAT = "skingpt-bundle/1"
+HOW_TO_GET = ("build one with `python launch.py convert` from the published weight files "
+              "(see weights/README.md), or use a bundle written by `python launch.py train`")
+
+
+class BundleError(UserFacingError, RuntimeError):
+    """A bundle that is missing, incomplete, corrupted, or does not match its own config."""
+
+
+# -- hashing and the manifest -----------------------------------------------------------------
+
+def sha256_file(path: Path, progress: Any = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def bundle_files(bundle: Path) -> list[Path]:
+    """Every file of a bundle except the manifest itself, as paths relative to the bundle."""
+    return sorted(p.relative_to(bundle) for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(bundle: Path, sources: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    files = bundle_files(bundle)
+    total = sum((bundle / f).stat().st_size for f in files)
+    entries = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing bundle", leave=False) as bar:
+        for rel in files:
+            entries[rel.as_posix()] = {"sha256": sha256_file(bundle / rel, bar), "bytes": (bundle / rel).stat().st_size}
+    manifest = {"format": BUNDLE_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": entries, "sources": dict(sources or {})}
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    path = bundle / MANIFEST_FILE
+    if not bundle.is_dir():
+        raise BundleError(f"no SkinGPT bundle at {bundle}: {HOW_TO_GET}")
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no {MANIFEST_FILE}, so it is not a SkinGPT bundle: {HOW_TO_GET}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path} is not valid JSON ({err}); re-create the bundle") from err
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path} has format {manifest.get('format')!r}; this version reads {BUNDLE_FORMAT}")
+    return manifest
+
+
+def verify_bundle(bundle: str | Path) -> dict[str, Any]:
+    """Check that every file the manifest lists exists with its recorded size and sha256."""
+    from tqdm.auto import tqdm
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    entries = manifest["files"]
+    for required in (CONFIG_FILE, ENCODER_FILE, f"{LLM_DIR}/config.json"):
+        if required not in entries:
+            raise BundleError(f"{bundle}/{MANIFEST_FILE} does not list {required}; the bundle is incomplete: "
+                              f"{HOW_TO_GET}")
+    for rel, entry in entries.items():
+        if not (bundle / rel).is_file():
+            raise BundleError(f"{bundle} lacks {rel}, which its manifest lists; copy the whole bundle "
+                              f"directory again or {HOW_TO_GET}")
+    total = sum(e["bytes"] for e in entries.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying sha256", leave=False) as bar:
+        for rel, entry in entries.items():
+            actual = sha256_file(bundle / rel, bar)
+            if actual != entry["sha256"]:
+                raise BundleError(f"{bundle}/{rel} fails its sha256 check (expected {entry['sha256'][:16]}..., "
+                                  f"got {actual[:16]}...): the file is corrupted or was changed; copy it again")
+    return manifest
+
+
+# -- strict key checking ------------------------------------------------------------------------
+
+def check_state(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Raise naming every missing, unexpected or wrongly shaped key (the first few of each)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(given) if tuple(expected[k]) != tuple(given[k]))
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"{where} does not match the model:"]
+    lines += [f"  missing key {k} (expected shape {tuple(expected[k])})" for k in missing[:8]]
+    lines += [f"  unexpected key {k} (shape {tuple(given[k])})" for k in unexpected[:8]]
+    lines += [f"  key {k}: file has shape {tuple(given[k])}, model expects {tuple(expected[k])}" for k in wrong[:8]]
+    hidden = len(missing) + len(unexpected) + len(wrong) - (min(8, len(missing)) + min(8, len(unexpected))
+                                                          + min(8, len(wrong)))
+    if hidden:
+        lines.append(f"  ... and {hidden} more")
+    raise BundleError("\n".join(lines))
+
+
+def shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+# -- save ---------------------------------------------------------------------------------------
+
+def save_bundle(out: str | Path, config: SkinGPTConfig, encoder: Mapping[str, torch.Tensor],
+                write_llm: Any, sources: Mapping[str, Any] | None = None) -> Path:
+    """Write a bundle. `write_llm(llm_dir)` fills the LLM directory (save_pretrained, or a copy)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(out / CONFIG_FILE)
+    save_file({k: v.detach().contiguous().cpu() for k, v in encoder.items()}, str(out / ENCODER_FILE),
+              metadata={"format": BUNDLE_FORMAT})
+    (out / LLM_DIR).mkdir(exist_ok=True)
+    write_llm(out / LLM_DIR)
+    write_manifest(out, sources)
+    return out
+
+
+def save_model_bundle(out: str | Path, model: SkinGPT, tokenizer: Any,
+                      sources: Mapping[str, Any] | None = None) -> Path:
+    """Write a bundle from a model in memory (training's final output, tests)."""
+    def write_llm(llm_dir: Path) -> None:
+        model.llm.save_pretrained(llm_dir)
+        tokenizer.save_pretrained(llm_dir)
+
+    return save_bundle(out, model.config, model.encoder_state_dict(), write_llm, sources)
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedBundle:
+    model: SkinGPT
+    tokenizer: Any
+    config: SkinGPTConfig
+    path: Path
+    manifest: dict[str, Any]
+    device: str
+    footprint: dict[str, int] = field(default_factory=dict)  # bytes per part as loaded
+
+    @property
+    def bundle_hash(self) -> str:
+        """One digest over the manifest's file hashes: names this exact set of weights."""
+        joined = "".join(f"{k}:{v['sha256']}" for k, v in sorted(self.manifest["files"].items()))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def load_config(bundle: Path) -> SkinGPTConfig:
+    try:
+        return SkinGPTConfig.from_yaml(bundle / CONFIG_FILE)
+    except (ConfigError, FileNotFoundError) as err:
+        raise BundleError(f"cannot read {bundle / CONFIG_FILE}: {err}") from err
+
+
+def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: bool = True) -> LoadedBundle:
+    """Verify hashes, then load the LLM and the encoder parts strictly, under `policy`."""
+    bundle = Path(path)
+    manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
+    config = load_config(bundle)
+    device, dtype = policy.resolve_device(), policy.resolve_dtype()
+    llm_dir = bundle / LLM_DIR
+    try:
+        on_disk = config_from_dir(llm_dir)
+    except LLMLoadError as err:
+        raise BundleError(str(err)) from err
+    if on_disk != config.llm:
+        raise BundleError(f"{llm_dir}/config.json does not match the llm section of {bundle / CONFIG_FILE}:\n"
+                          f"  config.json: {on_disk}\n  {CONFIG_FILE}: {config.llm}")
+    try:
+        llm = load_llm(llm_dir, dtype=dtype, device=device, quantization_config=bnb_config(policy.quantize, dtype))
+    except LLMLoadError as err:
+        raise BundleError(str(err)) from err
+    with torch.device("meta"):
+        model = SkinGPT(config, llm)  # encoder parts allocate nothing until their weights arrive
+    load_encoder(model, bundle / ENCODER_FILE, device=device, dtype=dtype)
+    footprint = {part: module_bytes(getattr(model, part)) for part in (*ENCODER_PARTS, "llm")}
+    return LoadedBundle(model.eval(), load_tokenizer(llm_dir), config, bundle, manifest, device, footprint)
+
+
+def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype) -> None:
+    """Strictly load the encoder file into a model whose encoder parts may still be on `meta`."""
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    check_state(shapes(model.encoder_state_dict()), shapes(tensors), str(path))
+    for part in ENCODER_PARTS:
+        part_dtype = torch.float32 if part == "ln_vision" else dtype  # ln_vision always runs in fp32
+        sub = {k.split(".", 1)[1]: v.to(device=device, dtype=part_dtype)
+               for k, v in tensors.items() if k.split(".", 1)[0] == part and "." in k}
+        if part == "query_tokens":
+            model.query_tokens = nn.Parameter(tensors["query_tokens"].to(device=device, dtype=dtype),
+                                              requires_grad=False)
+        else:
+            getattr(model, part).load_state_dict(sub, strict=True, assign=True)
+    _materialise_key_bias(model.vision)
+    for name, param in model.named_parameters():
+        param.requires_grad_(False)  # serving freezes everything; training opts parts back in
+        if param.is_meta:
+            raise BundleError(f"internal error: {name} was not loaded from {path}")
+
+
+def _materialise_key_bias(vit: nn.Module) -> None:
+    """timm's EVA attention keeps a zero key bias as a non-persistent buffer, absent from files."""
+    for block in vit.blocks:
+        attn = block.attn
+        if getattr(attn, "k_bias", None) is not None and attn.k_bias.is_meta:
+            attn.k_bias = torch.zeros_like(attn.v_bias, device=attn.v_bias.device)
