@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-DEMO_BUNDLE = ROOT / "weights" / "demo"
+DEMO_BUNDLE = Path(os.environ.get("SKINGPT_DEMO_BUNDLE", ROOT / "weights" / "demo"))
 
 # Never reach a hub or send analytics at run time, whatever the environment says.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,6 +63,138 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_path(args: argparse.Namespace) -> Path:
+    """--weights, or the demo bundle (generated on first use), saying so on stderr."""
+    if args.weights:
+        return Path(args.weights)
+    if not (DEMO_BUNDLE / "manifest.json").is_file():
+        from model.fixtures import write_demo_bundle
+
+        print(f"No --weights given and no demo bundle yet: generating one at {DEMO_BUNDLE} ...", file=sys.stderr)
+        write_demo_bundle(DEMO_BUNDLE)
+    print("Using the DEMO bundle: random weights, so the answers mean nothing. Pass --weights DIR for a real "
+          "model (see weights/README.md).", file=sys.stderr)
+    return DEMO_BUNDLE
+
+
+def _policy(args: argparse.Namespace):
+    from model.quantization import LoadPolicy
+
+    return LoadPolicy(device=args.device, dtype=args.dtype, quantize=args.quantize)
+
+
+def _engine(args: argparse.Namespace):
+    from model.checkpoint import load_bundle
+    from model.engine import Engine
+
+    return Engine(load_bundle(_bundle_path(args), _policy(args)))
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    chosen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    settings = {k: v for k, v in chosen.items() if v is not None}
+    if args.greedy:
+        settings["do_sample"] = False
+    return settings
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from model.conversation import Conversation, ImageInput
+    from model.imageio import read_image_file
+    from model.safety import DISCLAIMER
+
+    image = ImageInput.of(read_image_file(args.image))
+    engine = _engine(args)
+    if args.report:
+        from model.consultation import consult
+
+        report = consult(lambda conv: engine.answer(conv, session="ask", seed=args.seed, **_settings(args)), image)
+        print(report.model_dump_json(indent=2) if args.json else report.markdown())
+        return 0
+    conversation = Conversation().ask(args.question, [image])
+    generation = engine.stream(conversation, seed=args.seed, **_settings(args))
+    if args.json:
+        text = "".join(generation)
+        print(json.dumps({"question": args.question, "answer": text.strip(), "finish_reason": generation.finish_reason,
+                          "notices": generation.notices, "disclaimer": DISCLAIMER}, indent=2))
+    else:
+        for piece in generation:
+            print(piece, end="", flush=True)
+        print()
+        for notice in generation.notices:
+            print(f"note: {notice}", file=sys.stderr)
+    return 0
+
+
+CHAT_HELP = "Commands: /image PATH adds a photo, /new starts a new consultation, /quit leaves."
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import threading
+
+    from model.conversation import Conversation, ImageInput
+    from model.errors import UserFacingError
+    from model.imageio import read_image_file
+    from model.safety import DISCLAIMER, URGENT_ADVICE, red_flags
+
+    engine = _engine(args)
+    print(f"{DISCLAIMER}\n{CHAT_HELP}", file=sys.stderr)
+    conversation, pending = Conversation(), [ImageInput.of(read_image_file(args.image))] if args.image else []
+    session = "chat"
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line == "/quit":
+            return 0
+        if line == "/new":
+            engine.forget(session)
+            conversation, pending = Conversation(), []
+            print("New consultation: everything before is forgotten.", file=sys.stderr)
+            continue
+        if line.startswith("/image "):
+            try:
+                pending.append(ImageInput.of(read_image_file(line.split(" ", 1)[1].strip())))
+                print("Photo added; it goes with your next question.", file=sys.stderr)
+            except UserFacingError as err:
+                print(f"error: {err}", file=sys.stderr)
+            continue
+        if not conversation.images and not pending:
+            print("Please add a photo first: /image PATH", file=sys.stderr)
+            continue
+        conversation = conversation.ask(line, pending)
+        pending = []
+        cancel = threading.Event()
+        generation = engine.stream(conversation, session=session, cancel=cancel, seed=args.seed, **_settings(args))
+        print("skingpt> ", end="", flush=True)
+        try:
+            for piece in generation:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            cancel.set()  # Ctrl-C stops this answer, not the chat
+        print()
+        for notice in generation.notices:
+            print(f"note: {notice}", file=sys.stderr)
+        if red_flags(line, generation.text):
+            print(f"note: {URGENT_ADVICE}", file=sys.stderr)
+        conversation = conversation.answer(generation.text.strip())
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from model.benchmark import format_table, load_for_bench, run
+
+    if not args.random_init and not args.weights:
+        raise SystemExit("error: pass --preset NAME --random-init, or --weights DIR")
+    loaded, load_s = load_for_bench(args.preset if args.random_init else None, args.weights, _policy(args))
+    result = run(loaded, load_s, turns=args.turns, new_tokens=args.new_tokens)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -93,6 +225,43 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--link", action="store_true", help="hard-link LLM shards instead of copying (same disk)")
     conv.add_argument("--force", action="store_true", help="write into a non-empty --out")
     conv.set_defaults(func=cmd_convert)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+        p.add_argument("--quantize", default="none", help="none | int8 | nf4 (the LLM only)")
+
+    def gen_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--greedy", action="store_true", help="greedy decoding")
+        p.add_argument("--seed", type=int, default=None)
+
+    ask = sub.add_parser("ask", help="one question about one photo")
+    ask.add_argument("--image", required=True)
+    ask.add_argument("--question", default="Please describe the skin condition in this photo.")
+    ask.add_argument("--json", action="store_true")
+    ask.add_argument("--report", action="store_true", help="run the structured consultation and print its report")
+    model_args(ask)
+    gen_args(ask)
+    ask.set_defaults(func=cmd_ask)
+
+    chat = sub.add_parser("chat", help="a terminal chat that streams")
+    chat.add_argument("--image", help="the first photo (or add one with /image PATH)")
+    model_args(chat)
+    gen_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="load time, encode, TTFT, decode speed, follow-ups vs the reference style")
+    bench.add_argument("--preset", default="tiny")
+    bench.add_argument("--random-init", action="store_true", help="random weights, no files (full size needs a GPU)")
+    bench.add_argument("--turns", type=int, default=8)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--json", action="store_true")
+    model_args(bench)
+    bench.set_defaults(func=cmd_bench)
 
     fix = sub.add_parser("fixtures", help="write tiny source files in the published formats, or the demo bundle")
     fix.add_argument("--out", required=True)

@@ -45,3 +45,57 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert "has no config.json" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run("inspect", "--weights", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and "no SkinGPT bundle at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _demo_env(tmp_path):
+    import os
+
+    return {**os.environ, "SKINGPT_DEMO_BUNDLE": str(tmp_path / "demo")}
+
+
+def test_ask_end_to_end_on_the_demo_bundle(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "p.jpg")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "ask", "--image", str(tmp_path / "p.jpg"),
+                           "--question", "What is this rash?", "--json", "--max-new-tokens", "12", "--seed", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Using the DEMO bundle" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["question"] == "What is this rash?" and result["finish_reason"] in ("stop", "eos", "length")
+    assert "decision support" in result["disclaimer"]
+    assert (tmp_path / "demo" / "manifest.json").is_file()
+
+    report = subprocess.run([sys.executable, str(ROOT / "launch.py"), "ask", "--image", str(tmp_path / "p.jpg"),
+                             "--report", "--json", "--max-new-tokens", "8"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
+    assert report.returncode == 0, report.stderr
+    assert set(json.loads(report.stdout)["answers"]) == {"describe", "features", "causes", "treatment", "see_doctor"}
+
+    bad = subprocess.run([sys.executable, str(ROOT / "launch.py"), "ask", "--image", str(ROOT / "README.md")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
+    assert bad.returncode == 2 and "not a photo this app can read" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_chat_streams_in_a_terminal_session(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    script = "Hello?\n/image " + str(tmp_path / "p.png") + "\nWhat is it?\nAnd the cause?\n/new\n/quit\n"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "chat", "--max-new-tokens", "6"], input=script,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Please add a photo first" in proc.stderr and "Photo added" in proc.stderr
+    assert proc.stdout.count("skingpt> ") == 2 and "New consultation" in proc.stderr
+
+
+def test_bench_tiny_random_init_json():
+    result = json.loads(_run("bench", "--preset", "tiny", "--random-init", "--json", "--turns", "3").stdout)
+    assert [row["turn"] for row in result["followups"]] == [1, 2, 3]
+    for row in result["followups"]:
+        assert row["prefill_tokens"] < row["prompt_tokens"] and row["baseline_ttft_ms"] > 0 and row["speedup"] > 0
+    assert result["decode_tokens_per_s"] > 0 and result["bare_decode_tokens_per_s"] > 0
+    assert result["peak_rss_bytes"] > 0

@@ -1,0 +1,198 @@
+"""Speed and memory of the engine, against a reference-style baseline and a bare forward loop.
+
+- reference-style: every turn re-prefills the whole conversation (a fresh KV cache), as the
+  reference demo does; the engine reuses its session cache and prefills only new positions.
+- bare loop: prefill, then greedy decode with direct LLM calls and nothing else; the engine's
+  decode speed over it gives the engine's overhead.
+Decoding runs a fixed number of tokens (EOS and stop strings ignored) so random weights time
+the same work as real ones.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import LoadedBundle, load_bundle, save_model_bundle
+from .config import SkinGPTConfig
+from .conversation import Conversation, ImageInput
+from .engine import Engine
+from .quantization import LoadPolicy, module_bytes
+from .skingpt import build_skingpt, tokenize_prompt
+
+# Peak memory bandwidth (bytes/s) of GPUs we report against; others can be passed in.
+GPU_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
+
+QUESTIONS = ("What else do you see?", "What could cause this?", "How is it treated?", "Is it contagious?",
+             "Should I see a doctor?", "Can it come back?", "What should I avoid?", "Is it serious?")
+
+
+def random_bundle(config: SkinGPTConfig, policy: LoadPolicy) -> LoadedBundle:
+    """Full-size random weights without any files: built straight on the device in the policy's
+    dtype; quantised modes go through a temporary bundle so that the real loader quantises."""
+    from .fixtures import train_tokenizer
+    from .llm import load_tokenizer
+
+    device, dtype = policy.resolve_device(), policy.resolve_dtype()
+    tmp = Path(tempfile.mkdtemp(prefix="skingpt-bench-"))
+    train_tokenizer(tmp, min(config.llm.vocab_size, 4000))
+    tokenizer = load_tokenizer(tmp)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if policy.quantize == "none" else torch.float32)
+    try:
+        with torch.device(device if policy.quantize == "none" else "cpu"):
+            model = build_skingpt(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.ln_vision.float()
+    if policy.quantize != "none":
+        save_model_bundle(tmp / "bundle", model, tokenizer)
+        del model
+        return load_bundle(tmp / "bundle", policy, verify=False)
+    model.requires_grad_(False)
+    footprint = {name: module_bytes(getattr(model, name)) for name in ("vision", "ln_vision", "qformer",
+                                                                      "query_tokens", "proj", "llm")}
+    return LoadedBundle(model, tokenizer, config, tmp, {"files": {}}, device, footprint)
+
+
+def _photo(seed: int) -> ImageInput:
+    pixels = np.random.default_rng(seed).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    return ImageInput.of(Image.fromarray(pixels))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(loaded: LoadedBundle, load_s: float, turns: int = 8, new_tokens: int = 32) -> dict[str, Any]:
+    engine = Engine(loaded)
+    device = loaded.device
+    settings = {"max_new_tokens": new_tokens, "do_sample": False}
+
+    encode_ms = []
+    for i in range(3):
+        image = _photo(i)
+        _sync(device)
+        t = time.perf_counter()
+        engine.encode(image)
+        _sync(device)
+        encode_ms.append((time.perf_counter() - t) * 1000)
+
+    conversation = Conversation().ask("Please describe the skin condition in this photo.", [_photo(0)])
+    engine.answer(conversation, session="warmup", fixed_length=True, **settings)  # kernels, allocator
+    engine.forget("warmup")
+    first = engine.stream(conversation, session="bench", fixed_length=True, **settings)
+    conversation = conversation.answer("".join(first).strip())
+
+    rows = []
+    for turn in range(1, turns + 1):
+        conversation = conversation.ask(QUESTIONS[(turn - 1) % len(QUESTIONS)])
+        ours = engine.stream(conversation, session="bench", fixed_length=True, **settings)
+        answer = "".join(ours).strip()
+        baseline = engine.stream(conversation, session=None, fixed_length=True, max_new_tokens=1, do_sample=False)
+        "".join(baseline)
+        rows.append({"turn": turn, "prompt_tokens": ours.stats.prompt_tokens,
+                     "prefill_tokens": ours.stats.prefill_tokens,
+                     "ttft_ms": ours.stats.time_to_first_token_s * 1000,
+                     "baseline_ttft_ms": baseline.stats.time_to_first_token_s * 1000,
+                     "speedup": baseline.stats.time_to_first_token_s / max(ours.stats.time_to_first_token_s, 1e-9)})
+        conversation = conversation.answer(answer)
+
+    bare_tps = _bare_decode(engine, new_tokens)
+    result = {
+        "model": loaded.config.name, "device": _device_name(device), "dtype": str(next(loaded.model.llm.parameters()).dtype),
+        "load_s": load_s, "image_encode_ms": statistics.median(encode_ms),
+        "first_turn_ttft_ms": first.stats.time_to_first_token_s * 1000,
+        "first_turn_prompt_tokens": first.stats.prompt_tokens,
+        "decode_tokens_per_s": first.stats.decode_tokens_per_s,
+        "bare_decode_tokens_per_s": bare_tps,
+        "engine_overhead": 1 - first.stats.decode_tokens_per_s / bare_tps if bare_tps else None,
+        "followups": rows,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "weight_bytes": sum(loaded.footprint.values()),
+    }
+    result.update(_bandwidth(result, loaded, device))
+    return result
+
+
+def _bare_decode(engine: Engine, new_tokens: int) -> float:
+    """Greedy decoding with nothing but LLM forwards and argmax: the floor the engine is held to."""
+    from .llm import new_cache
+
+    model, tok = engine.model, engine.tokenizer
+    ids = tokenize_prompt(tok, "###Human: <Img><ImageHere></Img> Describe it.###Assistant:",
+                          engine.config.image_placeholder, engine.config.qformer.num_query_tokens)
+    image = engine.encode(_photo(0)).unsqueeze(0)
+    with torch.no_grad():
+        cache = new_cache()
+        embeds = model.embed_inputs(torch.tensor([ids], device=engine.device), image)
+        logits = model.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = int(logits[0, -1].argmax())
+        _sync(str(engine.device))
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            logits = model.llm(input_ids=torch.tensor([[token]], device=engine.device), past_key_values=cache,
+                               use_cache=True).logits
+            token = int(logits[0, -1].argmax())
+        elapsed = time.perf_counter() - start
+    return (new_tokens - 1) / elapsed
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _bandwidth(result: dict[str, Any], loaded: LoadedBundle, device: str) -> dict[str, Any]:
+    """Decode reads every LLM weight once per token: tokens/s x LLM bytes is the bandwidth used."""
+    if not device.startswith("cuda"):
+        return {}
+    used = result["decode_tokens_per_s"] * loaded.footprint["llm"]
+    peak = next((bw for name, bw in GPU_BANDWIDTH.items() if name in torch.cuda.get_device_name()), None)
+    return {"bandwidth_used_bytes_per_s": used, "bandwidth_fraction": used / peak if peak else None}
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [f"model {r['model']} on {r['device']}, {r['dtype']}",
+             f"load                  {r['load_s']:.2f} s",
+             f"image encode          {r['image_encode_ms']:.1f} ms",
+             f"first turn TTFT       {r['first_turn_ttft_ms']:.1f} ms ({r['first_turn_prompt_tokens']} prompt positions)",
+             f"decode                {r['decode_tokens_per_s']:.1f} tokens/s "
+             f"(bare loop {r['bare_decode_tokens_per_s']:.1f}; engine overhead {100 * r['engine_overhead']:.1f}%)",
+             "", "turn  prompt  prefilled  TTFT ms  reference-style ms  speed-up"]
+    for row in r["followups"]:
+        lines.append(f"{row['turn']:>4}  {row['prompt_tokens']:>6}  {row['prefill_tokens']:>9}  {row['ttft_ms']:>7.1f}"
+                     f"  {row['baseline_ttft_ms']:>18.1f}  {row['speedup']:>7.1f}x")
+    lines += ["", f"peak RSS              {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+              f"weights               {r['weight_bytes'] / 2**30:.2f} GiB"]
+    if r.get("peak_cuda_bytes") is not None:
+        lines.append(f"peak CUDA             {r['peak_cuda_bytes'] / 2**30:.2f} GiB")
+    if r.get("bandwidth_used_bytes_per_s"):
+        frac = r.get("bandwidth_fraction")
+        lines.append(f"decode bandwidth      {r['bandwidth_used_bytes_per_s'] / 1e12:.2f} TB/s"
+                     + (f" ({100 * frac:.0f}% of peak)" if frac else ""))
+    return "\n".join(lines)
+
+
+def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPolicy) -> tuple[LoadedBundle, float]:
+    from .config import preset
+
+    start = time.perf_counter()
+    if weights:
+        loaded = load_bundle(weights, policy)
+    else:
+        config = preset(preset_name)
+        config = replace(config, generation=replace(config.generation, do_sample=False))
+        loaded = random_bundle(config, policy)
+    _sync(loaded.device)
+    return loaded, time.perf_counter() - start

@@ -1,0 +1,322 @@
+"""The one streaming decode path: image cache, KV cache reuse, sampling, stop holdback, cancel.
+
+The app, the CLI, evaluation and benchmarks all decode through `Engine.stream`; a non-streaming
+answer is a join of it.
+
+Each session keeps the KV cache of what it has already fed the model, together with the
+`slots` that describe it (a token id, or `image-key:j` for the j-th query embedding of an image).
+A new prompt is compared slot by slot with what is cached; only the differing tail is prefilled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+import torch
+from .checkpoint import LoadedBundle
+from .config import GenerationConfig
+from .llm import new_cache, trim_cache
+from .conversation import Conversation, ConversationError, ImageInput, Template, render, template
+from .preprocess import preprocess
+from .skingpt import IMAGE_TOKEN_ID, tokenize_prompt
+
+Slot = Union[int, str]  # a token id, or "<image key>:<j>" for an image's j-th query position
+
+
+@dataclass
+class _Session:
+    cache: object  # the LLM's KV cache (see llm.new_cache)
+    slots: list[Slot] = field(default_factory=list)  # exactly what `cache` holds
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # positions in the prompt, image slots included
+    reused_tokens: int = 0  # of those, already in the session's KV cache
+    prefill_tokens: int = 0  # of those, run through the model now
+    new_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+    dropped_turns: tuple[int, ...] = ()
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+class Generation:
+    """An answer being streamed: iterate it for text pieces; afterwards read `text`,
+    `finish_reason` (stop | eos | length | cancelled) and `notices`."""
+
+    def __init__(self, engine: Engine, conversation: Conversation, session: str | None,
+                 settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
+                 fixed_length: bool = False) -> None:
+        self.text = ""
+        self.tokens: list[int] = []  # generated token ids (EOS excluded)
+        self.finish_reason: str | None = None
+        self.notices: list[str] = []
+        self.stats = GenerationStats()
+        self._iter = engine._generate(self, conversation, session, settings, seed, cancel, fixed_length)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._iter
+
+    def __next__(self) -> str:
+        return next(self._iter)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedBundle, max_sessions: int = 8, max_images: int = 64) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.template: Template = template(self.config.prompt_template)
+        self.device = self.model.llm.get_input_embeddings().weight.device
+        self._device_lock = threading.Lock()  # one forward at a time on the device
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._registry_lock = threading.Lock()
+        self.max_sessions, self.max_images = max_sessions, max_images
+
+    # -- public API ------------------------------------------------------------------------------
+    def stream(self, conversation: Conversation, *, session: str | None = None, seed: int | None = None,
+               cancel: threading.Event | None = None, fixed_length: bool = False, **overrides) -> Generation:
+        """Stream the answer to the conversation's pending question. `session` names a KV cache to
+        reuse across turns (None: a fresh one); `overrides` replace generation defaults;
+        `fixed_length` (benchmarks) ignores EOS and stop strings and always runs max_new_tokens."""
+        try:
+            settings = dataclasses.replace(self.config.generation, **overrides)
+        except TypeError as err:
+            raise ConversationError(f"unknown generation setting: {err}") from None
+        return Generation(self, conversation, session, settings, seed, cancel, fixed_length)
+
+    def answer(self, conversation: Conversation, **kwargs) -> str:
+        return "".join(self.stream(conversation, **kwargs))
+
+    def forget(self, session: str) -> None:
+        """Drop a session's KV cache (a new patient, or the session ended)."""
+        with self._registry_lock:
+            self._sessions.pop(session, None)
+
+    def forget_images(self) -> None:
+        with self._registry_lock:
+            self._images.clear()
+
+    def encode(self, image: ImageInput) -> torch.Tensor:
+        """(Q, D) embeddings of one image, computed once and cached by its pixel key."""
+        with self._registry_lock:
+            if image.key in self._images:
+                self._images.move_to_end(image.key)
+                return self._images[image.key]
+        pixels = preprocess(image.image, self.config.preprocess).unsqueeze(0)  # (1, 3, S, S)
+        with self._device_lock:
+            embeds = self.model.encode_image(pixels)[0]  # (Q, D)
+        with self._registry_lock:
+            self._images[image.key] = embeds
+            while len(self._images) > self.max_images:
+                self._images.popitem(last=False)
+        return embeds
+
+    # -- prompt ------------------------------------------------------------------------------------
+    def prompt_slots(self, conversation: Conversation, budget: int) -> tuple[list[Slot], list[ImageInput], tuple[int, ...]]:
+        """Slots of the prompt that fits `budget`, dropping the text of the oldest turns first (never
+        an image, never the pending question)."""
+        dropped: list[int] = []
+        droppable = [i for i, t in enumerate(conversation.turns[:-1])]
+        while True:
+            text = render(self.template, conversation, frozenset(dropped))
+            ids = tokenize_prompt(self.tokenizer, text, self.config.image_placeholder,
+                                  self.config.qformer.num_query_tokens)
+            if len(ids) <= budget or not droppable:
+                break
+            dropped.append(droppable.pop(0))
+        if len(ids) > budget:
+            raise ConversationError(
+                f"the question and images need {len(ids)} context positions but only {budget} are available "
+                f"({self.config.generation.max_context} minus room for the answer); shorten the question, "
+                f"or start a new consultation")
+        images = list(conversation.images)
+        slots, run = [], 0
+        for pos, token in enumerate(ids):
+            if token == IMAGE_TOKEN_ID:
+                key = images[run // self.config.qformer.num_query_tokens].key
+                slots.append(f"{key}:{run % self.config.qformer.num_query_tokens}")
+                run += 1
+            else:
+                slots.append(token)
+        return slots, images, tuple(dropped)
+
+    # -- the decode loop ---------------------------------------------------------------------------
+    def _generate(self, gen: Generation, conversation: Conversation, session_name: str | None,
+                  settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
+                  fixed_length: bool) -> Iterator[str]:
+        start = time.perf_counter()
+        if conversation.pending is None:
+            raise ConversationError("the conversation has no question to answer")
+        budget = min(settings.max_context, self.config.llm.max_position_embeddings) - settings.max_new_tokens
+        slots, images, dropped = self.prompt_slots(conversation, budget)
+        if dropped:
+            gen.stats.dropped_turns = dropped
+            gen.notices.append(f"The conversation is longer than the model's context: the text of the "
+                               f"{len(dropped)} oldest turn(s) was left out of this answer (photos kept).")
+        embeds = {img.key: self.encode(img) for img in images}
+        session = self._session(session_name)
+        with session.lock:
+            try:
+                yield from self._decode(gen, session, slots, embeds, settings, seed, cancel, start, fixed_length)
+            except BaseException:
+                session.cache, session.slots = new_cache(), []  # a half-updated cache is never reused
+                raise
+
+    def _decode(self, gen: Generation, session: _Session, slots: list[Slot], embeds: dict[str, torch.Tensor],
+                settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
+                start: float, fixed_length: bool = False) -> Iterator[str]:
+        logits = self._prefill(gen, session, slots, embeds)
+        sampler = _Sampler(settings, seed, self.device, [s for s in slots if isinstance(s, int)])
+        stops, eos = (), None
+        if not fixed_length:
+            stops, eos = self.template.stop, self.tokenizer.eos_token_id
+        generated = gen.tokens
+        emitted = 0
+        decode_start = None
+        while True:
+            token = sampler(logits)
+            if decode_start is None:
+                decode_start = time.perf_counter()
+                gen.stats.time_to_first_token_s = decode_start - start
+            if token == eos:
+                gen.finish_reason = "eos"
+                break
+            generated.append(token)
+            gen.stats.new_tokens = len(generated)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            visible, stopped = _visible(text, stops)
+            if visible > emitted:
+                piece = text[emitted:visible]
+                emitted = visible
+                gen.text += piece
+                yield piece
+            if stopped:
+                gen.finish_reason = "stop"
+                break
+            if len(generated) >= settings.max_new_tokens:
+                gen.finish_reason = "length"
+                break
+            if cancel is not None and cancel.is_set():
+                gen.finish_reason = "cancelled"
+                break
+            logits = self._step(session, token)
+        if gen.finish_reason in ("eos", "length", "cancelled"):  # flush what was held back for a stop
+            text = self.tokenizer.decode(generated, skip_special_tokens=True).rstrip("\ufffd")
+            if len(text) > emitted:
+                gen.text += text[emitted:]
+                yield text[emitted:]
+        gen.stats.decode_s = time.perf_counter() - (decode_start or start)
+
+    def _prefill(self, gen: Generation, session: _Session, slots: list[Slot],
+                 embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Feed the part of `slots` the session's cache lacks; return the last position's logits."""
+        reuse = _common_prefix(session.slots, slots)
+        reuse = min(reuse, len(slots) - 1)  # the last position must run to give logits
+        while reuse > 0 and isinstance(slots[reuse], str) and not slots[reuse].endswith(":0"):
+            reuse -= 1  # never start inside an image's run
+        new = slots[reuse:]
+        ids = torch.tensor([[s if isinstance(s, int) else IMAGE_TOKEN_ID for s in new]], device=self.device)
+        keys = [s.rsplit(":", 1)[0] for s in new if isinstance(s, str) and s.endswith(":0")]
+        image_embeds = torch.stack([embeds[k] for k in keys]) if keys else None  # (N_new_img, Q, D)
+        with self._device_lock, torch.no_grad():
+            trim_cache(session.cache, reuse)
+            session.slots = session.slots[:reuse]
+            inputs = self.model.embed_inputs(ids, image_embeds)  # (1, T_new, D)
+            out = self.model.llm(inputs_embeds=inputs, past_key_values=session.cache, use_cache=True,
+                                 logits_to_keep=1)
+            session.slots = list(slots)
+        gen.stats.prompt_tokens, gen.stats.reused_tokens, gen.stats.prefill_tokens = len(slots), reuse, len(new)
+        return out.logits[0, -1]
+
+    def _step(self, session: _Session, token: int) -> torch.Tensor:
+        with self._device_lock, torch.no_grad():
+            out = self.model.llm(input_ids=torch.tensor([[token]], device=self.device),
+                                 past_key_values=session.cache, use_cache=True)
+            session.slots.append(token)
+        return out.logits[0, -1]
+
+    def _session(self, name: str | None) -> _Session:
+        if name is None:
+            return _Session(new_cache())
+        with self._registry_lock:
+            session = self._sessions.get(name)
+            if session is None:
+                session = self._sessions[name] = _Session(new_cache())
+            self._sessions.move_to_end(name)
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)  # the least recently used session re-prefills later
+            return session
+
+
+class _Sampler:
+    """Greedy, or temperature / top-k / top-p sampling with a repetition penalty, seeded."""
+
+    def __init__(self, settings: GenerationConfig, seed: int | None, device: torch.device, prompt_ids: list[int]):
+        self.s = settings
+        self.seen = set(prompt_ids)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "big"))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        logits = logits.float().clone()  # (V,)
+        if self.s.repetition_penalty != 1.0 and self.seen:
+            idx = torch.tensor(sorted(self.seen), device=logits.device)
+            picked = logits[idx]
+            logits[idx] = torch.where(picked > 0, picked / self.s.repetition_penalty, picked * self.s.repetition_penalty)
+        if not self.s.do_sample:
+            token = int(logits.argmax())
+        else:
+            token = self._sample(logits / self.s.temperature)
+        self.seen.add(token)
+        return token
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        if self.s.top_k:
+            kth = torch.topk(logits, min(self.s.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.s.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cumulative - sorted_logits.softmax(-1) > self.s.top_p  # keep the token that crosses p
+            logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
+
+
+def _common_prefix(a: list[Slot], b: list[Slot]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _visible(text: str, stops: tuple[str, ...]) -> tuple[int, bool]:
+    """How much of `text` may be shown: up to a stop string if one appeared (and then stop), else all
+    but a tail that could still grow into a stop string or is an unfinished UTF-8 character."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), True
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    if text[len(text) - hold - 1:len(text) - hold] == "\ufffd":
+        hold += 1
+    return len(text) - hold, False

@@ -1,0 +1,249 @@
+"""The streaming engine on the tiny bundle: KV reuse is exact, images stay in context, stops,
+cancellation, context budget, and concurrent callers."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model.engine as engine_module
+from model.checkpoint import load_bundle
+from model.conversation import Conversation, ImageInput, render
+from model.engine import Engine, _visible
+from model.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
+
+
+def _photo(seed: int) -> ImageInput:
+    return ImageInput.of(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (90, 120, 3), dtype=np.uint8)))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return Engine(load_bundle(tiny_bundle))
+
+
+def _greedy_from_scratch(engine: Engine, conversation: Conversation, n: int) -> list[int]:
+    """Independent of any cache: every step runs the full prompt plus what was generated so far."""
+    model = engine.model
+    text = render(engine.template, conversation)
+    ids = tokenize_prompt(engine.tokenizer, text, "<ImageHere>", engine.config.qformer.num_query_tokens)
+    images = torch.stack([engine.encode(img) for img in conversation.images])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            embeds = model.embed_inputs(torch.tensor([ids + out]), images)
+            out.append(int(model.llm(inputs_embeds=embeds, use_cache=False).logits[0, -1].argmax()))
+    return out
+
+
+def test_kv_reuse_over_three_turns_equals_full_recompute(engine):
+    conversation = Conversation().ask("Describe the skin condition in this photo.", [_photo(0)])
+    questions = ["What else do you see?", "What could cause it?"]
+    for turn in range(3):
+        gen = engine.stream(conversation, session="exact", do_sample=False, max_new_tokens=12, fixed_length=True)
+        text = "".join(gen)
+        assert gen.tokens == _greedy_from_scratch(engine, conversation, 12), f"turn {turn}"
+        if turn:
+            assert gen.stats.reused_tokens > 0 and gen.stats.prefill_tokens < gen.stats.prompt_tokens
+        if turn < 2:
+            conversation = conversation.answer(text.strip()).ask(questions[turn])
+    engine.forget("exact")
+
+
+def test_reuse_after_the_history_changes_is_exact(engine):
+    """Regenerating with an edited question diverges inside the cached prefix: the cache must be cut
+    back to the divergence, not merely appended to."""
+    image = _photo(10)
+    base = Conversation().ask("Describe the skin condition in this photo.", [image])
+    first = engine.stream(base, session="edit", do_sample=False, max_new_tokens=10, fixed_length=True)
+    conversation = base.answer("".join(first).strip()).ask("What could cause it?")
+    "".join(engine.stream(conversation, session="edit", do_sample=False, max_new_tokens=10, fixed_length=True))
+    edited = base.answer("".join(first).strip()).ask("Is it contagious to my children?")
+    gen = engine.stream(edited, session="edit", do_sample=False, max_new_tokens=10, fixed_length=True)
+    "".join(gen)
+    assert 0 < gen.stats.reused_tokens < gen.stats.prompt_tokens
+    assert gen.tokens == _greedy_from_scratch(engine, edited, 10)
+    engine.forget("edit")
+
+
+def test_followup_prefill_holds_the_image(engine):
+    """Inspect what the model is fed for a follow-up: the image's 32 embeddings are in it."""
+    image = _photo(1)
+    conversation = Conversation().ask("Describe this.", [image])
+    first = engine.stream(conversation, session="img", do_sample=False, max_new_tokens=4, fixed_length=True)
+    conversation = conversation.answer("".join(first).strip()).ask("And the cause?")
+
+    captured = []
+    hook = engine.model.llm.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs.get("inputs_embeds")), with_kwargs=True)
+    try:
+        "".join(engine.stream(conversation, session=None, do_sample=False, max_new_tokens=2))  # no reuse
+    finally:
+        hook.remove()
+    prefill = captured[0][0]  # (T, D)
+    slots, _, _ = engine.prompt_slots(conversation, 10_000)
+    positions = [i for i, s in enumerate(slots) if isinstance(s, str)]
+    assert len(positions) == 32
+    torch.testing.assert_close(prefill[positions], engine.encode(image))
+
+    # with reuse, the image stays in the session's KV cache: its slots are there, in place
+    reused = engine.stream(conversation, session="img", do_sample=False, max_new_tokens=2, fixed_length=True)
+    "".join(reused)
+    cached = engine._sessions["img"].slots
+    assert [cached[i] for i in positions] == [f"{image.key}:{j}" for j in range(32)]
+    assert reused.stats.reused_tokens > positions[-1]
+    engine.forget("img")
+
+
+def test_second_image_goes_to_its_own_turn(engine):
+    a, b = _photo(2), _photo(3)
+    conversation = Conversation().ask("Here is my arm.", [a]).answer("I see a red patch.").ask("And my leg, weeks later.", [b])
+    slots, images, _ = engine.prompt_slots(conversation, 10_000)
+    keys = [s.split(":")[0] for s in slots if isinstance(s, str)]
+    assert keys == [a.key] * 32 + [b.key] * 32 and images == [a, b]
+    gen = engine.stream(conversation, do_sample=False, max_new_tokens=3, fixed_length=True)
+    "".join(gen)
+    assert len(gen.tokens) == 3 and gen.stats.prompt_tokens == len(slots)
+
+
+class _Scripted:
+    """Stands in for the sampler: returns the scripted tokens in order, whatever the logits."""
+
+    script: list[int] = []
+
+    def __init__(self, *args, **kwargs):
+        self.tokens = iter(type(self).script)
+
+    def __call__(self, logits):
+        return next(self.tokens)
+
+
+@pytest.fixture
+def scripted(monkeypatch, engine):
+    def use(text: str, eos: bool = False) -> list[int]:
+        ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+        _Scripted.script = ids + ([engine.tokenizer.eos_token_id] if eos else []) + [engine.tokenizer.eos_token_id] * 50
+        return ids
+    monkeypatch.setattr(engine_module, "_Sampler", _Scripted)
+    return use
+
+
+def _ask(engine, **kw):
+    return engine.stream(Conversation().ask("What is it?", [_photo(4)]), **kw)
+
+
+def test_stop_string_is_held_back_never_shown(engine, scripted):
+    scripted("It looks like eczema. ###Human: more")
+    gen = _ask(engine, max_new_tokens=40)
+    pieces = list(gen)
+    assert gen.finish_reason == "stop"
+    assert "".join(pieces) == gen.text
+    assert gen.text.strip() == "It looks like eczema."
+    assert not any("#" in p for p in pieces)
+
+
+def test_partial_stop_is_released_when_it_is_not_a_stop(engine, scripted):
+    scripted("Use cream #2 daily")
+    gen = _ask(engine, max_new_tokens=40)
+    pieces = list(gen)
+    assert "".join(pieces).strip() == "Use cream #2 daily" and gen.finish_reason == "eos"
+    shown = ""
+    for piece in pieces:  # no piece ever ends on a '#' that a later piece would have to take back
+        shown += piece
+        assert "###" not in shown
+
+
+def test_eos_and_max_tokens(engine, scripted):
+    ids = scripted("Psoriasis plaque", eos=True)
+    gen = _ask(engine, max_new_tokens=40)
+    assert "".join(gen).strip() == "Psoriasis plaque" and gen.finish_reason == "eos" and gen.tokens == ids
+    scripted("one two three four five six seven eight nine ten")
+    gen = _ask(engine, max_new_tokens=3)
+    "".join(gen)
+    assert gen.finish_reason == "length" and len(gen.tokens) == 3
+
+
+def test_cancel_stops_within_one_token(engine):
+    cancel = threading.Event()
+    gen = _ask(engine, do_sample=False, max_new_tokens=50, fixed_length=True, cancel=cancel)
+    pieces = []
+    for piece in gen:
+        pieces.append(piece)
+        cancel.set()
+    assert gen.finish_reason == "cancelled"
+    assert len(gen.tokens) <= 2 + len(pieces)  # the token in flight, then it stops
+    assert len(gen.tokens) < 50
+
+
+def test_budget_drops_oldest_text_keeps_images_and_question(engine):
+    image = _photo(5)
+    conversation = Conversation().ask("First look " + "very " * 40, [image])
+    for i in range(6):
+        conversation = conversation.answer("Answer " + "long " * 40).ask(f"Question {i} " + "more " * 30)
+    conversation = conversation.answer("ok").ask("What now?")
+    gen = engine.stream(conversation, do_sample=False, max_new_tokens=8, max_context=300)
+    "".join(gen)
+    assert gen.stats.dropped_turns and gen.notices and "photos kept" in gen.notices[0]
+    assert gen.stats.prompt_tokens <= 300 - 8
+    slots, _, dropped = engine.prompt_slots(conversation, 300 - 8)
+    assert sum(isinstance(s, str) for s in slots) == 32  # the image survived
+    text = engine.tokenizer.decode([s for s in slots if isinstance(s, int)])
+    assert "What now?" in text and "Question 0" not in text
+
+
+def test_question_too_long_for_context_is_a_clear_error(engine):
+    from model.conversation import ConversationError
+
+    conversation = Conversation().ask("word " * 400, [_photo(6)])
+    with pytest.raises(ConversationError, match="context positions but only"):
+        "".join(engine.stream(conversation, max_new_tokens=8, max_context=200))
+
+
+def test_two_threads_get_their_own_answers(engine):
+    conversations = {"a": Conversation().ask("Describe the rash.", [_photo(7)]),
+                     "b": Conversation().ask("What is this lesion on my back?", [_photo(8)])}
+    alone = {k: engine.stream(c, session=f"alone-{k}", do_sample=False, max_new_tokens=16, fixed_length=True)
+             for k, c in conversations.items()}
+    alone = {k: ("".join(g), g.tokens)[1] for k, g in alone.items()}
+    assert alone["a"] != alone["b"]
+    results: dict[str, list[int]] = {}
+    barrier = threading.Barrier(2)
+
+    def worker(key):
+        barrier.wait()
+        gen = engine.stream(conversations[key], session=f"thread-{key}", do_sample=False, max_new_tokens=16,
+                            fixed_length=True)
+        "".join(gen)
+        results[key] = gen.tokens
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in conversations]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == alone
+
+
+def test_sampling_is_seeded(engine):
+    conversation = Conversation().ask("Describe it.", [_photo(9)])
+    runs = [engine.stream(conversation, do_sample=True, temperature=1.5, top_p=0.95, top_k=50, seed=s,
+                          max_new_tokens=16, fixed_length=True) for s in (1, 1, 2)]
+    tokens = [("".join(g), g.tokens)[1] for g in runs]
+    assert tokens[0] == tokens[1] and tokens[0] != tokens[2]
+
+
+def test_visible_holds_back_prefixes_of_stops():
+    assert _visible("Hello #", ("###",)) == (6, False)
+    assert _visible("Hello ##", ("###",)) == (6, False)
+    assert _visible("Hello ###Human", ("###",)) == (6, True)
+    assert _visible("Hello #2", ("###",)) == (8, False)
+    assert _visible("caf\ufffd", ("###",)) == (3, False)
+    assert _visible("end [IN", ("[INST]",)) == (4, False)
+
+
+def test_image_placeholder_ids_are_never_real_tokens(engine):
+    assert IMAGE_TOKEN_ID < 0 and len(engine.tokenizer) <= engine.config.llm.vocab_size
