@@ -1,6 +1,14 @@
-# SkinGPT on a CUDA host. First version: the clinic-app issue finishes it (health check, app settings).
-# Build:  docker build -t skingpt .
-# Run:    docker run --gpus all -p 127.0.0.1:7860:7860 -v /srv/skingpt/bundle:/weights:ro skingpt
+# SkinGPT on a CUDA host: offline, non-root, weights mounted read-only, loopback-published.
+#
+#   docker build -t skingpt .
+#   docker run --gpus all --read-only --tmpfs /tmp:mode=1777 \
+#       -v /srv/skingpt/weights/skingpt4-vicuna7b:/weights:ro \
+#       -e SKINGPT_AUTH='clinic:choose-a-long-password' \
+#       -p 127.0.0.1:7860:7860 skingpt
+#
+# Inside the container the app listens on 0.0.0.0 (so that the published port reaches it), which
+# the app only allows with a password; publish on 127.0.0.1 as above unless a reverse proxy with
+# TLS stands in front.
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -9,21 +17,25 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    GRADIO_ANALYTICS_ENABLED=False
+    GRADIO_ANALYTICS_ENABLED=False \
+    SKINGPT_WEIGHTS=/weights \
+    SKINGPT_HOST=0.0.0.0 \
+    SKINGPT_PORT=7860
 
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 1000 skingpt
+RUN useradd --create-home --uid 10001 skingpt
 WORKDIR /opt/skingpt
 COPY requirements.txt .
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.txt
-COPY --chown=skingpt:skingpt model/ model/
-COPY --chown=skingpt:skingpt app/ app/
-COPY --chown=skingpt:skingpt launch.py .
+COPY model/ model/
+COPY app/ app/
+COPY launch.py .
 
 USER skingpt
-# weights are mounted read-only at /weights; nothing is downloaded at run time
 VOLUME ["/weights"]
 EXPOSE 7860
-CMD ["/opt/venv/bin/python", "launch.py", "inspect", "--weights", "/weights"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"]
+CMD ["/opt/venv/bin/python", "launch.py"]

@@ -57,9 +57,22 @@ def cmd_fixtures(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    print("The SkinGPT web app is not built yet (it arrives with the clinic-app issue).\n"
-          "Meanwhile: `python launch.py inspect --preset skingpt4-vicuna13b` shows the model,\n"
-          "`python launch.py convert --help` builds a bundle from published weights.", file=sys.stderr)
+    from pydantic import ValidationError
+
+    from app.settings import AppSettings, SettingsError
+
+    flags = {k: getattr(args, k) for k in ("weights", "quantize", "device", "dtype", "host", "port", "auth")}
+    try:
+        settings = AppSettings(**{k: v for k, v in flags.items() if v is not None})
+        settings.check_safe()
+    except (ValidationError, SettingsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.weights = settings.weights
+    bundle = _bundle_path(args)
+    from app.server import serve
+
+    serve(settings, bundle, demo_mode=settings.weights is None, say=lambda line: print(line, flush=True))
     return 0
 
 
@@ -203,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch.py", description="SkinGPT: a private dermatology assistant")
     sub = parser.add_subparsers(dest="command")
 
-    serve = sub.add_parser("serve", help="serve the web app (the default)")
+    serve = sub.add_parser("serve", help="serve the web app (the default); flags also as SKINGPT_* variables")
+    serve.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
+    serve.add_argument("--quantize", help="none | int8 | nf4 (the LLM only)")
+    serve.add_argument("--device", help="auto | cpu | cuda")
+    serve.add_argument("--dtype", help="auto | fp32 | fp16 | bf16")
+    serve.add_argument("--host", help="default 127.0.0.1; any other address needs --auth")
+    serve.add_argument("--port", type=int, help="default 7860")
+    serve.add_argument("--auth", help="user:password, required off loopback")
     serve.set_defaults(func=cmd_serve)
 
     ins = sub.add_parser("inspect", help="parameter counts, shapes and memory per part (on the meta device)")
@@ -272,9 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command is None:
-        args = build_parser().parse_args(["serve", *(argv or sys.argv[1:])])
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+        argv = ["serve", *argv]  # `python launch.py [--port N ...]` serves the app
+    args = parser.parse_args(argv)
     from model.errors import UserFacingError
 
     try:

@@ -71,6 +71,10 @@ class Generation:
     def __next__(self) -> str:
         return next(self._iter)
 
+    def close(self) -> None:
+        """Stop early (the consumer went away); the session's cache stays valid."""
+        self._iter.close()
+
 
 class Engine:
     def __init__(self, loaded: LoadedBundle, max_sessions: int = 8, max_images: int = 64) -> None:
@@ -106,9 +110,11 @@ class Engine:
         with self._registry_lock:
             self._sessions.pop(session, None)
 
-    def forget_images(self) -> None:
+    def forget_images(self, keys: list[str] | None = None) -> None:
+        """Drop cached image embeddings: the given keys, or all."""
         with self._registry_lock:
-            self._images.clear()
+            for key in list(self._images) if keys is None else keys:
+                self._images.pop(key, None)
 
     def encode(self, image: ImageInput) -> torch.Tensor:
         """(Q, D) embeddings of one image, computed once and cached by its pixel key."""
@@ -172,6 +178,8 @@ class Engine:
         with session.lock:
             try:
                 yield from self._decode(gen, session, slots, embeds, settings, seed, cancel, start, fixed_length)
+            except GeneratorExit:
+                raise  # closed between tokens: cache and slots agree, keep them
             except BaseException:
                 session.cache, session.slots = new_cache(), []  # a half-updated cache is never reused
                 raise

@@ -42,3 +42,55 @@ def tiny_bundle(sources, tmp_path_factory) -> Path:
     convert(Sources(llm_dir=sources.llm, vit=sources.vit, blip2=sources.blip2, finetune=sources.finetune),
             out, preset_name="tiny", log=lambda _: None)
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, process, url: str, private: Path, log: Path):
+        self.process, self.url, self.private, self.log = process, url, private, log
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """`python launch.py` as a user starts it: demo bundle, loopback, a free port."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = {**os.environ, "SKINGPT_DEMO_BUNDLE": str(work / "demo"), "SKINGPT_PORT": str(port)}
+    log = work / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "launch.py")], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    match = None
+    while time.monotonic() < deadline and process.poll() is None:
+        match = re.search(r"running at (http://127\.0\.0\.1:\d+/)\s+\(private files: (\S+)\)", log.read_text())
+        if match:
+            break
+        time.sleep(0.5)
+    if not match:
+        process.kill()
+        pytest.fail(f"server did not start:\n{log.read_text()}")
+    server = Server(process, match.group(1), Path(match.group(2)), log)
+    yield server
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    server.stopped = True

@@ -1,0 +1,62 @@
+"""Start the app: check settings, route files to the private directory, load, serve on loopback."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .settings import AppSettings
+
+
+def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None] = print,
+          block: bool = True):
+    settings.check_safe()  # before anything is loaded or bound
+    from .privacy import private_root
+
+    root = private_root()  # before Gradio creates its app, so uploads land in it
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # request URLs are not needed in the log
+
+    import torch
+
+    from model.checkpoint import load_bundle
+    from model.engine import Engine
+    from model.quantization import LoadPolicy
+
+    say(f"[1/3] verifying and loading {bundle} ...")
+    loaded = load_bundle(bundle, LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize))
+    say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
+
+    from .handlers import Handlers, SessionStore
+    from .ui import CSS, THEME, build
+
+    handlers = Handlers(Engine(loaded), SessionStore(root, settings.session_ttl_s), settings.max_message_chars,
+                        out_of_memory=(torch.cuda.OutOfMemoryError,))
+    app = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=settings.concurrency)
+    app.queue(default_concurrency_limit=settings.concurrency)
+    _start_sweeper(handlers)
+    say("[3/3] starting the web server ...")
+    app.launch(server_name=settings.host, server_port=settings.port, auth=settings.credentials(), share=False,
+               theme=THEME, css=CSS, max_file_size="25mb", ssr_mode=False, show_error=False, quiet=True,
+               prevent_thread_lock=True, enable_monitoring=False, pwa=False, mcp_server=False,
+               run_history=False,  # Gradio would otherwise keep every photo and answer in the browser's storage
+               footer_links=["api", "settings"])
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    say(f"SkinGPT is running at http://{host}:{settings.port}/  (private files: {root})")
+    if demo_mode:
+        say("DEMO MODE: random weights; answers mean nothing.")
+    if block:
+        app.block_thread()
+    return app
+
+
+def _start_sweeper(handlers, every_s: float = 600.0) -> None:
+    """Wipe consultations left idle past their time to live (a tab closed without notice)."""
+    def loop() -> None:
+        while not stop.wait(every_s):
+            handlers.sweep()
+
+    stop = threading.Event()
+    threading.Thread(target=loop, name="session-sweeper", daemon=True).start()

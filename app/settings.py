@@ -1,0 +1,56 @@
+"""App settings: command-line flags, or SKINGPT_* environment variables (flags win)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """Settings that would make the app unsafe or cannot work."""
+
+
+class AppSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SKINGPT_", extra="forbid")
+
+    weights: str | None = None  # a bundle directory; None: the demo bundle
+    quantize: str = "none"  # none | int8 | nf4
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    auth: str | None = None  # "user:password"
+    concurrency: int = 1  # answers computed at once on the device
+    max_message_chars: int = 2000
+    session_ttl_s: int = 4 * 3600  # an idle consultation is wiped after this long
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_form(cls, value: str | None) -> str | None:
+        if value is not None and (":" not in value or not value.split(":", 1)[0] or not value.split(":", 1)[1]):
+            raise ValueError("auth must look like user:password")
+        return value
+
+    def credentials(self) -> tuple[str, str] | None:
+        if self.auth is None:
+            return None
+        user, password = self.auth.split(":", 1)
+        return user, password
+
+    def check_safe(self) -> None:
+        """A server reachable from other machines must ask for a password."""
+        if not is_loopback(self.host) and self.auth is None:
+            raise SettingsError(
+                f"refusing to listen on {self.host}: other machines could reach the app without a password. "
+                f"Add --auth user:password (or SKINGPT_AUTH), or keep the default host 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,120 @@
+"""A real server (`python launch.py`, demo bundle, free loopback port) driven through its named
+API endpoints with gradio_client, as the README shows."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from conftest import ROOT
+
+SETTINGS = (24, False, 1.0, 0.9)  # max new tokens, sampling, temperature, top-p
+
+
+def _photo_with_gps(path):
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N", 2: (51.0, 30.0, 0.0), 3: "W", 4: (0.0, 7.0, 0.0)}
+    pixels = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
+def _session_files(server):
+    return [p for p in (server.private / "sessions").rglob("*") if p.is_file()] if (server.private / "sessions").exists() else []
+
+
+def test_photo_and_two_questions_then_new_patient(server, tmp_path):
+    client = Client(server.url, verbose=False, download_files=False)
+    photo = _photo_with_gps(tmp_path / "arm.jpg")
+
+    first = client.predict({"text": "What is this?", "files": [handle_file(str(photo))]}, *SETTINGS, api_name="/ask")
+    history = first[0]
+    assert [m["role"] for m in history] == ["user", "user", "assistant"]
+    shown = history[0]["content"][0]
+    assert shown["type"] == "file" and shown["file"]["path"].endswith("photo-1.jpg")
+    assert shown["file"]["path"].startswith(str(server.private / "sessions"))  # served from the private dir
+    assert history[1]["content"] == [{"text": "What is this?", "type": "text"}]
+    assert history[2]["content"][0]["text"]  # the (random) demo model answered something
+
+    job = client.submit({"text": "What could cause it?", "files": []}, *SETTINGS, api_name="/ask")
+    updates = list(job)
+    assert len(updates) > 2, "the second answer arrives in pieces"
+    final = job.outputs()[-1][0]
+    assert len(final) == 5 and final[-1]["role"] == "assistant"
+
+    # what the server keeps: one re-encoded photo, with no GPS (and no EXIF at all)
+    kept = _session_files(server)
+    assert len(kept) == 1 and kept[0].suffix == ".jpg"
+    assert not Image.open(kept[0]).getexif() and b"GPS" not in kept[0].read_bytes()
+    assert not any("arm.jpg" == p.name for p in server.private.rglob("*"))  # the original upload is gone
+
+    client.predict(api_name="/new_patient")
+    assert _session_files(server) == []
+    log = server.output()
+    assert "What could cause it?" not in log and "What is this?" not in log and "photo accepted" in log
+
+
+def test_bad_upload_is_a_chat_message_and_the_server_keeps_running(server, tmp_path):
+    client = Client(server.url, verbose=False)
+    bogus = tmp_path / "scan.png"
+    bogus.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    history = client.predict({"text": "Is this ok?", "files": [handle_file(str(bogus))]}, *SETTINGS, api_name="/ask")[0]
+    texts = [m["content"] if isinstance(m["content"], str) else str(m["content"]) for m in history]
+    assert any("could not be read" in t or "not a photo" in t for t in texts)
+    good = _photo_with_gps(tmp_path / "ok.jpg")
+    history = client.predict({"text": "And this one?", "files": [handle_file(str(good))]}, *SETTINGS, api_name="/ask")[0]
+    assert history[-1]["role"] == "assistant" and not (history[-1].get("metadata") or {}).get("title")  # an answer
+
+
+def test_non_loopback_bind_without_auth_refuses_to_start():
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--host", "0.0.0.0"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in proc.stderr and "--auth" in proc.stderr
+
+
+@pytest.mark.parametrize("env", [{"SKINGPT_HOST": "192.168.1.20"}, {"SKINGPT_HOST": "::", "SKINGPT_AUTH": "nocolon"}])
+def test_unsafe_settings_from_the_environment(env):
+    import os
+
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py")], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, **env})
+    assert proc.returncode == 2 and ("refusing to listen" in proc.stderr or "user:password" in proc.stderr)
+
+
+def test_shutdown_removes_the_private_directory(server, tmp_path):
+    """Its own server (the shared one stays up): SIGTERM, and nothing of any consultation remains."""
+    import os
+    import re
+    import signal
+    import time
+
+    from conftest import _free_port
+
+    env = {**os.environ, "SKINGPT_DEMO_BUNDLE": str(server.log.parent / "demo"), "SKINGPT_PORT": str(_free_port())}
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "launch.py")], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    match = None
+    for _ in range(240):
+        match = re.search(r"running at (\S+)\s+\(private files: (\S+)\)", log.read_text())
+        if match or process.poll() is not None:
+            break
+        time.sleep(0.5)
+    assert match, log.read_text()
+    private = match.group(2)
+    client = Client(match.group(1), verbose=False, download_files=False)
+    client.predict({"text": "", "files": [handle_file(str(_photo_with_gps(tmp_path / "p.jpg")))]}, *SETTINGS,
+                   api_name="/ask")
+    assert any(os.scandir(private))
+    assert (os.stat(private).st_mode & 0o777) == 0o700
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert not os.path.exists(private)
