@@ -208,6 +208,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from model.training.config import StepConfig
+    from model.training.loop import train
+
+    cfg = StepConfig.from_yaml(args.config)
+    if args.max_steps is not None:
+        cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
+    weights = args.weights or cfg.weights
+    if not weights or not Path(weights).is_dir():
+        raise SystemExit(f"error: no starting bundle at {weights!r}: pass --weights DIR or set `weights:` in "
+                         f"{args.config} (step 2 starts from step 1's RUN_DIR/bundle; for a quick try: "
+                         f"--weights weights/demo)")
+    train(cfg, args.data, args.out, weights, resume=args.resume, say=lambda line: print(line, flush=True))
+    return 0
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -282,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     model_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    tr = sub.add_parser("train", help="one training step (step1 / step2 config); torchrun runs it on many GPUs")
+    tr.add_argument("--config", required=True, help="a step YAML file (see configs/)")
+    tr.add_argument("--data", required=True, help="a JSONL manifest, DIR/manifest.jsonl, or DIR/filter_cap.json + DIR/image/")
+    tr.add_argument("--out", required=True, help="run directory: metrics, checkpoints, the final bundle")
+    tr.add_argument("--weights", help="bundle to start from (overrides the config's weights:)")
+    tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    tr.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    tr.set_defaults(func=cmd_train)
 
     fix = sub.add_parser("fixtures", help="write tiny source files in the published formats, or the demo bundle")
     fix.add_argument("--out", required=True)

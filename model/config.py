@@ -22,7 +22,7 @@ class ConfigError(UserFacingError, ValueError):
     """A configuration file or dict that does not describe a valid model."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
@@ -41,8 +41,8 @@ class VisionConfig:
     ln_vision_eps: float = 1e-5  # PyTorch's default; the reference's ln_vision
 
     def __post_init__(self) -> None:
-        _require(self.img_size % self.patch_size == 0, "vision.img_size must be a multiple of patch_size")
-        _require(self.embed_dim % self.num_heads == 0, "vision.embed_dim must be divisible by num_heads")
+        require(self.img_size % self.patch_size == 0, "vision.img_size must be a multiple of patch_size")
+        require(self.embed_dim % self.num_heads == 0, "vision.embed_dim must be divisible by num_heads")
 
     @property
     def num_tokens(self) -> int:
@@ -64,8 +64,8 @@ class QFormerConfig:
     max_position_embeddings: int = 512
 
     def __post_init__(self) -> None:
-        _require(self.hidden_size % self.num_heads == 0, "qformer.hidden_size must be divisible by num_heads")
-        _require(self.num_query_tokens > 0, "qformer.num_query_tokens must be positive")
+        require(self.hidden_size % self.num_heads == 0, "qformer.hidden_size must be divisible by num_heads")
+        require(self.num_query_tokens > 0, "qformer.num_query_tokens must be positive")
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ class LLMConfig:
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
-        _require(self.hidden_size % self.num_heads == 0, "llm.hidden_size must be divisible by num_heads")
-        _require(self.num_heads % self.num_kv_heads == 0, "llm.num_heads must be a multiple of num_kv_heads")
+        require(self.hidden_size % self.num_heads == 0, "llm.hidden_size must be divisible by num_heads")
+        require(self.num_heads % self.num_kv_heads == 0, "llm.num_heads must be a multiple of num_kv_heads")
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,10 @@ class PreprocessConfig:
     train_min_scale: float = 0.5  # random resized crop keeps 50-100% of the area in training
 
     def __post_init__(self) -> None:
-        _require(self.interpolation in ("bicubic", "bilinear", "nearest"),
+        require(self.interpolation in ("bicubic", "bilinear", "nearest"),
                  f"preprocess.interpolation must be bicubic, bilinear or nearest, not {self.interpolation!r}")
-        _require(len(self.mean) == 3 and len(self.std) == 3, "preprocess.mean and std need three values (RGB)")
-        _require(0.0 < self.train_min_scale <= 1.0, "preprocess.train_min_scale must be in (0, 1]")
+        require(len(self.mean) == 3 and len(self.std) == 3, "preprocess.mean and std need three values (RGB)")
+        require(0.0 < self.train_min_scale <= 1.0, "preprocess.train_min_scale must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,12 @@ class GenerationConfig:
     max_context: int = 2000  # prompt plus new tokens, as in the reference
 
     def __post_init__(self) -> None:
-        _require(self.max_new_tokens > 0, "generation.max_new_tokens must be positive")
-        _require(self.temperature > 0, "generation.temperature must be positive")
-        _require(0 < self.top_p <= 1, "generation.top_p must be in (0, 1]")
-        _require(self.top_k >= 0, "generation.top_k must be >= 0")
-        _require(self.repetition_penalty > 0, "generation.repetition_penalty must be positive")
-        _require(self.max_context > self.max_new_tokens, "generation.max_context must exceed max_new_tokens")
+        require(self.max_new_tokens > 0, "generation.max_new_tokens must be positive")
+        require(self.temperature > 0, "generation.temperature must be positive")
+        require(0 < self.top_p <= 1, "generation.top_p must be in (0, 1]")
+        require(self.top_k >= 0, "generation.top_k must be >= 0")
+        require(self.repetition_penalty > 0, "generation.repetition_penalty must be positive")
+        require(self.max_context > self.max_new_tokens, "generation.max_context must exceed max_new_tokens")
 
 
 @dataclass(frozen=True)
@@ -141,17 +141,17 @@ class SkinGPTConfig:
     image_placeholder: str = "<ImageHere>"
 
     def __post_init__(self) -> None:
-        _require(self.preprocess.image_size == self.vision.img_size,
+        require(self.preprocess.image_size == self.vision.img_size,
                  f"preprocess.image_size ({self.preprocess.image_size}) must equal vision.img_size "
                  f"({self.vision.img_size})")
 
     # -- YAML round trip --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SkinGPTConfig:
-        return _build(cls, data, "config")
+        return build_dataclass(cls, data, "config")
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -214,16 +214,16 @@ def preset(name: str) -> SkinGPTConfig:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def _to_plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     """Tuples become lists so that YAML stays plain."""
     if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a plain dict, recursing into nested dataclasses; reject unknown keys."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
@@ -244,10 +244,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return build_dataclass(hint, value, where)
     origin = typing.get_origin(hint)
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where} must be a list, got {value!r}")
+            return tuple(_coerce(args[0], v, where) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where} must be a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(a, v, where) for a, v in zip(args, value))

@@ -132,3 +132,28 @@ def render(tpl: Template, conversation: Conversation, dropped: frozenset[int] = 
     kept = [(i, t) for i, t in enumerate(conversation.turns) if i not in dropped or t.images]
     body = "".join(render_turn(tpl, t, keep_text=i not in dropped, first=n == 0) for n, (i, t) in enumerate(kept))
     return tpl.system + body + tpl.prompt_end
+
+
+def training_segments(tpl: Template, conversation: Conversation) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_target) pieces whose concatenation is exactly
+    what `render` shows the model at inference, each answer followed by the stop string.
+
+    Targets are the answers and the stop string after each (so the model learns to stop); the
+    system text, questions, images and role markers are context only.
+    """
+    if not conversation.turns or any(t.answer is None for t in conversation.turns):
+        raise ConversationError("a training conversation needs an answer for every question")
+    stop = tpl.stop[0]
+    pieces: list[tuple[str, bool]] = []
+    carry = tpl.system
+    for n, turn in enumerate(conversation.turns):
+        human = render_turn(tpl, replace(turn, answer=None), first=n == 0)
+        if n and human.startswith(stop):
+            human = human[len(stop):]  # the previous answer's target already ended with it
+        answered = tpl.assistant.format(text=turn.answer)
+        if not answered.startswith(tpl.prompt_end):
+            raise ConversationError(f"template {tpl.name!r}: the answer must follow its prompt_end")
+        pieces.append((carry + human + tpl.prompt_end, False))
+        pieces.append((answered[len(tpl.prompt_end):] + stop, True))
+        carry = ""
+    return pieces

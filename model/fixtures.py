@@ -233,3 +233,31 @@ def write_demo_bundle(out: str | Path, preset_name: str = "demo", seed: int = 0)
         sources = Sources(llm_dir=files.llm, vit=files.vit, blip2=files.blip2, finetune=files.finetune)
         convert(sources, out, preset_name=preset_name, log=lambda _: None)
     return Path(out)
+
+
+def write_training_data(out: str | Path, n: int = 8, size: int = 64, seed: int = 0, layout: str = "jsonl") -> Path:
+    """A tiny training set: n distinct synthetic photos with short captions, as a JSONL manifest
+    (returns its path) or in the reference layout (returns the directory)."""
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
+    (out / "image").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = ["red plaque with scale", "brown macule regular border", "papules and pustules on the face",
+             "vesicles in a cluster", "white patch without scale", "dark nodule irregular border",
+             "wheals on the trunk", "crusted erosion on the lip"]
+    records = []
+    for i in range(n):
+        colour = rng.integers(0, 256, 3)
+        pixels = np.clip(rng.normal(colour, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(out / "image" / f"{i}.jpg")
+        records.append({"image": f"image/{i}.jpg", "caption": f"The photo shows {words[i % len(words)]}.",
+                        "fitzpatrick": int(i % 6) + 1, "id": str(i)})
+    if layout == "reference":
+        annotations = [{"image_id": r["id"], "caption": r["caption"]} for r in records]
+        (out / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
+        return out
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest

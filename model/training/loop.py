@@ -1,0 +1,286 @@
+"""The training loop: one process or many (torchrun, DistributedDataParallel), exact resume.
+
+The loss is the sum of token losses over answer tokens divided by the number of answer tokens in
+the global micro-batch (all processes together), so N processes with batch b give the gradients of
+one process with batch N*b. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import load_bundle, save_model_bundle
+from ..conversation import template
+from ..quantization import LoadPolicy
+from .config import StepConfig
+from .data import Collator, TrainDataset, load_samples
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed() -> tuple[Dist, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ctx = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{ctx.local_rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(ctx.local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return ctx, device
+
+
+def lr_at(step: int, cfg: StepConfig, total: int) -> float:
+    """Linear warm-up from warmup_lr to lr, then cosine down to min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(1, cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _make_trainable(model, cfg: StepConfig) -> None:
+    model.requires_grad_(False)
+    for part in cfg.trainable:
+        if part == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = cfg.lora
+            model.llm = get_peft_model(model.llm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                            target_modules=list(lora.target_modules), bias="none"))
+        elif part == "query_tokens":
+            model.query_tokens.data = model.query_tokens.data.float()
+            model.query_tokens.requires_grad_(True)
+        else:
+            getattr(model, part).float().requires_grad_(True)
+    model.eval()  # frozen parts never drop out; trained ones run as the reference trains them
+    for part in cfg.trainable:
+        if part in ("qformer", "proj"):
+            getattr(model, part).train()
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _batches(dataset: TrainDataset, ctx: Dist, cfg: StepConfig, epoch: int) -> list[list[int]]:
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    return [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+
+
+def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Path, *, resume: bool = False,
+          say: Callable[[str], None] = print) -> Path | None:
+    """Run one training step config; return the final bundle's path (rank 0) or None."""
+    ctx, device = setup_distributed()
+    out = Path(out)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    torch.manual_seed(cfg.seed)
+
+    base = load_bundle(weights, LoadPolicy(device=device, dtype=precision if amp_dtype else "fp32"), verify=ctx.main)
+    model, tokenizer = base.model, base.tokenizer
+    _make_trainable(model, cfg)
+    if cfg.grad_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    samples = load_samples(data, cfg.split, cfg.skip_bad_records, say=say if ctx.main else (lambda _: None))
+    dataset = TrainDataset(samples, base.config.preprocess, cfg.prompts, cfg.seed)
+    collate = Collator(tokenizer, template(cfg.template), base.config.image_placeholder,
+                       base.config.qformer.num_query_tokens, cfg.max_txt_len)
+
+    steps_per_epoch = math.ceil(len(_batches(dataset, ctx, cfg, 0)) / cfg.grad_accum)
+    total = cfg.epochs * steps_per_epoch
+    last = min(total, cfg.max_steps) if cfg.max_steps else total
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device != "cpu" else None)
+               if ctx.world > 1 else model)
+
+    step, epoch, micro = 0, 0, 0
+    if resume:
+        step, epoch, micro = _load_checkpoint(out, model, optimizer, scaler, say)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "step.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
+        say(f"training {cfg.name} on {len(dataset)} samples, {ctx.world} process(es) on {device}, {precision}; "
+            f"{last} optimizer steps ({steps_per_epoch} per epoch), trainable: {', '.join(cfg.trainable)} "
+            f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters)")
+    metrics = _Metrics(out, ctx.main, resume)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=last, initial=step, disable=not ctx.main, desc=cfg.name, unit="step", mininterval=1.0)
+    started, seen = time.perf_counter(), 0
+    window = {"loss": torch.zeros(2, device=device)}
+    while step < last and epoch < cfg.epochs:
+        dataset.epoch = epoch
+        batches = _batches(dataset, ctx, cfg, epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[micro:], collate_fn=collate,
+                                             num_workers=cfg.num_workers)
+        for batch in loader:
+            micro += 1
+            boundary = micro % cfg.grad_accum == 0 or micro == len(batches)
+            window["loss"] += _backward(wrapped, model, batch, device, amp_dtype, scaler, ctx, cfg, boundary)
+            seen += batch["input_ids"].shape[0] * ctx.world
+            if not boundary:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, total)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum, tokens = ctx.sum(window["loss"]).tolist()
+            window["loss"].zero_()
+            rate = seen / (time.perf_counter() - started)
+            metrics.log(step, epoch, loss_sum / max(tokens, 1), optimizer.param_groups[0]["lr"], rate,
+                        every=cfg.log_every, final=step == last)
+            bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            samples_s=f"{rate:.1f}")
+            bar.update(1)
+            if ctx.main and (step % cfg.save_every == 0 or step == last):
+                _save_checkpoint(out, model, optimizer, scaler, step, epoch if micro < len(batches) else epoch + 1,
+                                 micro if micro < len(batches) else 0)
+            if step >= last:
+                break
+        if micro >= len(batches):
+            epoch, micro = epoch + 1, 0
+    bar.close()
+    metrics.close()
+    bundle = None
+    if ctx.main:
+        bundle = _final_bundle(out, model, tokenizer, base, cfg, data)
+        say(f"bundle written to {bundle}; serve it with: python launch.py --weights {bundle}")
+    ctx.barrier()
+    return bundle
+
+
+def _backward(wrapped, model, batch, device, amp_dtype, scaler, ctx: Dist, cfg: StepConfig, boundary: bool
+              ) -> torch.Tensor:
+    """One micro-batch: forward, token-summed loss scaled to the global token count, backward.
+    Returns (loss sum, answer tokens) of this process for logging."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    tokens = (labels[:, 1:] != -100).sum()
+    global_tokens = ctx.sum(tokens.clone().float()).clamp(min=1)
+    sync = boundary or ctx.world == 1
+    context = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
+    with context, torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype or torch.float32,
+                                 enabled=amp_dtype is not None):
+        logits = wrapped(batch["input_ids"], batch["attention_mask"], pixels=batch["pixels"]).logits
+        loss_sum = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                                   reduction="sum")
+        # DDP averages gradients over processes; x world turns that average into the global sum
+        scaler.scale(loss_sum / global_tokens * ctx.world / cfg.grad_accum).backward()
+    return torch.stack([loss_sum.detach(), tokens.float()])
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Metrics:
+    """metrics.jsonl (and TensorBoard when it is installed), rank 0 only."""
+
+    def __init__(self, out: Path, main: bool, resume: bool) -> None:
+        self.file = open(out / "metrics.jsonl", "a" if resume else "w") if main else None
+        self.board = None
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, epoch: int, loss: float, lr: float, rate: float, every: int, final: bool) -> None:
+        if self.file is None or (step % every and not final):
+            return
+        self.file.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "samples_per_s": rate}) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            self.board.add_scalar("loss", loss, step)
+            self.board.add_scalar("lr", lr, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _save_checkpoint(out: Path, model, optimizer, scaler, step: int, epoch: int, micro: int) -> None:
+    folder = out / "checkpoints" / f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_trainable_state(model), str(folder / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                "micro": micro, "rng": torch.get_rng_state()}, folder / "state.pt")
+    (out / "checkpoints" / "latest").write_text(folder.name)
+
+
+def _load_checkpoint(out: Path, model, optimizer, scaler, say) -> tuple[int, int, int]:
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file():
+        say(f"no checkpoint in {out}; starting from the beginning")
+        return 0, 0, 0
+    folder = out / "checkpoints" / pointer.read_text().strip()
+    trained = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    for name, value in trained.items():
+        params[name].data.copy_(value.to(params[name].device, params[name].dtype))
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    say(f"resuming from {folder.name} (epoch {state['epoch']}, batch {state['micro']})")
+    return state["step"], state["epoch"], state["micro"]
+
+
+def _final_bundle(out: Path, model, tokenizer, base, cfg: StepConfig, data) -> Path:
+    if "lora" in cfg.trainable:
+        model.llm = model.llm.merge_and_unload()  # a plain LM again: the bundle needs no peft to serve
+    model.config = replace(base.config, prompt_template=cfg.template)
+    sources = {"trained_from": {"file": str(base.path), "sha256": base.bundle_hash},
+               "training": {"file": f"{cfg.name} on {data}", "sha256": ""}}
+    return save_model_bundle(out / "bundle", model, tokenizer, sources=sources)
