@@ -226,6 +226,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model.evaluation.labels import LabelSet
+
+    labels = LabelSet.from_yaml(args.labels) if getattr(args, "labels", None) else None
+    if args.eval_command == "predict":
+        from model.evaluation.predict import predict
+
+        path = predict(_engine(args), args.manifest, args.out, labels=labels, seed=args.seed,
+                       report=not args.no_report, settings=_settings(args))
+        print(f"predictions in {path}; score them with: python launch.py eval score {args.out} --labels LABELS.yaml")
+    elif args.eval_command == "score":
+        from model.evaluation.report import score
+
+        result = score(args.run, labels, n_boot=args.bootstrap, seed=args.seed)
+        print((Path(args.run) / "report.md").read_text())
+        print(f"written: {args.run}/score.json, report.md, confusion.png, per_class.png, skin_tone.png", file=sys.stderr)
+        if args.json:
+            print(json.dumps(result, indent=2))
+    elif args.eval_command == "review-packet":
+        from model.evaluation.review import review_packet
+
+        out = review_packet(args.run, args.out or Path(args.run) / "review", reviewers=args.reviewers)
+        print(f"packet: {out / 'packet.html'}; sheets: {out / 'sheets'}/reviewer-N.csv")
+    elif args.eval_command == "review-score":
+        from model.evaluation.review import review_markdown, review_score
+
+        result = review_score(args.sheets, n_boot=args.bootstrap, seed=args.seed)
+        print(json.dumps(result, indent=2) if args.json else review_markdown(result))
+    elif args.eval_command == "consistency":
+        from model.evaluation.predict import consistency, read_cases
+        from model.conversation import Conversation
+        from model.consultation import DEFAULT_FLOW
+
+        engine = _engine(args)
+        settings = {"do_sample": True, **_settings(args)}
+
+        def ask(image, seed):
+            return engine.answer(Conversation().ask(DEFAULT_FLOW[0].question, [image]), seed=seed, **settings)
+
+        result = consistency(ask, read_cases(args.manifest, labels), labels, runs=args.runs, seed=args.seed)
+        summary = {k: v for k, v in result.items() if k != "per_case"}
+        print(json.dumps(result if args.json else summary, indent=2))
+    return 0
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
@@ -309,6 +354,41 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
     tr.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluation: predict, score, review-packet, review-score, consistency")
+    evsub = ev.add_subparsers(dest="eval_command", required=True)
+    pr = evsub.add_parser("predict", help="run the engine over a case manifest (resumable)")
+    pr.add_argument("--manifest", required=True, help="cases.jsonl: image, optional diagnosis, fitzpatrick, id")
+    pr.add_argument("--out", required=True, help="run directory (predictions.jsonl, run.json)")
+    pr.add_argument("--labels", help="labels.yaml: check every case's label against it")
+    pr.add_argument("--no-report", action="store_true", help="one question per case instead of the consultation")
+    model_args(pr)
+    gen_args(pr)
+    pr.set_defaults(seed=0)
+    sc = evsub.add_parser("score", help="accuracy, balanced accuracy, per class and by skin tone, with 95% CIs")
+    sc.add_argument("run")
+    sc.add_argument("--labels", required=True)
+    sc.add_argument("--bootstrap", type=int, default=1000)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--json", action="store_true")
+    rp = evsub.add_parser("review-packet", help="an HTML packet and a CSV sheet per reviewer")
+    rp.add_argument("run")
+    rp.add_argument("--out", help="default: RUN/review")
+    rp.add_argument("--reviewers", type=int, default=5)
+    rs = evsub.add_parser("review-score", help="filled sheets -> the paper's table, with Fleiss' kappa")
+    rs.add_argument("sheets", nargs="+")
+    rs.add_argument("--bootstrap", type=int, default=1000)
+    rs.add_argument("--seed", type=int, default=0)
+    rs.add_argument("--json", action="store_true")
+    co = evsub.add_parser("consistency", help="ask each case N times; how often the diagnosis agrees")
+    co.add_argument("--manifest", required=True)
+    co.add_argument("--labels", required=True)
+    co.add_argument("--runs", type=int, default=10)
+    co.add_argument("--json", action="store_true")
+    model_args(co)
+    gen_args(co)
+    co.set_defaults(seed=0)
+    ev.set_defaults(func=cmd_eval)
 
     fix = sub.add_parser("fixtures", help="write tiny source files in the published formats, or the demo bundle")
     fix.add_argument("--out", required=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from model.conversation import Conversation, ConversationError, ImageInput
+from model.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
 from model.imageio import ImageError, open_image
 from model.safety import URGENT_ADVICE, red_flags

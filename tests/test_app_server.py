@@ -3,7 +3,6 @@ API endpoints with gradio_client, as the README shows."""
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 

@@ -89,7 +89,7 @@ def test_report_names_parts_and_ignored_keys(sources, tmp_path):
     assert by_role["finetune"].supplied == {"proj": 2}
     # the unused last ViT block, the Q-Former's text branch and the T5 projection are reported as ignored
     depth = CFG.vision.depth
-    assert any(p.startswith(f"blocks.*.") for p in by_role["vit"].ignored)
+    assert any(p.startswith("blocks.*.") for p in by_role["vit"].ignored)
     assert sum(by_role["vit"].ignored.values()) == 13  # one whole block: 13 tensors
     ignored = by_role["blip2"].ignored
     assert "t5_proj.weight" in ignored and "Qformer.bert.embeddings.word_embeddings.weight" in ignored

@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from ..conversation import Conversation, ImageInput, training_segments
 from ..errors import UserFacingError
 from ..preprocess import train_transform
+from ..records import SkinTyped, read_jsonl, validation_message
 from ..skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
 IMAGE_MARKER = "<Img><ImageHere></Img>"
-_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
 
 
 class DataError(UserFacingError, ValueError):
@@ -48,30 +48,14 @@ class ChatTurn(BaseModel):
         return value.strip()
 
 
-class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Record(SkinTyped):
     image: str
     caption: str | None = None
     turns: list[ChatTurn] | None = None
     diagnosis: str | None = None
     concepts: list[str] | None = None
-    fitzpatrick: int | None = None
     split: str | None = None
     id: str | None = None
-
-    @field_validator("fitzpatrick", mode="before")
-    @classmethod
-    def _skin_type(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().upper() in _ROMAN:
-            return _ROMAN[value.strip().upper()]
-        return value
-
-    @field_validator("fitzpatrick")
-    @classmethod
-    def _skin_range(cls, value: int | None) -> int | None:
-        if value is not None and not 1 <= value <= 6:
-            raise ValueError("Fitzpatrick skin type must be 1-6 (or I-VI)")
-        return value
 
     @model_validator(mode="after")
     def _one_target(self) -> Record:
@@ -100,11 +84,6 @@ class Sample:
     where: str
 
 
-def _validation_message(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}".replace("Value error, ", "")
-                     for e in err.errors())
-
-
 def read_records(path: str | Path) -> tuple[list[Sample], list[Problem]]:
     """Parse and validate every record of either layout; images are not opened yet."""
     path = Path(path)
@@ -119,21 +98,9 @@ def read_records(path: str | Path) -> tuple[list[Sample], list[Problem]]:
 
 
 def _read_manifest(path: Path) -> tuple[list[Sample], list[Problem]]:
-    samples, problems = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            record = Record.model_validate(json.loads(line))
-        except json.JSONDecodeError as err:
-            problems.append(Problem(where, f"not valid JSON ({err.msg}, column {err.colno})"))
-            continue
-        except ValidationError as err:
-            problems.append(Problem(where, _validation_message(err)))
-            continue
-        samples.append(Sample(record, (path.parent / record.image).resolve(), where))
-    return samples, problems
+    records, problems = read_jsonl(path, Record)
+    samples = [Sample(record, (path.parent / record.image).resolve(), where) for where, record in records]
+    return samples, [Problem(where, message) for where, message in problems]
 
 
 def _read_reference(root: Path) -> tuple[list[Sample], list[Problem]]:
@@ -153,7 +120,7 @@ def _read_reference(root: Path) -> tuple[list[Sample], list[Problem]]:
             problems.append(Problem(where, "needs image_id and caption"))
             continue
         except ValidationError as err:
-            problems.append(Problem(where, _validation_message(err)))
+            problems.append(Problem(where, validation_message(err)))
             continue
         samples.append(Sample(record, root / record.image, where))
     return samples, problems
