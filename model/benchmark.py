@@ -28,6 +28,7 @@ from .conversation import Conversation, ImageInput
 from .engine import Engine
 from .quantization import LoadPolicy, module_bytes
 from .skingpt import build_skingpt, tokenize_prompt
+from .summary import format_bytes
 
 # Peak memory bandwidth (bytes/s) of GPUs we report against; others can be passed in.
 GPU_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
@@ -173,10 +174,10 @@ def format_table(r: dict[str, Any]) -> str:
     for row in r["followups"]:
         lines.append(f"{row['turn']:>4}  {row['prompt_tokens']:>6}  {row['prefill_tokens']:>9}  {row['ttft_ms']:>7.1f}"
                      f"  {row['baseline_ttft_ms']:>18.1f}  {row['speedup']:>7.1f}x")
-    lines += ["", f"peak RSS              {r['peak_rss_bytes'] / 2**30:.2f} GiB",
-              f"weights               {r['weight_bytes'] / 2**30:.2f} GiB"]
+    lines += ["", f"peak RSS              {format_bytes(r['peak_rss_bytes'])}",
+              f"weights               {format_bytes(r['weight_bytes'])}"]
     if r.get("peak_cuda_bytes") is not None:
-        lines.append(f"peak CUDA             {r['peak_cuda_bytes'] / 2**30:.2f} GiB")
+        lines.append(f"peak CUDA             {format_bytes(r['peak_cuda_bytes'])}")
     if r.get("bandwidth_used_bytes_per_s"):
         frac = r.get("bandwidth_fraction")
         lines.append(f"decode bandwidth      {r['bandwidth_used_bytes_per_s'] / 1e12:.2f} TB/s"

@@ -65,11 +65,11 @@ def format_text(info: dict[str, Any]) -> str:
     lines += ["", "shapes"] + [f"  {k:<14}{tuple(v)}" for k, v in info["shapes"].items()]
     lines += ["", "weight memory (encoder in fp16/bf16; LLM by mode)"]
     for mode, m in info["memory_bytes"].items():
-        lines.append(f"  {mode:<6} LLM {_gib(m['llm']):>9}   encoder {_gib(m['encoder_half']):>9}   "
-                     f"total {_gib(m['total']):>9}")
+        lines.append(f"  {mode:<6} LLM {format_bytes(m['llm']):>9}   encoder {format_bytes(m['encoder_half']):>9}   "
+                     f"total {format_bytes(m['total']):>9}")
     if "bundle" in info:
         b = info["bundle"]
-        lines += ["", f"bundle {b['path']}: {b['files']} files, {_gib(b['bytes'])}, sha256 verified"]
+        lines += ["", f"bundle {b['path']}: {b['files']} files, {format_bytes(b['bytes'])}, sha256 verified"]
         lines += [f"  {role}: {src.get('file')} sha256 {src.get('sha256', '')[:16]}..." for role, src in b["sources"].items()]
     return "\n".join(lines)
 
@@ -78,5 +78,5 @@ def _millions(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
 
 
-def _gib(n: int) -> str:
+def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
