@@ -192,8 +192,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
         for notice in generation.notices:
             print(f"note: {notice}", file=sys.stderr)
-        if red_flags(line, generation.text):
-            print(f"note: {URGENT_ADVICE}", file=sys.stderr)
+        flags = red_flags(line, generation.text)
+        if flags:
+            print(f"note: warning signs mentioned ({', '.join(flags)}). {URGENT_ADVICE}", file=sys.stderr)
         conversation = conversation.answer(generation.text.strip())
 
 

@@ -38,10 +38,10 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
         gr.Markdown(f"## SkinGPT\nA private dermatology assistant. Photos and messages stay on this machine. "
                     f"Model: `{model_name}`.")
         gr.Markdown(f"**{DISCLAIMER}** In an emergency, call your local emergency number.", elem_id="disclaimer")
-        notice = gr.Markdown("", elem_id="red-flag")
-        chatbot = gr.Chatbot(label="Consultation", height=480, latex_delimiters=[], elem_id="chat",
+        chatbot = gr.Chatbot(label="Consultation", show_label=False, height=480, latex_delimiters=[], elem_id="chat",
                              placeholder="Attach a photo of the skin, then ask a question.",
                              allow_file_downloads=False, buttons=["copy", "copy_all"])  # no "share" to a hub
+        notice = gr.Markdown("", elem_id="red-flag")  # under the answer, where a phone user is looking
         box = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"], elem_id="message",
             placeholder="Attach or drop a photo (on a phone: take one), then ask a question...",

@@ -27,8 +27,8 @@ RED_FLAGS: tuple[tuple[str, str], ...] = (
 
 _COMPILED = tuple((re.compile(p, re.IGNORECASE), reason) for p, reason in RED_FLAGS)
 
-URGENT_ADVICE = ("Warning signs were mentioned. Please have this seen by a doctor promptly; if you have trouble "
-                 "breathing, facial swelling, a high fever or rapidly spreading skin changes, seek emergency care.")
+URGENT_ADVICE = ("Please have this seen by a doctor promptly; if you have trouble breathing, facial swelling, a high "
+                 "fever or rapidly spreading skin changes, seek emergency care.")
 
 DISCLAIMER = ("SkinGPT gives decision support, not a diagnosis. Its answers can be wrong; a qualified clinician "
               "must examine the skin and decide.")
