@@ -44,25 +44,27 @@ def random_bundle(config: SkinGPTConfig, policy: LoadPolicy) -> LoadedBundle:
     from .llm import load_tokenizer
 
     device, dtype = policy.resolve_device(), policy.resolve_dtype()
-    tmp = Path(tempfile.mkdtemp(prefix="skingpt-bench-"))
-    train_tokenizer(tmp, min(config.llm.vocab_size, 4000))
-    tokenizer = load_tokenizer(tmp)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if policy.quantize == "none" else torch.float32)
-    try:
-        with torch.device(device if policy.quantize == "none" else "cpu"):
-            model = build_skingpt(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.ln_vision.float()
-    if policy.quantize != "none":
-        save_model_bundle(tmp / "bundle", model, tokenizer)
-        del model
-        return load_bundle(tmp / "bundle", policy, verify=False)
+    # files live only while loading: a quantised 13B run writes ~26 GB of random weights here
+    with tempfile.TemporaryDirectory(prefix="skingpt-bench-") as name:
+        tmp = Path(name)
+        train_tokenizer(tmp, min(config.llm.vocab_size, 4000))
+        tokenizer = load_tokenizer(tmp)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype if policy.quantize == "none" else torch.float32)
+        try:
+            with torch.device(device if policy.quantize == "none" else "cpu"):
+                model = build_skingpt(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        model.ln_vision.float()
+        if policy.quantize != "none":
+            save_model_bundle(tmp / "bundle", model, tokenizer)
+            del model
+            return load_bundle(tmp / "bundle", policy, verify=False)
     model.requires_grad_(False)
     footprint = {name: module_bytes(getattr(model, name)) for name in ("vision", "ln_vision", "qformer",
                                                                       "query_tokens", "proj", "llm")}
-    return LoadedBundle(model, tokenizer, config, tmp, {"files": {}}, device, footprint)
+    return LoadedBundle(model, tokenizer, config, Path(f"random:{config.name}"), {"files": {}}, device, footprint)
 
 
 def _photo(seed: int) -> ImageInput:
