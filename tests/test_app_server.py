@@ -60,7 +60,7 @@ def test_photo_and_two_questions_then_new_patient(server, tmp_path):
 
 
 def test_bad_upload_is_a_chat_message_and_the_server_keeps_running(server, tmp_path):
-    client = Client(server.url, verbose=False)
+    client = Client(server.url, verbose=False, download_files=False)
     bogus = tmp_path / "scan.png"
     bogus.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     history = client.predict({"text": "Is this ok?", "files": [handle_file(str(bogus))]}, *SETTINGS, api_name="/ask")[0]
