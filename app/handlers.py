@@ -221,19 +221,24 @@ class Handlers:
             self.new_patient(session)
         return len(expired)
 
-    def report(self, session: str, settings: dict | None = None,
-               render_pdf: Callable[[Any], bytes] | None = None) -> tuple[str, list[str]]:
-        """The structured consultation over the consultation's first photo: Markdown + files."""
-        from model.consultation import consult
+    def report(self, session: str, settings: dict | None = None, render_pdf: Callable[[Any], bytes] | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[str]]:
+        """The structured consultation over the consultation's first photo: Markdown + files.
+        `on_step(done, total)` is told before each question (a progress bar)."""
+        from model.consultation import DEFAULT_FLOW, consult
 
         state = self.store.get(session)
         images = list(state.conversation.images) + state.pending
         if not images:
             return "Please add a photo of the skin first; the report is built from it.", []
         self.engine.forget(f"{session}:report")
+        def ask(conversation: Conversation) -> str:
+            if on_step is not None:
+                on_step(len(conversation.turns) - 1, len(DEFAULT_FLOW))
+            return self.engine.answer(conversation, session=f"{session}:report", **(settings or {}))
+
         try:
-            report = consult(lambda conv: self.engine.answer(conv, session=f"{session}:report", **(settings or {})),
-                             images[0])
+            report = consult(ask, images[0])
         except self.out_of_memory:
             return "The device ran out of memory while writing the report. Please try again.", []
         except UserFacingError as err:

@@ -100,11 +100,14 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
         new_patient.click(wipe, None, [chatbot, notice, box, report_md, report_files], api_name="new_patient",
                           cancels=[ask_event, regen_event, *quick_events])
 
-        def report(max_new_tokens, do_sample, temp, p, request: gr.Request):
+        def report(max_new_tokens, do_sample, temp, p, request: gr.Request, progress=gr.Progress()):
             from .export import report_pdf
 
+            def step(done: int, total: int) -> None:
+                progress(done / total, desc=f"Consultation question {done + 1} of {total}")
+
             markdown, files = handlers.report(request.session_hash, settings(max_new_tokens, do_sample, temp, p),
-                                              render_pdf=report_pdf)
+                                              render_pdf=report_pdf, on_step=step)
             return markdown, files or None, gr.Accordion(open=True)
 
         report_btn.click(report, gen_inputs, [report_md, report_files, report_panel], api_name="report", **model_events)

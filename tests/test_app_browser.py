@@ -86,3 +86,26 @@ def test_upload_ask_stream_new_patient_and_no_other_hosts(server, browser_page, 
     assert requests and not elsewhere, f"the page reached other hosts: {elsewhere}"
     page.close()
     shutil.copy(ROOT / "artifacts" / "chat.png", tmp_path / "chat.png")
+
+
+def test_closing_the_tab_wipes_the_session(server, browser_page, tmp_path):
+    import time
+
+    photo = tmp_path / "neck.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(photo)
+    page = browser_page.new_page()
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#message textarea", timeout=60_000)
+    page.set_input_files("#message input[type=file]", str(photo))
+    page.wait_for_selector("#message img, #message .thumbnail-item", timeout=30_000)
+    page.press("#message textarea", "Enter")  # a photo alone: kept, waiting for a question
+    page.locator("#chat img").first.wait_for(timeout=30_000)
+    sessions = server.private / "sessions"
+    kept = lambda: [p for p in sessions.rglob("*") if p.is_file()] if sessions.exists() else []  # noqa: E731
+    assert len(kept()) == 1
+    page.close()
+    deadline = time.monotonic() + 60
+    while kept() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert kept() == [], "the closed tab's photo is still on disk"
+    assert "session wiped" in server.output()

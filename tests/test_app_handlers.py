@@ -237,7 +237,9 @@ def test_report_writes_markdown_and_pdf(app):
     markdown, files = handlers.report("x")
     assert "add a photo" in markdown and files == []
     list(handlers.submit("x", {"text": "", "files": [_upload(root)]}))
-    markdown, files = handlers.report("x", render_pdf=report_pdf)
+    steps = []
+    markdown, files = handlers.report("x", render_pdf=report_pdf, on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5)]
     assert "psoriasis" in markdown and "decision support" in markdown
     assert [f.rsplit("/", 1)[1] for f in files] == ["skin-report.md", "skin-report.pdf"]
     assert open(files[1], "rb").read(5) == b"%PDF-"
