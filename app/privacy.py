@@ -61,5 +61,8 @@ def remove_upload(path: Path, root: Path) -> None:
         return
     path.unlink(missing_ok=True)
     parent = path.parent
-    if parent != root.resolve() and not any(parent.iterdir()):
-        parent.rmdir()
+    if parent != root.resolve():
+        try:
+            parent.rmdir()  # only succeeds when empty
+        except OSError:
+            pass  # other uploads still in it, or another request removed it first

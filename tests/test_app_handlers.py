@@ -270,3 +270,29 @@ def test_concurrent_sessions_do_not_mix(app):
         history = results[session][-1][0]
         assert history[1]["content"] == f"question {session}"
         assert history[0]["content"]["path"].startswith(str(root / "sessions" / session))
+
+
+def test_uploads_sharing_a_folder_are_removed_safely_in_parallel(tmp_path):
+    """Two uploads in one upload folder, removed at once: no request fails, the folder goes."""
+    from app.privacy import remove_upload
+
+    for attempt in range(30):
+        folder = tmp_path / f"shared-{attempt}"
+        folder.mkdir()
+        paths = [folder / f"{i}.jpg" for i in range(4)]
+        for path in paths:
+            path.write_bytes(b"x")
+        barrier = threading.Barrier(len(paths))
+        errors = []
+
+        def remove(path):
+            barrier.wait()
+            try:
+                remove_upload(path, tmp_path)
+            except Exception as err:  # the point of the test: nothing may escape
+                errors.append(err)
+
+        threads = [threading.Thread(target=remove, args=(p,)) for p in paths]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == [] and not folder.exists()
