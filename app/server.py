@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -55,8 +56,8 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
 def _start_sweeper(handlers, every_s: float = 600.0) -> None:
     """Wipe consultations left idle past their time to live (a tab closed without notice)."""
     def loop() -> None:
-        while not stop.wait(every_s):
+        while True:
+            time.sleep(every_s)
             handlers.sweep()
 
-    stop = threading.Event()
     threading.Thread(target=loop, name="session-sweeper", daemon=True).start()

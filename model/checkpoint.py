@@ -127,8 +127,7 @@ def check_state(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, tup
     lines += [f"  missing key {k} (expected shape {tuple(expected[k])})" for k in missing[:8]]
     lines += [f"  unexpected key {k} (shape {tuple(given[k])})" for k in unexpected[:8]]
     lines += [f"  key {k}: file has shape {tuple(given[k])}, model expects {tuple(expected[k])}" for k in wrong[:8]]
-    hidden = len(missing) + len(unexpected) + len(wrong) - (min(8, len(missing)) + min(8, len(unexpected))
-                                                          + min(8, len(wrong)))
+    hidden = len(missing) + len(unexpected) + len(wrong) - (len(lines) - 1)
     if hidden:
         lines.append(f"  ... and {hidden} more")
     raise BundleError("\n".join(lines))
@@ -186,8 +185,8 @@ class LoadedBundle:
 def load_config(bundle: Path) -> SkinGPTConfig:
     try:
         return SkinGPTConfig.from_yaml(bundle / CONFIG_FILE)
-    except (ConfigError, FileNotFoundError) as err:
-        raise BundleError(f"cannot read {bundle / CONFIG_FILE}: {err}") from err
+    except ConfigError as err:  # already names the file
+        raise BundleError(str(err)) from err
 
 
 def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: bool = True) -> LoadedBundle:

@@ -158,14 +158,7 @@ class SkinGPTConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SkinGPTConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        try:
-            return cls.from_dict(data or {})
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+        return dataclass_from_yaml(cls, path, "config")
 
 
 # -- presets ----------------------------------------------------------------------------------
@@ -221,6 +214,20 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_plain(v) for v in value]
     return value
+
+
+def dataclass_from_yaml(cls: type, path: str | Path, where: str) -> Any:
+    """Read a YAML file into dataclass `cls` strictly; every error names the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    try:
+        return build_dataclass(cls, data or {}, where)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:

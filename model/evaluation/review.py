@@ -11,6 +11,7 @@ import base64
 import csv
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,6 @@ def review_packet(run: str | Path, out: str | Path, reviewers: int = 5, manifest
     """packet.html (every case: photo, questions, answers) and sheets/reviewer-N.csv to fill in."""
     run, out = Path(run), Path(out)
     rows = [r for r in read_predictions(run) if not r.get("error")]
-    import json
-
     base = Path(manifest_dir) if manifest_dir else Path(json.loads((run / "run.json").read_text())["manifest"]).parent
     out.mkdir(mode=0o700, parents=True, exist_ok=True)  # the packet holds patient photos: owner only
     parts = ["<!doctype html><meta charset='utf-8'><title>SkinGPT review packet</title>",

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..config import ConfigError, build_dataclass, require, to_plain
+from ..config import dataclass_from_yaml, require, to_plain
 
 TRAINABLE = ("proj", "query_tokens", "qformer", "lora")
 
@@ -67,14 +65,7 @@ class StepConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StepConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read {path}: {err}") from err
-        try:
-            return build_dataclass(cls, data, "step")
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+        return dataclass_from_yaml(cls, path, "step")
 
     def to_dict(self) -> dict:
         import dataclasses

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import time
 from dataclasses import dataclass, replace
@@ -148,7 +149,7 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
 
     bar = tqdm(total=last, initial=step, disable=not ctx.main, desc=cfg.name, unit="step", mininterval=1.0)
     started, seen = time.perf_counter(), 0
-    window = {"loss": torch.zeros(2, device=device)}
+    window = torch.zeros(2, device=device)  # (loss sum, answer tokens) of this optimizer step
     while step < last and epoch < cfg.epochs:
         dataset.epoch = epoch
         batches = _batches(dataset, ctx, cfg, epoch)
@@ -157,7 +158,7 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
         for batch in loader:
             micro += 1
             boundary = micro % cfg.grad_accum == 0 or micro == len(batches)
-            window["loss"] += _backward(wrapped, model, batch, device, amp_dtype, scaler, ctx, cfg, boundary)
+            window += _backward(wrapped, model, batch, device, amp_dtype, scaler, ctx, cfg, boundary)
             seen += batch["input_ids"].shape[0] * ctx.world
             if not boundary:
                 continue
@@ -167,8 +168,8 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_sum, tokens = ctx.sum(window["loss"]).tolist()
-            window["loss"].zero_()
+            loss_sum, tokens = ctx.sum(window).tolist()
+            window.zero_()
             rate = seen / (time.perf_counter() - started)
             metrics.log(step, epoch, loss_sum / max(tokens, 1), optimizer.param_groups[0]["lr"], rate,
                         every=cfg.log_every, final=step == last)
@@ -201,7 +202,7 @@ def _backward(wrapped, model, batch, device, amp_dtype, scaler, ctx: Dist, cfg: 
     tokens = (labels[:, 1:] != -100).sum()
     global_tokens = ctx.sum(tokens.clone().float()).clamp(min=1)
     sync = boundary or ctx.world == 1
-    context = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
+    context = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else nullcontext()
     with context, torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype or torch.float32,
                                  enabled=amp_dtype is not None):
         logits = wrapped(batch["input_ids"], batch["attention_mask"], pixels=batch["pixels"]).logits
@@ -210,14 +211,6 @@ def _backward(wrapped, model, batch, device, amp_dtype, scaler, ctx: Dist, cfg: 
         # DDP averages gradients over processes; x world turns that average into the global sum
         scaler.scale(loss_sum / global_tokens * ctx.world / cfg.grad_accum).backward()
     return torch.stack([loss_sum.detach(), tokens.float()])
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Metrics:
