@@ -26,7 +26,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from model.config import preset
     from model.summary import describe, describe_bundle, format_text
 
-    info = describe_bundle(args.weights) if args.weights else describe(preset(args.preset))
+    info = describe_bundle(args.weights, None if args.verify else _record(args.weights)) if args.weights \
+        else describe(preset(args.preset))
     print(json.dumps(info, indent=2) if args.json else format_text(info))
     return 0
 
@@ -96,11 +97,20 @@ def _policy(args: argparse.Namespace):
     return LoadPolicy(device=args.device, dtype=args.dtype, quantize=args.quantize)
 
 
+def _record(bundle: str | Path) -> Path:
+    """Where this user's record of which bundle files already passed their sha256 check lives."""
+    from app.settings import default_cache_dir
+    from model.checkpoint import verification_record
+
+    return verification_record(default_cache_dir(), bundle)
+
+
 def _engine(args: argparse.Namespace):
     from model.checkpoint import load_bundle
     from model.engine import Engine
 
-    return Engine(load_bundle(_bundle_path(args), _policy(args)))
+    bundle = _bundle_path(args)
+    return Engine(load_bundle(bundle, _policy(args), record=_record(bundle)))
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -113,10 +123,13 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from model.conversation import Conversation, ImageInput
-    from model.imageio import read_image_file
+    from model.imageio import read_photo_file
     from model.safety import DISCLAIMER
 
-    image = ImageInput.of(read_image_file(args.image))
+    photo = read_photo_file(args.image)
+    for note in photo.notes:
+        print(f"note: {note}", file=sys.stderr)
+    image = ImageInput.of(photo.image)
     engine = _engine(args)
     if args.report:
         from model.consultation import consult
@@ -295,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--preset", help="skingpt4-vicuna7b, skingpt4-vicuna13b, skingpt4-llama2-13b, tiny, demo")
     which.add_argument("--weights", help="a bundle directory (its sha256 hashes are verified)")
     ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument("--verify", action="store_true",
+                     help="hash every file of --weights again (otherwise files unchanged since they last passed are "
+                          "not re-read)")
     ins.set_defaults(func=cmd_inspect)
 
     conv = sub.add_parser("convert", help="build a bundle from published weight files")

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from model.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
-from model.imageio import ImageError, open_image
-from model.safety import URGENT_ADVICE, red_flags
+from model.imageio import ImageError, decode_photo
+from model.safety import URGENT_ADVICE
 
-from .privacy import remove_upload, session_dir
+from .privacy import remove_upload, sweep_uploads
+from .session import MAX_PHOTOS, Consultation, Message, SessionStore, Wiped
 
 log = logging.getLogger("skingpt.app")
 
@@ -32,53 +31,7 @@ QUICK_PROMPTS = {
     "Should I see a doctor?": "Should I see a doctor about this, and how soon?",
 }
 
-Message = dict[str, Any]
 Update = tuple[list[Message], str]  # (chat history, red-flag notice markdown)
-
-
-@dataclass
-class Consultation:
-    """Everything the server holds for one browser session; wiped as a whole."""
-
-    conversation: Conversation = field(default_factory=Conversation)
-    pending: list[ImageInput] = field(default_factory=list)  # photos not yet asked about
-    messages: list[Message] = field(default_factory=list)  # what the chat shows
-    cancel: threading.Event = field(default_factory=threading.Event)
-    photos: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
-    flags: list[str] = field(default_factory=list)
-
-
-class SessionStore:
-    def __init__(self, root: Path, ttl_s: float = 4 * 3600) -> None:
-        self.root = root
-        self.ttl_s = ttl_s
-        self._items: dict[str, Consultation] = {}
-        self._lock = threading.Lock()
-
-    def get(self, session: str) -> Consultation:
-        with self._lock:
-            item = self._items.setdefault(session, Consultation())
-            item.last_seen = time.monotonic()
-            return item
-
-    def dir(self, session: str) -> Path:
-        return session_dir(self.root, session)
-
-    def wipe(self, session: str) -> None:
-        with self._lock:
-            item = self._items.pop(session, None)
-        if item is not None:
-            item.cancel.set()
-        shutil.rmtree(self.root / "sessions" / session, ignore_errors=True)
-
-    def expired(self) -> list[str]:
-        now = time.monotonic()
-        with self._lock:
-            return [s for s, c in self._items.items() if now - c.last_seen > self.ttl_s]
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass
@@ -87,33 +40,50 @@ class Handlers:
     store: SessionStore
     max_message_chars: int = 2000
     out_of_memory: tuple[type[BaseException], ...] = ()
+    upload_ttl_s: float = 15 * 60
 
     # -- submitting a message (photos and/or text) --------------------------------------------------
     def submit(self, session: str, message: dict | str | None, settings: dict | None = None) -> Iterator[Update]:
         state = self.store.get(session)
+        state.settle()
         text, files = _split_message(message)
-        for path in files:
-            self._accept_photo(session, state, Path(path))
+        refusals = [why for why in (self._accept_photo(state, Path(path)) for path in files) if why]
+        if refusals:  # one message per refused photo, and the question waits for a usable one
+            if text.strip():
+                refusals[-1] += " Your question was not sent: ask it again with a photo this app can read."
+            for why in refusals:
+                state.error(why)
+            yield state.messages, self._notice(state)
+            return
         if not text.strip():
             if files:
                 yield state.messages, self._notice(state)
                 return
-            yield self._error(state, "Please type a question, or attach a photo of the skin."), self._notice(state)
+            yield state.error("Please type a question, or attach a photo of the skin."), self._notice(state)
             return
         if len(text) > self.max_message_chars:
-            yield self._error(state, f"That message is {len(text)} characters long; the limit is "
-                                     f"{self.max_message_chars}. Please shorten it."), self._notice(state)
+            yield state.error(f"That message is {len(text)} characters long; the limit is "
+                              f"{self.max_message_chars}. Please shorten it."), self._notice(state)
             return
         if not state.conversation.images and not state.pending:
-            yield self._error(state, "Please add a photo of the skin first (attach it with the paperclip, "
-                                     "drag it in, or take one with your phone's camera)."), self._notice(state)
+            yield state.error("Please add a photo of the skin first (attach it with the paperclip, "
+                              "drag it in, or take one with your phone's camera)."), self._notice(state)
             return
-        state.messages.append({"role": "user", "content": text.strip()})
-        state.conversation = state.conversation.ask(text.strip(), state.pending)
-        state.pending = []
-        yield from self._answer(session, state, settings or {})
+        with state.lock:
+            state.messages.append({"role": "user", "content": text.strip()})
+            state.conversation = state.conversation.ask(text.strip(), state.pending)
+            state.pending = []
+        yield from self._answer(state, settings or {})
 
-    def _accept_photo(self, session: str, state: Consultation, path: Path) -> None:
+    def attached(self, session: str, message: dict | None) -> None:
+        """Photos attached in the browser but not sent yet: deleted with the consultation if never sent."""
+        state = self.store.get(session)
+        _, files = _split_message(message)
+        with state.lock:
+            state.uploads.update(Path(f) for f in files)
+
+    def _accept_photo(self, state: Consultation, path: Path) -> str | None:
+        """Decode, clean and keep one uploaded photo; the reason when it is refused."""
         started = time.perf_counter()
         try:
             data = path.read_bytes()
@@ -121,152 +91,166 @@ class Handlers:
             data = b""
         finally:
             remove_upload(path, self.store.root)  # the original may carry GPS tags: gone at once
+            with state.lock:
+                state.uploads.discard(path)
         try:
-            image = open_image(data, name="That file")
+            photo = decode_photo(data, name="That file")
+            self._check_room(state, photo.image)
         except ImageError as err:
-            self._error(state, str(err))
-            log.info("photo rejected session=%s reason=%s", _short(session), type(err).__name__)
-            return
-        state.photos += 1
-        clean = self.store.dir(session) / f"photo-{state.photos}.jpg"
+            log.info("photo rejected session=%s reason=%s", state.id[:8], type(err).__name__)
+            return str(err)
         buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=92)  # re-encoded from pixels alone: no EXIF, GPS or ICC
-        clean.write_bytes(buffer.getvalue())
-        clean.chmod(0o600)
-        state.pending.append(ImageInput.of(image))
-        state.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
-        log.info("photo accepted session=%s size=%dx%d ms=%.0f", _short(session), *image.size,
+        photo.image.save(buffer, "JPEG", quality=92)  # re-encoded from pixels alone: no EXIF, GPS or ICC
+        with state.lock:
+            state.photos += 1
+            try:
+                clean = state.write_file(f"photo-{state.photos}.jpg", buffer.getvalue())
+            except Wiped:
+                return "This consultation was cleared; please attach the photo again."
+            state.photo_bytes += _pixel_bytes(photo.image)
+            state.pending.append(ImageInput.of(photo.image))
+            state.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
+            for note in photo.notes:
+                state.messages.append({"role": "assistant", "content": note, "metadata": {"title": "Note"}})
+        log.info("photo accepted session=%s size=%dx%d ms=%.0f", state.id[:8], *photo.image.size,
                  (time.perf_counter() - started) * 1000)
+        return None
+
+    def _check_room(self, state: Consultation, image) -> None:
+        """Decoded photos are held in memory: bounded per consultation and for the whole server."""
+        if len(state.conversation.images) + len(state.pending) >= MAX_PHOTOS:
+            raise ImageError(f"This consultation already has {MAX_PHOTOS} photos, the most one consultation holds. "
+                             f"Ask about the photos you sent, or press New patient to start again.")
+        if self.store.photo_bytes() + _pixel_bytes(image) > self.store.max_photo_bytes:
+            raise ImageError(f"The server is holding as many photos as it can right now "
+                             f"({self.store.max_photo_bytes // 2**20} MB for all consultations). Please try again "
+                             f"in a few minutes, or send a smaller photo.")
 
     # -- answering ----------------------------------------------------------------------------------
-    def _answer(self, session: str, state: Consultation, settings: dict) -> Iterator[Update]:
-        state.cancel = threading.Event()
-        reply: Message = {"role": "assistant", "content": ""}
-        state.messages.append(reply)
+    def _answer(self, state: Consultation, settings: dict) -> Iterator[Update]:
+        answer = state.begin_answer()
         started = time.perf_counter()
         generation = None
         try:
-            generation = self.engine.stream(state.conversation, session=session, cancel=state.cancel, **settings)
+            generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel, **settings)
             for piece in generation:
-                reply["content"] += piece
+                if not state.add_piece(answer, piece):
+                    break  # settled meanwhile (a newer question, a wipe): this stream is no longer shown
                 yield state.messages, self._notice(state)
+            state.finish(answer, answer.reply["content"], stopped=generation.finish_reason == "cancelled",
+                         notices=generation.notices)
         except self.out_of_memory:
-            self._failed(state, "The device ran out of memory while answering. Your conversation is kept: "
-                                "try again, ask a shorter question, or start a new patient.")
-            log.warning("answer failed session=%s reason=out-of-memory", _short(session))
+            state.fail(answer, "The device ran out of memory while answering. Your conversation is kept: "
+                               "try again, ask a shorter question, or start a new patient.")
+            log.warning("answer failed session=%s reason=out-of-memory", state.id[:8])
             yield state.messages, self._notice(state)
             return
         except UserFacingError as err:
-            self._failed(state, str(err))
+            state.fail(answer, str(err))
             yield state.messages, self._notice(state)
             return
         except Exception as err:  # keep the app alive; the log names the type, never the content
-            self._failed(state, "Something went wrong while answering. Your conversation is kept; please try again.")
-            log.exception("answer failed session=%s reason=%s", _short(session), type(err).__name__)
+            state.fail(answer, "Something went wrong while answering. Your conversation is kept; please try again.")
+            log.exception("answer failed session=%s reason=%s", state.id[:8], type(err).__name__)
             yield state.messages, self._notice(state)
             return
         finally:
             if generation is not None and hasattr(generation, "close"):
                 generation.close()
-        answer = reply["content"].strip()
-        reply["content"] = answer or "(no answer)"
-        if generation.finish_reason == "cancelled":
-            reply["content"] += "\n\n*(stopped)*"
-        state.conversation = state.conversation.answer(answer)
-        for notice in generation.notices:
-            state.messages.append({"role": "assistant", "content": notice, "metadata": {"title": "Note"}})
-        state.flags = red_flags(*(t.question for t in state.conversation.turns),
-                                *(t.answer or "" for t in state.conversation.turns))
-        log.info("answer session=%s tokens=%d seconds=%.2f finish=%s", _short(session),
+            # closed by its consumer (Stop, a cancelled request, a closed tab): keep what was said, as stopped
+            state.finish(answer, answer.reply["content"], stopped=True)
+        log.info("answer session=%s tokens=%d seconds=%.2f finish=%s", state.id[:8],
                  len(getattr(generation, "tokens", [])), time.perf_counter() - started, generation.finish_reason)
         yield state.messages, self._notice(state)
 
     def stop(self, session: str) -> None:
-        self.store.get(session).cancel.set()
+        self.store.get(session).stop()
 
     def regenerate(self, session: str, settings: dict | None = None) -> Iterator[Update]:
         state = self.store.get(session)
-        turns = state.conversation.turns
-        if not turns or turns[-1].answer is None:
-            yield self._error(state, "There is no answer to regenerate yet."), self._notice(state)
+        state.settle()
+        with state.lock:  # never held across a yield: the next piece may be asked for from another thread
+            turns = state.conversation.turns
+            last = turns[-1] if turns and turns[-1].answer is not None else None
+            if last is not None:
+                state.conversation = state.conversation.drop_last().ask(last.question, last.images)
+                while state.messages and state.messages[-1]["role"] == "assistant":
+                    state.messages.pop()  # the old answer and its notes
+        if last is None:
+            yield state.error("There is no answer to regenerate yet."), self._notice(state)
             return
-        last = turns[-1]
-        state.conversation = state.conversation.drop_last().ask(last.question, last.images)
-        while state.messages and state.messages[-1]["role"] == "assistant":
-            state.messages.pop()  # the old answer and its notes
-        yield from self._answer(session, state, settings or {})
+        yield from self._answer(state, settings or {})
 
     def ask_quick(self, session: str, label: str, settings: dict | None = None) -> Iterator[Update]:
+        if label not in QUICK_PROMPTS:
+            yield self.store.get(session).error("Unknown quick question."), ""
+            return
         yield from self.submit(session, {"text": QUICK_PROMPTS[label], "files": []}, settings)
 
     # -- new patient, session end, report -------------------------------------------------------------
     def new_patient(self, session: str) -> Update:
-        state = self.store.get(session)
-        keys = [img.key for img in state.conversation.images] + [img.key for img in state.pending]
-        self.store.wipe(session)
-        self.engine.forget(session)
-        self.engine.forget(f"{session}:report")
-        if hasattr(self.engine, "forget_images"):
-            self.engine.forget_images(keys)
-        log.info("session wiped session=%s", _short(session))
+        self._forget(self.store.wipe(session))
         return [], ""
 
     def end_session(self, session: str) -> None:
         self.new_patient(session)
 
+    def _forget(self, state: Consultation | None) -> None:
+        if state is None:
+            return
+        self.engine.forget(state.id)
+        self.engine.forget(f"{state.id}:report")
+        if hasattr(self.engine, "forget_images"):
+            self.engine.forget_images([img.key for img in state.conversation.images] + [img.key for img in state.pending])
+        log.info("session wiped session=%s", state.id[:8])
+
     def sweep(self) -> int:
-        """Wipe consultations idle for longer than the store's time to live."""
+        """Wipe consultations idle for longer than the store's time to live, and delete photos that
+        were attached but never sent."""
         expired = self.store.expired()
-        for session in expired:
-            self.new_patient(session)
+        for key in expired:
+            self._forget(self.store.remove(key))
+        sweep_uploads(self.store.root, self.upload_ttl_s)
         return len(expired)
 
     def report(self, session: str, settings: dict | None = None, render_pdf: Callable[[Any], bytes] | None = None,
                on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[str]]:
         """The structured consultation over the consultation's first photo: Markdown + files.
-        `on_step(done, total)` is told before each question (a progress bar)."""
+        `on_step(done, total)` is told before each question (a progress bar). New patient (or the
+        tab closing) stops it, and nothing is written into a wiped consultation."""
         from model.consultation import DEFAULT_FLOW, consult
 
         state = self.store.get(session)
         images = list(state.conversation.images) + state.pending
         if not images:
             return "Please add a photo of the skin first; the report is built from it.", []
-        self.engine.forget(f"{session}:report")
+        name = f"{state.id}:report"
+        self.engine.forget(name)
+
         def ask(conversation: Conversation) -> str:
+            if state.closed.is_set():
+                raise Wiped("the consultation was cleared")
             if on_step is not None:
                 on_step(len(conversation.turns) - 1, len(DEFAULT_FLOW))
-            return self.engine.answer(conversation, session=f"{session}:report", **(settings or {}))
+            return self.engine.answer(conversation, session=name, cancel=state.closed, **(settings or {}))
 
         try:
             report = consult(ask, images[0])
+            markdown = report.markdown()
+            files = [str(state.write_file("skin-report.md", markdown.encode()))]
+            if render_pdf is not None:
+                files.append(str(state.write_file("skin-report.pdf", render_pdf(report))))
+        except Wiped:
+            self.engine.forget(name)
+            return "The consultation was cleared (new patient), so no report was written.", []
         except self.out_of_memory:
             return "The device ran out of memory while writing the report. Please try again.", []
         except UserFacingError as err:
             return str(err), []
-        folder = self.store.dir(session)
-        markdown = report.markdown()
-        (folder / "skin-report.md").write_text(markdown)
-        files = [str(folder / "skin-report.md")]
-        if render_pdf is not None:
-            (folder / "skin-report.pdf").write_bytes(render_pdf(report))
-            files.append(str(folder / "skin-report.pdf"))
-        log.info("report session=%s", _short(session))
+        log.info("report session=%s", state.id[:8])
         return markdown, files
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _error(self, state: Consultation, text: str) -> list[Message]:
-        state.messages.append({"role": "assistant", "content": text, "metadata": {"title": "Cannot do that"}})
-        return state.messages
-
-    def _failed(self, state: Consultation, text: str) -> None:
-        """An answer that broke off: drop the open question (it can be asked again) and say why."""
-        if state.messages and state.messages[-1]["role"] == "assistant" and not state.messages[-1].get("metadata"):
-            state.messages.pop()
-        if state.conversation.pending is not None:
-            state.pending = list(state.conversation.pending.images) + state.pending
-            state.conversation = state.conversation.drop_last()
-        self._error(state, text)
-
     @staticmethod
     def _notice(state: Consultation) -> str:
         if not state.flags:
@@ -283,6 +267,5 @@ def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
     return message.get("text") or "", [f for f in files if f]
 
 
-def _short(session: str) -> str:
-    """Enough of a session id to follow one in the log, not enough to join it."""
-    return session[:6]
+def _pixel_bytes(image) -> int:
+    return image.size[0] * image.size[1] * len(image.getbands())

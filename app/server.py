@@ -22,22 +22,27 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
 
     import torch
 
-    from model.checkpoint import load_bundle
+    from model.checkpoint import load_bundle, verification_record
+
+    from .settings import default_cache_dir
     from model.engine import Engine
     from model.quantization import LoadPolicy
 
     say(f"[1/3] verifying and loading {bundle} ...")
-    loaded = load_bundle(bundle, LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize))
+    record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
+    loaded = load_bundle(bundle, LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize),
+                         record=record)
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
 
     from .handlers import Handlers, SessionStore
     from .ui import CSS, THEME, build
 
-    handlers = Handlers(Engine(loaded), SessionStore(root, settings.session_ttl_s), settings.max_message_chars,
-                        out_of_memory=(torch.cuda.OutOfMemoryError,))
+    store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
+    handlers = Handlers(Engine(loaded), store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
+                        upload_ttl_s=settings.upload_ttl_s)
     app = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=settings.concurrency)
     app.queue(default_concurrency_limit=settings.concurrency)
-    _start_sweeper(handlers)
+    _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2))
     say("[3/3] starting the web server ...")
     app.launch(server_name=settings.host, server_port=settings.port, auth=settings.credentials(), share=False,
                theme=THEME, css=CSS, max_file_size="25mb", ssr_mode=False, show_error=False, quiet=True,
@@ -53,8 +58,9 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     return app
 
 
-def _start_sweeper(handlers, every_s: float = 600.0) -> None:
-    """Wipe consultations left idle past their time to live (a tab closed without notice)."""
+def _start_sweeper(handlers, every_s: float) -> None:
+    """Wipe consultations left idle past their time to live (a tab closed without notice), and photos
+    attached but never sent."""
     def loop() -> None:
         while True:
             time.sleep(every_s)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +27,9 @@ class AppSettings(BaseSettings):
     concurrency: int = 1  # answers computed at once on the device
     max_message_chars: int = 2000
     session_ttl_s: int = 4 * 3600  # an idle consultation is wiped after this long
+    upload_ttl_s: int = 15 * 60  # a photo attached but never sent is deleted after this long
+    max_photo_mb: int = 1024  # decoded photos held in memory, all consultations together
+    cache_dir: str | None = None  # bundle verification records; default $XDG_CACHE_HOME/skingpt
 
     @field_validator("auth")
     @classmethod
@@ -45,6 +50,13 @@ class AppSettings(BaseSettings):
             raise SettingsError(
                 f"refusing to listen on {self.host}: other machines could reach the app without a password. "
                 f"Add --auth user:password (or SKINGPT_AUTH), or keep the default host 127.0.0.1")
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache (never patient data: only which bundle files passed their sha256 check)."""
+    if os.environ.get("SKINGPT_CACHE_DIR"):
+        return Path(os.environ["SKINGPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skingpt"
 
 
 def is_loopback(host: str) -> bool:

@@ -6,6 +6,7 @@ history), /regenerate, /stop, /new_patient, /report.
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Iterator
 
 import gradio as gr
@@ -70,12 +71,19 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
 
         def ask(message, max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
             cleared = gr.MultimodalTextbox(value=None, interactive=False)
-            for history, flag in handlers.submit(request.session_hash, message,
-                                                 settings(max_new_tokens, do_sample, temp, p)):
-                yield history, flag, cleared
+            # closing() passes a cancel (Stop, a closed tab) on to the handler, which keeps the partial answer
+            with closing(handlers.submit(request.session_hash, message,
+                                         settings(max_new_tokens, do_sample, temp, p))) as updates:
+                for history, flag in updates:
+                    yield history, flag, cleared
             yield history, flag, gr.MultimodalTextbox(interactive=True)
 
         ask_event = box.submit(ask, [box, *gen_inputs], [chatbot, notice, box], api_name="ask", **model_events)
+
+        def attached(message, request: gr.Request) -> None:
+            handlers.attached(request.session_hash, message)  # deleted with the consultation if never sent
+
+        box.change(attached, [box], None, queue=False, api_visibility="private")
 
         def stop(request: gr.Request) -> None:
             handlers.stop(request.session_hash)
@@ -97,9 +105,6 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
             return (history, flag, None, "Press **Full report** to run the structured consultation on the first photo.",
                     None)
 
-        new_patient.click(wipe, None, [chatbot, notice, box, report_md, report_files], api_name="new_patient",
-                          cancels=[ask_event, regen_event, *quick_events])
-
         def report(max_new_tokens, do_sample, temp, p, request: gr.Request, progress=gr.Progress()):
             from .export import report_pdf
 
@@ -110,7 +115,11 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
                                               render_pdf=report_pdf, on_step=step)
             return markdown, files or None, gr.Accordion(open=True)
 
-        report_btn.click(report, gen_inputs, [report_md, report_files, report_panel], api_name="report", **model_events)
+        report_event = report_btn.click(report, gen_inputs, [report_md, report_files, report_panel], api_name="report",
+                                        **model_events)
+        new_patient.click(wipe, None, [chatbot, notice, box, report_md, report_files], api_name="new_patient",
+                          cancels=[ask_event, regen_event, report_event, *quick_events])
+
         def on_unload(request: gr.Request) -> None:
             handlers.end_session(request.session_hash)  # the tab closed: nothing of it is kept
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,14 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_bundle(bundle: str | Path) -> dict[str, Any]:
-    """Check that every file the manifest lists exists with its recorded size and sha256."""
+def verify_bundle(bundle: str | Path, record: Path | None = None) -> dict[str, Any]:
+    """Check that every file the manifest lists exists with its recorded size and sha256.
+
+    With `record` (a JSON file, see `verification_record`), a file whose size, mtime, ctime, inode
+    and manifest hash are what they were when it last passed is not hashed again: a 13B bundle is
+    28 GB to read. Any change to a file (a copy, an edit, a touch) or to the manifest hashes it
+    again. Without `record`, every file is hashed.
+    """
     from tqdm.auto import tqdm
 
     bundle = Path(bundle)
@@ -101,17 +108,57 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
             raise BundleError(f"{bundle}/{MANIFEST_FILE} does not list {required}; the bundle is incomplete: "
                               f"{HOW_TO_GET}")
     for rel, entry in entries.items():
-        if not (bundle / rel).is_file():
+        path = bundle / rel
+        if not path.is_file():
             raise BundleError(f"{bundle} lacks {rel}, which its manifest lists; copy the whole bundle "
                               f"directory again or {HOW_TO_GET}")
-    total = sum(e["bytes"] for e in entries.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying sha256", leave=False) as bar:
-        for rel, entry in entries.items():
+        if path.stat().st_size != entry["bytes"]:
+            raise BundleError(f"{bundle}/{rel} is {path.stat().st_size:,} bytes but its manifest says "
+                              f"{entry['bytes']:,}: the file is incomplete or was changed; copy it again")
+    known = _read_record(record)
+    todo = {rel: e for rel, e in entries.items() if known.get(rel) != _fingerprint(bundle / rel, e["sha256"])}
+    with tqdm(total=sum(e["bytes"] for e in todo.values()), unit="B", unit_scale=True, desc="verifying sha256",
+              leave=False) as bar:
+        for rel, entry in todo.items():
             actual = sha256_file(bundle / rel, bar)
             if actual != entry["sha256"]:
                 raise BundleError(f"{bundle}/{rel} fails its sha256 check (expected {entry['sha256'][:16]}..., "
                                   f"got {actual[:16]}...): the file is corrupted or was changed; copy it again")
+    if record is not None and todo:
+        _write_record(record, {rel: _fingerprint(bundle / rel, e["sha256"]) for rel, e in entries.items()})
     return manifest
+
+
+def verification_record(cache_dir: Path, bundle: str | Path) -> Path:
+    """Where the verification record of `bundle` lives under a per-user cache directory."""
+    name = hashlib.sha256(str(Path(bundle).resolve()).encode()).hexdigest()[:32]
+    return Path(cache_dir) / "verified" / f"{name}.json"
+
+
+def _fingerprint(path: Path, sha256: str) -> dict[str, Any]:
+    st = path.stat()
+    return {"sha256": sha256, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "device": st.st_dev}
+
+
+def _read_record(record: Path | None) -> dict[str, Any]:
+    if record is None or not record.is_file():
+        return {}
+    try:
+        files = json.loads(record.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}  # unreadable: verify everything, then write it anew
+    return files if isinstance(files, dict) else {}
+
+
+def _write_record(record: Path, files: dict[str, Any]) -> None:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"files": files}, indent=1))
+        os.replace(tmp, record)
+    except OSError:
+        pass  # a read-only cache only costs a full check next time
 
 
 # -- strict key checking ------------------------------------------------------------------------
@@ -189,10 +236,12 @@ def load_config(bundle: Path) -> SkinGPTConfig:
         raise BundleError(str(err)) from err
 
 
-def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: bool = True) -> LoadedBundle:
-    """Verify hashes, then load the LLM and the encoder parts strictly, under `policy`."""
+def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: bool = True,
+                record: Path | None = None) -> LoadedBundle:
+    """Verify hashes (files unchanged since `record` was written are not read again), then load the
+    LLM and the encoder parts strictly, under `policy`."""
     bundle = Path(path)
-    manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
+    manifest = verify_bundle(bundle, record) if verify else read_manifest(bundle)
     config = load_config(bundle)
     device, dtype = policy.resolve_device(), policy.resolve_dtype()
     llm_dir = bundle / LLM_DIR

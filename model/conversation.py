@@ -32,15 +32,26 @@ class Template:
     first_human: str | None = None  # the first question, where the system text sits inside it
 
 
+# The reference demo's system sentence, exactly: the released SkinGPT-4 / MiniGPT-4 weights were trained
+# and demoed with it, so converted weights must see it word for word (`<Img>ImageContent</Img>` is text,
+# not a placeholder).
+REFERENCE_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+                    "provide it to you. Please answer my questions.")
+
+# Our own wording, for bundles a clinic trains with it (template "assistant", and Llama-2-chat).
 SYSTEM = ("You are a dermatology assistant. You will see a photo of skin once it is given. Describe what "
           "you see and answer the questions; your answers support, and never replace, a clinician.")
 
+# The `###Human` / `###Assistant` format the released SkinGPT-4 and MiniGPT-4 weights were trained with.
+_HASH_ROLES = Template(
+    name="skingpt4", system=REFERENCE_SYSTEM,
+    human="###Human: {text}", assistant="###Assistant: {text}", prompt_end="###Assistant:",
+    image="<Img><ImageHere></Img>", stop=("###",))
+
 TEMPLATES: dict[str, Template] = {
-    # The `###Human` / `###Assistant` format the released SkinGPT-4 and MiniGPT-4 weights were trained with.
-    "skingpt4": Template(
-        name="skingpt4", system=SYSTEM,
-        human="###Human: {text}", assistant="###Assistant: {text}", prompt_end="###Assistant:",
-        image="<Img><ImageHere></Img>", stop=("###",)),
+    "skingpt4": _HASH_ROLES,
+    # The same format with our own system sentence, for bundles trained with it.
+    "assistant": replace(_HASH_ROLES, name="assistant", system=SYSTEM),
     # Another SkinGPT-4 config: `### Instruction:` / `### Response:`, the same `###` stop.
     "instruction": Template(
         name="instruction", system="",

@@ -23,6 +23,7 @@ from .checkpoint import LoadedBundle
 from .config import GenerationConfig
 from .llm import new_cache, trim_cache
 from .conversation import Conversation, ConversationError, ImageInput, Template, render, template
+from .detokenize import IncrementalDecoder
 from .preprocess import preprocess
 from .skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
@@ -33,7 +34,7 @@ Slot = Union[int, str]  # a token id, or "<image key>:<j>" for an image's j-th q
 class _Session:
     cache: object  # the LLM's KV cache (see llm.new_cache)
     slots: list[Slot] = field(default_factory=list)  # exactly what `cache` holds
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    busy: bool = False  # an answer is decoding into this cache (or was left open by its consumer)
 
 
 @dataclass
@@ -174,15 +175,16 @@ class Engine:
             gen.notices.append(f"The conversation is longer than the model's context: the text of the "
                                f"{len(dropped)} oldest turn(s) was left out of this answer (photos kept).")
         embeds = {img.key: self.encode(img) for img in images}
-        session = self._session(session_name)
-        with session.lock:
-            try:
-                yield from self._decode(gen, session, slots, embeds, settings, seed, cancel, start, fixed_length)
-            except GeneratorExit:
-                raise  # closed between tokens: cache and slots agree, keep them
-            except BaseException:
-                session.cache, session.slots = new_cache(), []  # a half-updated cache is never reused
-                raise
+        session = self._claim(session_name)
+        try:
+            yield from self._decode(gen, session, slots, embeds, settings, seed, cancel, start, fixed_length)
+        except GeneratorExit:
+            raise  # closed between tokens: cache and slots agree, keep them
+        except BaseException:
+            session.cache, session.slots = new_cache(), []  # a half-updated cache is never reused
+            raise
+        finally:
+            session.busy = False
 
     def _decode(self, gen: Generation, session: _Session, slots: list[Slot], embeds: dict[str, torch.Tensor],
                 settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
@@ -193,7 +195,8 @@ class Engine:
         if not fixed_length:
             stops, eos = self.template.stop, self.tokenizer.eos_token_id
         generated = gen.tokens
-        emitted = 0
+        decoder = IncrementalDecoder(self.tokenizer)
+        text, emitted = "", 0  # everything decoded so far; how much of it was shown
         decode_start = None
         while True:
             token = sampler(logits)
@@ -205,11 +208,10 @@ class Engine:
                 break
             generated.append(token)
             gen.stats.new_tokens = len(generated)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            text += decoder.push(token)
             visible, stopped = _visible(text, stops)
             if visible > emitted:
-                piece = text[emitted:visible]
-                emitted = visible
+                piece, emitted = text[emitted:visible], visible
                 gen.text += piece
                 yield piece
             if stopped:
@@ -223,7 +225,7 @@ class Engine:
                 break
             logits = self._step(session, token)
         if gen.finish_reason in ("eos", "length", "cancelled"):  # flush what was held back for a stop
-            text = self.tokenizer.decode(generated, skip_special_tokens=True).rstrip("\ufffd")
+            text += decoder.flush()
             if len(text) > emitted:
                 gen.text += text[emitted:]
                 yield text[emitted:]
@@ -257,13 +259,17 @@ class Engine:
             session.slots.append(token)
         return out.logits[0, -1]
 
-    def _session(self, name: str | None) -> _Session:
+    def _claim(self, name: str | None) -> _Session:
+        """The session's cache, marked busy for one answer. A cache still busy belongs to an answer
+        whose consumer went away without closing it (a cancelled request, a closed tab): waiting for
+        it could wait forever, so the session gets a fresh cache and re-prefills once."""
         if name is None:
-            return _Session(new_cache())
+            return _Session(new_cache(), busy=True)
         with self._registry_lock:
             session = self._sessions.get(name)
-            if session is None:
+            if session is None or session.busy:
                 session = self._sessions[name] = _Session(new_cache())
+            session.busy = True
             self._sessions.move_to_end(name)
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)  # the least recently used session re-prefills later
@@ -271,37 +277,40 @@ class Engine:
 
 
 class _Sampler:
-    """Greedy, or temperature / top-k / top-p sampling with a repetition penalty, seeded."""
+    """Greedy, or sampling through transformers' logits processors (repetition penalty, temperature,
+    top-k, top-p), with a generator of its own: a seeded answer does not depend on anything else."""
 
     def __init__(self, settings: GenerationConfig, seed: int | None, device: torch.device, prompt_ids: list[int]):
-        self.s = settings
-        self.seen = set(prompt_ids)
+        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
+
+        s = settings
+        self.do_sample = s.do_sample
+        self.processors = LogitsProcessorList()
+        if s.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+        if s.do_sample:
+            if s.temperature != 1.0:
+                self.processors.append(TemperatureLogitsWarper(s.temperature))
+            if s.top_k:
+                self.processors.append(TopKLogitsWarper(s.top_k))
+            if s.top_p < 1.0:
+                self.processors.append(TopPLogitsWarper(s.top_p))
+        self.seen = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, L): what the penalty sees
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "big"))
 
     def __call__(self, logits: torch.Tensor) -> int:
-        logits = logits.float().clone()  # (V,)
-        if self.s.repetition_penalty != 1.0 and self.seen:
-            idx = torch.tensor(sorted(self.seen), device=logits.device)
-            picked = logits[idx]
-            logits[idx] = torch.where(picked > 0, picked / self.s.repetition_penalty, picked * self.s.repetition_penalty)
-        if not self.s.do_sample:
-            token = int(logits.argmax())
+        scores = logits.float().unsqueeze(0)  # (1, V)
+        if self.processors:
+            scores = self.processors(self.seen, scores)
+        if self.do_sample:
+            token = int(torch.multinomial(scores.softmax(-1)[0], 1, generator=self.generator))
         else:
-            token = self._sample(logits / self.s.temperature)
-        self.seen.add(token)
+            token = int(scores[0].argmax())
+        if self.processors:
+            self.seen = torch.cat([self.seen, self.seen.new_tensor([[token]])], dim=1)
         return token
-
-    def _sample(self, logits: torch.Tensor) -> int:
-        if self.s.top_k:
-            kth = torch.topk(logits, min(self.s.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.s.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cumulative - sorted_logits.softmax(-1) > self.s.top_p  # keep the token that crosses p
-            logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
 
 
 def _common_prefix(a: list[Slot], b: list[Slot]) -> int:
@@ -315,7 +324,8 @@ def _common_prefix(a: list[Slot], b: list[Slot]) -> int:
 
 def _visible(text: str, stops: tuple[str, ...]) -> tuple[int, bool]:
     """How much of `text` may be shown: up to a stop string if one appeared (and then stop), else all
-    but a tail that could still grow into a stop string or is an unfinished UTF-8 character."""
+    but a tail that could still grow into a stop string. (Unfinished characters never reach here:
+    the IncrementalDecoder holds them back.)"""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     if hits:
         return min(hits), True
@@ -325,6 +335,4 @@ def _visible(text: str, stops: tuple[str, ...]) -> tuple[int, bool]:
             if text.endswith(stop[:k]):
                 hold = max(hold, k)
                 break
-    if text[len(text) - hold - 1:len(text) - hold] == "\ufffd":
-        hold += 1
     return len(text) - hold, False

@@ -45,11 +45,12 @@ def _shapes(model: SkinGPT) -> dict[str, list]:
             "lm_head": list(model.llm.get_output_embeddings().weight.shape)}
 
 
-def describe_bundle(path: str | Path) -> dict[str, Any]:
-    """`describe` for a bundle's config, after verifying every file's sha256."""
+def describe_bundle(path: str | Path, record: Path | None = None) -> dict[str, Any]:
+    """`describe` for a bundle's config, after verifying every file's sha256 (those unchanged since
+    `record` was written are not read again; without it, all)."""
     from .checkpoint import load_config, verify_bundle
 
-    manifest = verify_bundle(path)
+    manifest = verify_bundle(path, record)
     info = describe(load_config(Path(path)))
     info["bundle"] = {"path": str(path), "files": len(manifest["files"]), "sha256_verified": True,
                       "bytes": sum(e["bytes"] for e in manifest["files"].values()),

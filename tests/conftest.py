@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# bundle verification records of test runs (and of the servers they start) stay out of ~/.cache
+os.environ.setdefault("SKINGPT_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="skingpt-test-cache-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 

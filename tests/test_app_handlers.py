@@ -4,6 +4,7 @@ bad inputs, and failures that must leave the app working."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 
 import numpy as np
@@ -42,6 +43,7 @@ class FakeEngine:
         self.reply = ["It ", "looks ", "like ", "eczema."]
         self.fail = None
         self.last = None
+        self.gate, self.started = None, threading.Event()  # report answers wait at the gate when one is set
 
     def stream(self, conversation, session=None, cancel=None, **settings):
         self.calls.append((conversation, session, settings))
@@ -51,6 +53,9 @@ class FakeEngine:
 
     def answer(self, conversation, session=None, **settings):
         self.calls.append((conversation, session, settings))
+        if self.gate is not None:
+            self.started.set()
+            self.gate.wait(10)
         return "It is most likely psoriasis. Red plaques with scale."
 
     def forget(self, session):
@@ -94,10 +99,11 @@ def test_photo_then_question_streams_and_keeps_history(app):
     assert len(updates) >= 4  # streamed piece by piece
     assert [m["role"] for m in history] == ["user", "user", "assistant"]
     photo = history[0]["content"]["path"]
-    assert photo.startswith(str(root / "sessions" / "s1")) and Image.open(photo).format == "JPEG"
+    folder = handlers.store.get("s1").folder
+    assert photo.startswith(str(folder) + "/") and Image.open(photo).format == "JPEG"
     assert history[1]["content"] == "What is this?" and history[2]["content"] == "It looks like eczema."
     conversation, session, settings = engine.calls[-1]
-    assert session == "s1" and settings == {"max_new_tokens": 9} and len(conversation.turns[0].images) == 1
+    assert session == handlers.store.get("s1").id and settings == {"max_new_tokens": 9} and len(conversation.turns[0].images) == 1
     assert not (root / "gradio-upload-abc").exists()  # the original upload is deleted at once
 
     _, history = _last(handlers.submit("s1", {"text": "What causes it?", "files": []}))
@@ -113,7 +119,7 @@ def test_second_photo_in_the_same_consultation(app):
     list(handlers.submit("s", {"text": "And the leg now", "files": [_upload(root, "leg.png", "PNG")]}))
     conversation = engine.calls[-1][0]
     assert [len(t.images) for t in conversation.turns] == [1, 1]
-    assert sorted(p.name for p in (root / "sessions" / "s").iterdir()) == ["photo-1.jpg", "photo-2.jpg"]
+    assert sorted(p.name for p in handlers.store.get("s").folder.iterdir()) == ["photo-1.jpg", "photo-2.jpg"]
 
 
 def test_gps_never_kept(app):
@@ -135,8 +141,8 @@ def test_gps_never_kept(app):
 def test_bad_files_get_a_message_in_the_chat(app, data, message):
     handlers, engine, root = app
     _, history = _last(handlers.submit("b", {"text": "What is it?", "files": [_upload(root, "x.jpg", data=data)]}))
-    assert message in history[0]["content"] and history[0]["role"] == "assistant"
-    assert "add a photo" in history[-1]["content"]  # and the question waits for a photo
+    assert len(history) == 1 and history[0]["role"] == "assistant"  # one message, not a second "add a photo"
+    assert message in history[0]["content"] and "Your question was not sent" in history[0]["content"]
     assert engine.calls == []
 
 
@@ -165,8 +171,10 @@ def test_stop_cancels_the_stream(app):
     next(stream)
     handlers.stop("c")
     _, history = _last(stream)
-    assert engine.last.finish_reason == "cancelled" and "(stopped)" in history[-1]["content"]
+    assert engine.last.finish_reason == "cancelled" and history[-1]["content"].endswith("*(stopped)*")
     assert engine.last.closed
+    _, history = _last(handlers.submit("c", "Next?"))  # and the consultation goes on
+    assert history[-1]["content"] == "It looks like eczema."
 
 
 def test_regenerate_replaces_the_last_answer(app):
@@ -198,11 +206,12 @@ def test_new_patient_wipes_everything(app):
     handlers, engine, root = app
     list(handlers.submit("n", {"text": "What is it?", "files": [_upload(root)]}))
     handlers.report("n")
-    assert any((root / "sessions" / "n").iterdir())
+    state = handlers.store.get("n")
+    assert any(state.folder.iterdir())
     history, notice = handlers.new_patient("n")
     assert history == [] and notice == ""
-    assert not (root / "sessions" / "n").exists()
-    assert "n" in engine.forgotten and "n:report" in engine.forgotten and len(engine.forgotten_images) == 1
+    assert not state.folder.exists()
+    assert state.id in engine.forgotten and f"{state.id}:report" in engine.forgotten and len(engine.forgotten_images) == 1
     calls = len(engine.calls)
     _, history = _last(handlers.submit("n", "Hello?"))  # the old photo is gone with everything else
     assert "add a photo of the skin first" in history[-1]["content"] and len(engine.calls) == calls
@@ -243,7 +252,7 @@ def test_report_writes_markdown_and_pdf(app):
     assert "psoriasis" in markdown and "decision support" in markdown
     assert [f.rsplit("/", 1)[1] for f in files] == ["skin-report.md", "skin-report.pdf"]
     assert open(files[1], "rb").read(5) == b"%PDF-"
-    assert all(s == "x:report" for _, s, _ in engine.calls)
+    assert all(s == f"{handlers.store.get('x').id}:report" for _, s, _ in engine.calls)
 
 
 def test_sessions_are_isolated_and_idle_ones_expire(app):
@@ -251,8 +260,9 @@ def test_sessions_are_isolated_and_idle_ones_expire(app):
     list(handlers.submit("a", {"text": "A?", "files": [_upload(root)]}))
     list(handlers.submit("b", {"text": "B?", "files": [_upload(root, "b.jpg")]}))
     assert [t.question for t in handlers.store.get("a").conversation.turns] == ["A?"]
+    folder = handlers.store.get("a").folder
     handlers.store.ttl_s = 0
-    assert handlers.sweep() == 2 and not (root / "sessions" / "a").exists()
+    assert handlers.sweep() == 2 and not folder.exists()
 
 
 def test_concurrent_sessions_do_not_mix(app):
@@ -269,7 +279,7 @@ def test_concurrent_sessions_do_not_mix(app):
     for session in uploads:
         history = results[session][-1][0]
         assert history[1]["content"] == f"question {session}"
-        assert history[0]["content"]["path"].startswith(str(root / "sessions" / session))
+        assert history[0]["content"]["path"].startswith(str(handlers.store.get(session).folder) + "/")
 
 
 def test_uploads_sharing_a_folder_are_removed_safely_in_parallel(tmp_path):
@@ -296,3 +306,159 @@ def test_uploads_sharing_a_folder_are_removed_safely_in_parallel(tmp_path):
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert errors == [] and not folder.exists()
+
+
+# -- defects found by review (issue 10) ---------------------------------------------------------------
+
+def test_a_stream_closed_by_its_consumer_keeps_the_partial_answer_and_the_next_question_works(app):
+    """Gradio closes the answer generator on Stop, a cancelled job or a closed tab: GeneratorExit."""
+    handlers, engine, root = app
+    stream = handlers.submit("g", {"text": "What is it?", "files": [_upload(root)]})
+    next(stream), next(stream)
+    stream.close()
+    state = handlers.store.get("g")
+    assert state.conversation.turns[-1].answer == "It looks"  # what had been shown is the answer
+    assert state.messages[-1]["content"] == "It looks\n\n*(stopped)*"
+    _, history = _last(handlers.submit("g", "And now?"))
+    assert history[-1]["content"] == "It looks like eczema."
+    _, history = _last(handlers.regenerate("g"))
+    assert history[-1]["content"] == "It looks like eczema." and state.answering is None
+
+
+def test_a_stream_abandoned_without_close_is_settled_by_the_next_question(app):
+    handlers, engine, root = app
+    abandoned = handlers.submit("a", {"text": "What is it?", "files": [_upload(root)]})
+    next(abandoned), next(abandoned)  # never resumed, never closed (kept alive here on purpose)
+    first = engine.last
+    _, history = _last(handlers.submit("a", "Hello again?"))
+    assert [m["content"] for m in history if m["role"] == "assistant"] == ["It looks\n\n*(stopped)*", "It looks like eczema."]
+    assert first.cancel.is_set()  # the abandoned answer was told to stop
+    late = list(abandoned)  # resumed late, it adds nothing and changes nothing
+    assert all(update[0][-1]["content"] == "It looks like eczema." for update in late)
+    assert [m["content"] for m in handlers.store.get("a").messages if m["role"] == "assistant"] == [
+        "It looks\n\n*(stopped)*", "It looks like eczema."]
+    assert handlers.store.get("a").conversation.turns[0].answer == "It looks"
+
+
+@pytest.mark.parametrize("hostile", ["/tmp/outside", "../../escape", "..", "a/../../b", "x" * 5000, "\x00nul",
+                                     "C:\\Windows", "%2e%2e%2f", "sessions"])
+def test_client_chosen_session_names_never_reach_the_file_system(app, tmp_path_factory, hostile):
+    handlers, engine, root = app
+    victim = tmp_path_factory.mktemp("victim")
+    (victim / "keep.txt").write_text("precious")
+    name = hostile.replace("/tmp/outside", str(victim))
+    list(handlers.submit(name, {"text": "What is it?", "files": [_upload(root)]}))
+    handlers.report(name)
+    folder = handlers.store.get(name).folder
+    assert folder.parent == root / "sessions" and len(folder.name) == 32 and folder.is_dir()
+    handlers.new_patient(name)
+    assert (victim / "keep.txt").read_text() == "precious"
+    assert not folder.exists() and root.exists()
+    assert [p.name for p in (root / "sessions").iterdir()] == []
+
+
+def test_session_folders_are_named_only_by_server_ids(tmp_path):
+    from app.privacy import session_dir
+
+    for bad in ("../x", "/abs", "abc", "0" * 31, "g" * 32):
+        with pytest.raises(ValueError):
+            session_dir(tmp_path, bad)
+
+
+def test_new_patient_stops_a_running_report_and_nothing_is_written_after(app):
+    handlers, engine, root = app
+    list(handlers.submit("r", {"text": "", "files": [_upload(root)]}))
+    wiped = handlers.store.get("r")
+    engine.gate = threading.Event()
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("report", handlers.report("r")))
+    worker.start()
+    assert engine.started.wait(10)
+    handlers.new_patient("r")
+    assert engine.calls[-1][2]["cancel"].is_set()  # the answer in flight was told to stop
+    engine.gate.set()
+    worker.join(10)
+    markdown, files = result["report"]
+    assert "cleared" in markdown and files == []
+    assert not wiped.folder.exists() and list((root / "sessions").iterdir()) == []
+
+
+def test_report_files_are_private_to_the_server_user(app):
+    handlers, engine, root = app
+    list(handlers.submit("p", {"text": "", "files": [_upload(root)]}))
+    _, files = handlers.report("p")
+    assert files and all((os.stat(f).st_mode & 0o777) == 0o600 for f in files)
+    assert all((os.stat(p).st_mode & 0o777) == 0o600 for p in handlers.store.get("p").folder.iterdir())
+
+
+def test_attached_but_unsent_photos_go_with_the_consultation_and_after_a_while(app):
+    handlers, engine, root = app
+    unsent = _upload(root, "gps.jpg")
+    handlers.attached("u", {"text": "", "files": [{"path": unsent}]})
+    handlers.new_patient("u")
+    assert not os.path.exists(unsent)
+
+    forgotten = _upload(root, "forgotten.jpg")  # attached in a tab that never said so (an API upload)
+    handlers.sweep()
+    assert os.path.exists(forgotten)  # younger than the upload time to live
+    os.utime(forgotten, (0, 0))
+    handlers.sweep()
+    assert not os.path.exists(forgotten)
+
+
+def test_a_hostile_attached_path_outside_the_uploads_is_never_deleted(app, tmp_path_factory):
+    handlers, engine, root = app
+    outside = tmp_path_factory.mktemp("outside") / "keep.txt"
+    outside.write_text("x")
+    list(handlers.submit("h", {"text": "", "files": [_upload(root)]}))
+    inside = next(handlers.store.get("h").folder.iterdir())
+    handlers.attached("h2", {"text": "", "files": [{"path": str(outside)}, {"path": str(inside)}]})
+    handlers.new_patient("h2")
+    assert outside.exists() and inside.exists()
+
+
+def test_photos_per_consultation_and_in_memory_are_bounded(app):
+    from app.session import MAX_PHOTOS
+
+    handlers, engine, root = app
+    for i in range(MAX_PHOTOS):
+        list(handlers.submit("m", {"text": "", "files": [_upload(root, f"{i}.jpg")]}))
+    _, history = _last(handlers.submit("m", {"text": "", "files": [_upload(root, "one-more.jpg")]}))
+    assert f"already has {MAX_PHOTOS} photos" in history[-1]["content"]
+    handlers.store.max_photo_bytes = handlers.store.photo_bytes() + 100
+    _, history = _last(handlers.submit("other", {"text": "", "files": [_upload(root, "late.jpg")]}))
+    assert "as many photos as it can right now" in history[-1]["content"]
+    handlers.new_patient("m")  # wiping a consultation frees its share
+    _, history = _last(handlers.submit("other", {"text": "", "files": [_upload(root, "later.jpg")]}))
+    assert history[-1]["content"]["path"].endswith("photo-1.jpg")
+
+
+def test_an_animated_photo_is_used_with_a_note(app):
+    handlers, engine, root = app
+    frames = [Image.new("RGB", (32, 32), (80 * i, 100, 40)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    _, history = _last(handlers.submit("gif", {"text": "What is it?", "files": [_upload(root, "a.gif", data=buffer.getvalue())]}))
+    assert "only the first one is used" in history[1]["content"] and history[-1]["content"] == "It looks like eczema."
+
+
+def test_private_folders_of_dead_processes_are_removed_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    from app.privacy import OWNER_FILE, PREFIX, remove_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"{PREFIX}crashed"
+    (left / "sessions" / "abc").mkdir(parents=True)
+    (left / "gradio-upload" ).mkdir()
+    (left / "gradio-upload" / "gps.jpg").write_bytes(b"x")
+    (left / OWNER_FILE).write_text(str(dead.pid))
+    alive = tmp_path / f"{PREFIX}running"
+    alive.mkdir()
+    (alive / OWNER_FILE).write_text(f"{os.getppid()}")  # a live process (pytest's parent)
+    unowned = tmp_path / f"{PREFIX}unknown"
+    unowned.mkdir()
+    assert remove_orphans(tmp_path) == [left]
+    assert not left.exists() and alive.exists() and unowned.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,111 @@ def test_shutdown_removes_the_private_directory(server, tmp_path):
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
     assert not os.path.exists(private)
+
+
+# -- a hostile client speaking Gradio's queue protocol directly (issue 10) -----------------------------
+
+def _fn_index(server, api_name):
+    import httpx
+
+    config = httpx.get(server.url + "config", timeout=30).json()
+    return next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
+
+
+def _raw_call(server, api_name, data, session_hash):
+    """queue/join with a session_hash of the client's choosing, then read the event stream to its end."""
+    import json
+
+    import httpx
+
+    base = server.url + "gradio_api"
+    joined = httpx.post(f"{base}/queue/join", json={"data": data, "fn_index": _fn_index(server, api_name),
+                                                    "session_hash": session_hash, "trigger_id": None,
+                                                    "event_data": None}, timeout=30)
+    if joined.status_code != 200:
+        return joined.status_code, None
+    with httpx.stream("GET", f"{base}/queue/data", params={"session_hash": session_hash}, timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return 200, message.get("output")
+    return 200, None
+
+
+def _raw_upload(server, path):
+    import httpx
+
+    with open(path, "rb") as handle:
+        response = httpx.post(server.url + "gradio_api/upload", files={"files": (path.name, handle, "image/jpeg")},
+                              timeout=30)
+    return response.json()[0]
+
+
+def test_a_client_chosen_session_hash_never_becomes_a_path(server, tmp_path):
+    import shutil
+    import tempfile
+    import time
+
+    started = time.time()
+    victim = Path(tempfile.mkdtemp(prefix="victim-", dir=server.private.parent))  # "../../NAME" from sessions/
+    (victim / "keep.txt").write_text("precious")
+    (server.private / "sessions").mkdir(exist_ok=True)
+    hostile = [str(victim), "../../" + victim.name, "../" + victim.name, "x" * 3000, "é/../..", "%2F..%2F", "sessions"]
+    for name in hostile:
+        photo = _raw_upload(server, _photo_with_gps(tmp_path / "p.jpg"))
+        status, output = _raw_call(server, "ask", [{"text": "What is it?", "files": [
+            {"path": photo, "meta": {"_type": "gradio.FileData"}}]}, *SETTINGS], name)
+        if status == 200:
+            assert output and output.get("data"), (name, output)
+        status, _ = _raw_call(server, "new_patient", [], name)
+    kept = sorted(p.name for p in victim.iterdir())
+    shutil.rmtree(victim)
+    assert kept == ["keep.txt"]
+    outside = [p for p in server.private.parent.glob("*/photo-1.jpg") if p.stat().st_mtime >= started]
+    assert outside == []  # nothing written beside the server's root
+    assert all(len(p.name) == 32 for p in (server.private / "sessions").iterdir())
+    assert server.private.exists() and (server.private / "sessions").exists()
+
+
+def test_cancelled_answers_keep_the_consultation_working(server, tmp_path):
+    """The page's Stop fires /stop and cancels the job at once: after each, the next question works."""
+    client = Client(server.url, verbose=False, download_files=False)
+    photo = handle_file(str(_photo_with_gps(tmp_path / "arm.jpg")))
+    client.predict({"text": "What is this?", "files": [photo]}, *SETTINGS, api_name="/ask")
+    for attempt in range(6):
+        job = client.submit({"text": f"Tell me more ({attempt})", "files": []}, 600, False, 1.0, 0.9, api_name="/ask")
+        for _ in job:  # the first streamed update: the answer is under way
+            break
+        if attempt % 2:
+            client.predict(api_name="/stop")
+        job.cancel()
+        history = client.predict({"text": "And then?", "files": []}, *SETTINGS, api_name="/ask")[0]
+        last = history[-1]
+        assert last["role"] == "assistant" and not (last.get("metadata") or {}).get("title"), history[-2:]
+    history = client.predict(*SETTINGS, api_name="/regenerate")[0]
+    assert history[-1]["role"] == "assistant" and not (history[-1].get("metadata") or {}).get("title")
+
+
+def test_new_patient_stops_a_running_report_on_the_server(server, tmp_path):
+    import time
+
+    client = Client(server.url, verbose=False, download_files=False)
+    before = set(_session_folders(server))
+    client.predict({"text": "", "files": [handle_file(str(_photo_with_gps(tmp_path / "leg.jpg")))]}, *SETTINGS,
+                   api_name="/ask")
+    (mine,) = set(_session_folders(server)) - before
+    job = client.submit(600, False, 1.0, 0.9, api_name="/report")
+    time.sleep(0.5)  # the report is under way
+    client.predict(api_name="/new_patient")
+    deadline = time.monotonic() + 60
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # had the report gone on, it would have written by now
+    assert not mine.exists()
+    assert not any(p.name.startswith("skin-report") for p in _session_folders(server) if p not in before)
+
+
+def _session_folders(server):
+    root = server.private / "sessions"
+    return list(root.iterdir()) if root.exists() else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -107,3 +108,68 @@ def test_loaded_bundle_is_frozen_and_reports_footprint(tiny_bundle):
     assert set(loaded.footprint) == {"vision", "ln_vision", "qformer", "query_tokens", "proj", "llm"}
     assert loaded.footprint["proj"] == (32 * 64 + 64) * 4  # fp32 on CPU
     assert len(loaded.bundle_hash) == 64
+
+
+def test_start_up_verifies_once_then_only_what_changed(bundle, tmp_path, monkeypatch):
+    """A 13B bundle is 28 GB to hash: a second start reads no file that is unchanged since it passed."""
+    import os
+
+    from model import checkpoint
+    from model.checkpoint import verification_record
+
+    hashed = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path, bar=None: hashed.append(path.name) or real(path, bar))
+    record = verification_record(tmp_path / "cache", bundle)
+    files = len(verify_bundle(bundle)["files"])
+
+    hashed.clear()
+    load_bundle(bundle, record=record)
+    assert len(hashed) == files and record.is_file()  # the first start hashes everything
+    hashed.clear()
+    load_bundle(bundle, record=record)
+    assert hashed == []  # the second, nothing
+
+    config = bundle / "llm" / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000))
+    hashed.clear()
+    load_bundle(bundle, record=record)
+    assert hashed == ["config.json"]  # a touched file is hashed again
+
+    weights = bundle / "llm" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    stat = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: ctime still moves
+    with pytest.raises(BundleError, match="model.safetensors fails its sha256 check"):
+        load_bundle(bundle, record=record)
+    hashed.clear()
+    with pytest.raises(BundleError, match="fails its sha256 check"):
+        verify_bundle(bundle)  # without a record (inspect --verify): everything, and still caught
+    assert len(hashed) >= 1
+
+
+def test_a_truncated_file_is_named_before_any_hashing(bundle):
+    weights = bundle / "encoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"encoder.safetensors is 100 bytes but its manifest says"):
+        verify_bundle(bundle)
+
+
+def test_inspect_verify_hashes_everything_and_plain_inspect_uses_the_record(bundle, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "SKINGPT_CACHE_DIR": str(tmp_path / "cache")}
+    for flags in ([], [], ["--verify"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "inspect", "--weights", str(bundle), *flags],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0 and "sha256 verified" in proc.stdout, proc.stderr
+    assert list((tmp_path / "cache" / "verified").glob("*.json"))
+    (bundle / "skingpt.yaml").write_text((bundle / "skingpt.yaml").read_text() + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "inspect", "--weights", str(bundle)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "skingpt.yaml is" in proc.stderr  # a changed file is checked again

@@ -167,6 +167,61 @@ def test_eos_and_max_tokens(engine, scripted):
     assert gen.finish_reason == "length" and len(gen.tokens) == 3
 
 
+@pytest.mark.parametrize("text", ["湿疹 eczema 🙂 ok", "a🙂b", "红斑，鳞屑。###Human: more", "🙂"])
+def test_multibyte_characters_stream_exactly(engine, scripted, text):
+    """The tiny tokenizer falls back to bytes for CJK and emoji, as Llama's does: 3-4 tokens a
+    character. Every piece shown is whole text, and the pieces add up to the exact answer."""
+    ids = scripted(text, eos=True)
+    assert len(ids) > len(text.split("###")[0]) // 2  # byte fallback really is in play
+    gen = _ask(engine, max_new_tokens=80)
+    pieces = list(gen)
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == gen.text
+    assert gen.text.strip() == text.split("###")[0].strip()
+
+
+def test_stored_answer_is_the_streamed_text(engine, scripted):
+    """What the app stores and feeds back next turn is exactly what was shown."""
+    scripted("湿疹 eczema 🙂 ok", eos=True)
+    gen = _ask(engine, max_new_tokens=80, session="multibyte")
+    shown = "".join(gen)
+    conversation = Conversation().ask("What is it?", [_photo(4)]).answer(shown.strip())
+    assert conversation.turns[0].answer == "湿疹 eczema 🙂 ok"
+
+
+def test_incremental_decoder_reproduces_any_mixed_text(engine):
+    """Random texts of English words, Chinese, emoji, digits and punctuation: streamed token by token,
+    the pieces are exactly the whole decode, and no piece holds a replacement character."""
+    from model.detokenize import IncrementalDecoder
+
+    rng = np.random.default_rng(0)
+    vocabulary = ["plaque", " scale", "湿疹", "红斑", "🙂", "👍🏽", " 3", ".", "，", "ö", " the", "\n", "é"]
+    tok = engine.tokenizer
+    for _ in range(40):
+        text = "".join(rng.choice(vocabulary, 12))
+        ids = tok(text, add_special_tokens=False).input_ids
+        decoder = IncrementalDecoder(tok)
+        pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_a_session_left_open_by_its_consumer_does_not_block_the_next_answer(engine):
+    """A consumer that goes away without closing the stream (a cancelled request) leaves its answer
+    suspended; the session's next question must still be answered, not wait for it."""
+    conversation = Conversation().ask("What is it?", [_photo(5)])
+    abandoned = engine.stream(conversation, session="left-open", do_sample=False, max_new_tokens=20, fixed_length=True)
+    next(iter(abandoned))  # started, then never resumed nor closed
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("text", engine.answer(
+        conversation, session="left-open", do_sample=False, max_new_tokens=5, fixed_length=True)))
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and result["text"]
+    again = engine.stream(conversation, session="left-open", do_sample=False, max_new_tokens=5, fixed_length=True)
+    assert "".join(again) == result["text"] and again.stats.reused_tokens > 0  # the cache serves again
+
+
 def test_cancel_stops_within_one_token(engine):
     cancel = threading.Event()
     gen = _ask(engine, do_sample=False, max_new_tokens=50, fixed_length=True, cancel=cancel)
@@ -241,9 +296,23 @@ def test_visible_holds_back_prefixes_of_stops():
     assert _visible("Hello ##", ("###",)) == (6, False)
     assert _visible("Hello ###Human", ("###",)) == (6, True)
     assert _visible("Hello #2", ("###",)) == (8, False)
-    assert _visible("caf\ufffd", ("###",)) == (3, False)
     assert _visible("end [IN", ("[INST]",)) == (4, False)
 
 
 def test_image_placeholder_ids_are_never_real_tokens(engine):
     assert IMAGE_TOKEN_ID < 0 and len(engine.tokenizer) <= engine.config.llm.vocab_size
+
+
+def test_skingpt4_prompt_is_the_reference_demo_prompt_exactly():
+    """Converted SkinGPT-4 weights were trained and demoed with this exact text (shared REFERENCE.md)."""
+    from model.conversation import TEMPLATES
+
+    first = Conversation().ask("What's wrong with my skin?", [_photo(0)])
+    assert render(TEMPLATES["skingpt4"], first) == (
+        "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it "
+        "to you. Please answer my questions.###Human: <Img><ImageHere></Img> What's wrong with my skin?"
+        "###Assistant:")
+    second = first.answer("It looks like eczema.").ask("What could cause it?")
+    assert render(TEMPLATES["skingpt4"], second).endswith(
+        "###Assistant: It looks like eczema.###Human: What could cause it?###Assistant:")
+    assert "dermatology assistant" in render(TEMPLATES["assistant"], first)  # our wording lives apart

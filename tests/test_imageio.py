@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.imageio import ImageError, open_image
+from model.imageio import ImageError, decode_photo, open_image
 
 
 def _jpeg(image: Image.Image, **kwargs) -> bytes:
@@ -60,9 +60,28 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def test_decompression_bomb_is_refused_before_decoding():
-    with pytest.raises(ImageError, match="megapixels|not a photo"):
-        open_image(_png_header_only(100_000, 100_000))
+@pytest.mark.parametrize("width, height, claimed", [(100_000, 100_000, "10,000"), (10_000, 5_000, "50")])
+def test_decompression_bomb_says_too_large_and_the_limit(width, height, claimed):
+    """Beyond Pillow's own bomb limit (the first) and beyond ours (the second): the same clear message."""
+    with pytest.raises(ImageError, match=f"too large: {claimed} megapixels, and the limit is 40 megapixels"):
+        open_image(_png_header_only(width, height))
+
+
+def test_postscript_and_other_formats_outside_the_allow_list_are_never_decoded(monkeypatch):
+    """EPS would run Ghostscript: Pillow must not even try its plug-in."""
+    from PIL import EpsImagePlugin
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the EPS plug-in was asked to decode")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", refuse)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n"
+    with pytest.raises(ImageError, match="not a photo this app can read.*JPEG, PNG, WebP, GIF, TIFF or BMP"):
+        open_image(eps)
+    ico = io.BytesIO()
+    _photo(32, 32).save(ico, "ICO")
+    with pytest.raises(ImageError, match="not a photo this app can read"):
+        open_image(ico.getvalue())
 
 
 def test_too_many_bytes():
@@ -70,12 +89,56 @@ def test_too_many_bytes():
         open_image(b"\xff\xd8" + b"\0" * (26 * 2**20))
 
 
-def test_animated_gif():
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_animated_gif_and_multipage_tiff_give_their_first_frame_with_a_note(fmt):
     frames = [Image.new("RGB", (32, 32), (80 * i, 255 - 80 * i, 40)) for i in range(3)]
     buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
-    with pytest.raises(ImageError, match="animated"):
-        open_image(buffer.getvalue())
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
+    photo = decode_photo(buffer.getvalue(), name="scan")
+    assert photo.image.getpixel((5, 5)) == (0, 255, 40)  # the first frame
+    assert photo.notes == ("scan has 3 frames (an animation or a multi-page file); only the first one is used.",)
+
+
+def test_a_phone_mpo_jpeg_is_one_photo_without_a_note():
+    frames = [Image.new("RGB", (32, 32), (200, 100, 50)), Image.new("RGB", (32, 32), (0, 0, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    photo = decode_photo(buffer.getvalue())
+    assert photo.notes == () and abs(photo.image.getpixel((5, 5))[0] - 200) < 4
+
+
+def _swapped_primaries_profile() -> bytes:
+    """An RGB profile whose red and green primaries are swapped: sRGB's own, with the tag table's
+    rXYZ and gXYZ entries exchanged. A pixel tagged with it that is 'red' in its numbers is green."""
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    entries = {bytes(data[132 + 12 * i:136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    r, g = entries[b"rXYZ"], entries[b"gXYZ"]
+    data[r + 4:r + 12], data[g + 4:g + 12] = data[g + 4:g + 12], data[r + 4:r + 12]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_colour_profile_is_applied_before_it_is_stripped(fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(buffer, fmt, icc_profile=_swapped_primaries_profile(),
+                                                   **({"quality": 95} if fmt == "JPEG" else {}))
+    photo = decode_photo(buffer.getvalue())
+    r, g, b = photo.image.getpixel((16, 16))
+    assert g > 150 and r < 100, (r, g, b)  # the colour the profile means, now in sRGB numbers
+    assert "icc_profile" not in photo.image.info
+    plain = io.BytesIO()
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(plain, "PNG")
+    assert decode_photo(plain.getvalue()).image.getpixel((16, 16)) == (220, 30, 30)  # untagged: sRGB as it is
+
+
+def test_a_broken_colour_profile_is_ignored():
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(buffer, "PNG", icc_profile=b"not a profile" * 20)
+    assert decode_photo(buffer.getvalue()).image.getpixel((16, 16)) == (220, 30, 30)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "L", "CMYK", "I;16"])

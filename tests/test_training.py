@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -119,6 +121,57 @@ def test_resume_repeats_the_uninterrupted_run(tiny_bundle, data, tmp_path):
     b = load_file(str(tmp_path / "split" / "bundle" / "encoder.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["proj.weight"], load_file(str(tiny_bundle / "encoder.safetensors"))["proj.weight"])
+
+
+def test_resume_with_different_data_is_refused(tiny_bundle, tmp_path):
+    """The data order is part of the checkpoint: a resume over changed data would not be the same run."""
+    from model.training.loop import TrainingError
+
+    manifest = write_training_data(tmp_path / "data", n=8)
+    cfg = _step(max_steps=2, save_every=1, batch_size=3, trainable=("proj",))
+    train(cfg, manifest, tmp_path / "run", tiny_bundle, **QUIET)
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same records, another order
+    with pytest.raises(TrainingError, match="training data differs"):
+        train(replace(cfg, max_steps=4), manifest, tmp_path / "run", tiny_bundle, resume=True, **QUIET)
+
+
+def test_checkpoint_keeps_each_rank_data_order_and_random_state(tiny_bundle, data, tmp_path):
+    cfg = _step(max_steps=2, save_every=1, batch_size=3, trainable=("proj",))
+    train(cfg, data, tmp_path / "run", tiny_bundle, **QUIET)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-0000001" / "rank-0.pt", weights_only=True)
+    assert sorted(i for batch in saved["batches"] for i in batch) == list(range(8))  # the epoch's whole order
+    assert set(saved["rng"]) == {"cpu"} and saved["rng"]["cpu"].dtype == torch.uint8  # no GPU here: no CUDA state
+
+
+def test_cuda_random_state_is_saved_and_restored(monkeypatch):
+    """What a GPU run's dropout draws from goes into the checkpoint and comes back on resume."""
+    from model.training import loop
+
+    devices = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    state = loop.rng_state()
+    assert [s.tolist() for s in state["cuda"]] == [[1, 2, 3], [4, 5, 6]]
+    torch.rand(3)  # the CPU state moves on ...
+    loop.restore_rng(state)
+    assert torch.equal(torch.get_rng_state(), state["cpu"])  # ... and comes back
+    assert [s.tolist() for s in restored] == [[1, 2, 3], [4, 5, 6]]
+    with pytest.raises(loop.TrainingError, match="written without a GPU"):
+        loop.restore_rng({"cpu": state["cpu"]})
+
+
+@pytest.mark.gpu
+def test_resume_on_gpu_repeats_the_uninterrupted_run(tiny_bundle, data, tmp_path):
+    """Dropout on the GPU draws from the CUDA generator: a resume must restore it too."""
+    cfg = _with_lora(_step(max_steps=8, save_every=3, batch_size=3, trainable=("proj", "lora"), precision="fp32"))
+    cfg = replace(cfg, lora=replace(cfg.lora, dropout=0.3))
+    train(cfg, data, tmp_path / "whole", tiny_bundle, **QUIET)
+    train(replace(cfg, max_steps=4), data, tmp_path / "split", tiny_bundle, **QUIET)
+    train(cfg, data, tmp_path / "split", tiny_bundle, resume=True, **QUIET)
+    assert [m["loss"] for m in _metrics(tmp_path / "split")] == [m["loss"] for m in _metrics(tmp_path / "whole")]
 
 
 def test_torchrun_two_processes_match_one(tiny_bundle, data, tmp_path):

@@ -7,6 +7,7 @@ one process with batch N*b. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from contextlib import nullcontext
@@ -23,9 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_bundle, save_model_bundle
 from ..conversation import template
+from ..errors import UserFacingError
 from ..quantization import LoadPolicy
 from .config import StepConfig
 from .data import Collator, TrainDataset, load_samples
+
+
+class TrainingError(UserFacingError, RuntimeError):
+    """A training run that cannot go on as asked (a resume that would not be exact)."""
 
 
 @dataclass
@@ -136,8 +142,10 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
                if ctx.world > 1 else model)
 
     step, epoch, micro = 0, 0, 0
+    fingerprint = data_fingerprint(samples)
+    resumed_batches = None  # the data order of the epoch a resumed run is in the middle of
     if resume:
-        step, epoch, micro = _load_checkpoint(out, model, optimizer, scaler, say)
+        step, epoch, micro, resumed_batches = _load_checkpoint(out, model, optimizer, scaler, ctx, fingerprint, say)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "step.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -152,7 +160,8 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
     window = torch.zeros(2, device=device)  # (loss sum, answer tokens) of this optimizer step
     while step < last and epoch < cfg.epochs:
         dataset.epoch = epoch
-        batches = _batches(dataset, ctx, cfg, epoch)
+        batches = resumed_batches or _batches(dataset, ctx, cfg, epoch)
+        resumed_batches = None
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[micro:], collate_fn=collate,
                                              num_workers=cfg.num_workers)
         for batch in loader:
@@ -176,9 +185,10 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
             bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             samples_s=f"{rate:.1f}")
             bar.update(1)
-            if ctx.main and (step % cfg.save_every == 0 or step == last):
-                _save_checkpoint(out, model, optimizer, scaler, step, epoch if micro < len(batches) else epoch + 1,
-                                 micro if micro < len(batches) else 0)
+            if step % cfg.save_every == 0 or step == last:
+                done = micro >= len(batches)  # the epoch is over: the next one starts afresh
+                _save_checkpoint(out, model, optimizer, scaler, ctx, step, epoch + done, 0 if done else micro,
+                                 [] if done else batches, fingerprint)
             if step >= last:
                 break
         if micro >= len(batches):
@@ -243,31 +253,71 @@ class _Metrics:
             self.board.close()
 
 
-def _save_checkpoint(out: Path, model, optimizer, scaler, step: int, epoch: int, micro: int) -> None:
+def data_fingerprint(samples) -> str:
+    """Names the training data exactly (images and texts, in order): a resume must see the same."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(f"{sample.image_path}\0{sample.record.model_dump_json()}\n".encode())
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    """Every random state a training step draws from (dropout on CPU and on each GPU)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        if "cuda" not in state:
+            raise TrainingError("the checkpoint was written without a GPU; resume it on the CPU, or start over")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(out: Path, model, optimizer, scaler, ctx: Dist, step: int, epoch: int, micro: int,
+                     batches: list[list[int]], fingerprint: str) -> None:
+    """Rank 0 writes the weights and optimizer; every rank writes its own random state and data order
+    (each process draws its own dropout and reads its own share of the data)."""
     folder = out / "checkpoints" / f"step-{step:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(model), str(folder / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                "micro": micro, "rng": torch.get_rng_state()}, folder / "state.pt")
-    (out / "checkpoints" / "latest").write_text(folder.name)
+    if ctx.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(_trainable_state(model), str(folder / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+                    "micro": micro, "world": ctx.world, "data": fingerprint}, folder / "state.pt")
+    ctx.barrier()
+    torch.save({"rng": rng_state(), "batches": batches}, folder / f"rank-{ctx.rank}.pt")
+    ctx.barrier()
+    if ctx.main:
+        (out / "checkpoints" / "latest").write_text(folder.name)
 
 
-def _load_checkpoint(out: Path, model, optimizer, scaler, say) -> tuple[int, int, int]:
+def _load_checkpoint(out: Path, model, optimizer, scaler, ctx: Dist, fingerprint: str, say
+                     ) -> tuple[int, int, int, list[list[int]] | None]:
     pointer = out / "checkpoints" / "latest"
     if not pointer.is_file():
         say(f"no checkpoint in {out}; starting from the beginning")
-        return 0, 0, 0
+        return 0, 0, 0, None
     folder = out / "checkpoints" / pointer.read_text().strip()
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    if state.get("data") != fingerprint:
+        raise TrainingError(f"the training data differs from the data {folder} was trained on (images, texts or "
+                            f"their order changed); resume with the same data, or start over without --resume")
+    if state.get("world", 1) != ctx.world:
+        raise TrainingError(f"{folder} was written by {state.get('world', 1)} process(es); resume it with the same "
+                            f"number (this run has {ctx.world})")
     trained = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     for name, value in trained.items():
         params[name].data.copy_(value.to(params[name].device, params[name].dtype))
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
+    mine = torch.load(folder / f"rank-{ctx.rank}.pt", map_location="cpu", weights_only=True)
+    restore_rng(mine["rng"])
     say(f"resuming from {folder.name} (epoch {state['epoch']}, batch {state['micro']})")
-    return state["step"], state["epoch"], state["micro"]
+    return state["step"], state["epoch"], state["micro"], mine["batches"] or None
 
 
 def _final_bundle(out: Path, model, tokenizer, base, cfg: StepConfig, data) -> Path:
