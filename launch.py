@@ -107,10 +107,14 @@ def _record(bundle: str | Path) -> Path:
 
 def _engine(args: argparse.Namespace):
     from model.checkpoint import load_bundle
-    from model.engine import Engine
+    from model.serving.engine import Engine
 
-    bundle = _bundle_path(args)
-    return Engine(load_bundle(bundle, _policy(args), record=_record(bundle)))
+    from model.quantization import cpu_advice
+
+    bundle, policy = _bundle_path(args), _policy(args)
+    if (advice := cpu_advice(policy)) and bundle != DEMO_BUNDLE:
+        print(f"warning: {advice}", file=sys.stderr)
+    return Engine(load_bundle(bundle, policy, record=_record(bundle)))
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -212,13 +216,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from model.benchmark import format_table, load_for_bench, run
+    from model.benchmark import format_concurrency, format_table, load_for_bench, run, run_concurrency
 
     if not args.random_init and not args.weights:
         raise SystemExit("error: pass --preset NAME --random-init, or --weights DIR")
+    try:
+        levels = [int(n) for n in args.concurrency.split(",")] if args.concurrency else []
+    except ValueError:
+        raise SystemExit(f"error: --concurrency takes session counts like 1,2,4,8, not {args.concurrency!r}") from None
+    if any(n < 1 for n in levels):
+        raise SystemExit("error: --concurrency counts must be at least 1")
     loaded, load_s = load_for_bench(args.preset if args.random_init else None, args.weights, _policy(args))
     result = run(loaded, load_s, turns=args.turns, new_tokens=args.new_tokens)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if levels:
+        result["concurrency"] = run_concurrency(loaded, levels, new_tokens=args.new_tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+        if levels:
+            print("\n" + format_concurrency(result["concurrency"]))
     return 0
 
 
@@ -305,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="parameter counts, shapes and memory per part (on the meta device)")
     which = ins.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="skingpt4-vicuna7b, skingpt4-vicuna13b, skingpt4-llama2-13b, tiny, demo")
+    which.add_argument("--preset", help="skingpt4-vicuna7b, skingpt4-vicuna13b, skingpt4-llama2-13b, small, tiny, demo")
     which.add_argument("--weights", help="a bundle directory (its sha256 hashes are verified)")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.add_argument("--verify", action="store_true",
@@ -359,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--random-init", action="store_true", help="random weights, no files (full size needs a GPU)")
     bench.add_argument("--turns", type=int, default=8)
     bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--concurrency", help="also serve N sessions at once (e.g. 1,2,4,8), against the same N "
+                                              "one after another")
     bench.add_argument("--json", action="store_true")
     model_args(bench)
     bench.set_defaults(func=cmd_bench)

@@ -36,7 +36,7 @@ Update = tuple[list[Message], str]  # (chat history, red-flag notice markdown)
 
 @dataclass
 class Handlers:
-    engine: Any  # model.engine.Engine, or a stand-in with the same stream/answer/forget methods
+    engine: Any  # model.serving.engine.Engine, or a stand-in with the same stream/answer/forget methods
     store: SessionStore
     max_message_chars: int = 2000
     out_of_memory: tuple[type[BaseException], ...] = ()
@@ -133,8 +133,11 @@ class Handlers:
         generation = None
         try:
             generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel, **settings)
-            for piece in generation:
-                if not state.add_piece(answer, piece):
+            for kind, value in generation.events():
+                if kind == "queued":  # every batch slot is busy: say where this answer stands (shown, not kept)
+                    yield state.messages + [_waiting(value)], self._notice(state)
+                    continue
+                if not state.add_piece(answer, value):
                     break  # settled meanwhile (a newer question, a wipe): this stream is no longer shown
                 yield state.messages, self._notice(state)
             state.finish(answer, answer.reply["content"], stopped=generation.finish_reason == "cancelled",
@@ -265,6 +268,13 @@ def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
         return message, []
     files = [f if isinstance(f, str) else f.get("path", "") for f in message.get("files") or []]
     return message.get("text") or "", [f for f in files if f]
+
+
+def _waiting(place: int) -> Message:
+    ahead = place - 1
+    text = ("Your answer starts as soon as the one being written now is done." if ahead == 0 else
+            f"Waiting for the device: {ahead} answer{'s' if ahead > 1 else ''} ahead of you.")
+    return {"role": "assistant", "content": text, "metadata": {"title": "In the queue"}}
 
 
 def _pixel_bytes(image) -> int:

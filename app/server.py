@@ -25,23 +25,32 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     from model.checkpoint import load_bundle, verification_record
 
     from .settings import default_cache_dir
-    from model.engine import Engine
+    from model.serving.engine import Engine
     from model.quantization import LoadPolicy
 
+    from model.quantization import cpu_advice
+
+    policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
+    if (advice := cpu_advice(policy)) and not demo_mode:
+        say(f"warning: {advice}")
     say(f"[1/3] verifying and loading {bundle} ...")
     record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
-    loaded = load_bundle(bundle, LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize),
-                         record=record)
+    loaded = load_bundle(bundle, policy, record=record)
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
 
     from .handlers import Handlers, SessionStore
     from .ui import CSS, THEME, build
 
     store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
-    handlers = Handlers(Engine(loaded), store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
+    kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
+    engine = Engine(loaded, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes)
+    say(f"      up to {engine.max_batch} answers at once; idle consultations' KV caches within "
+        f"{engine.kv_cache_bytes / 2**30:.1f} GiB")
+    handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
                         upload_ttl_s=settings.upload_ttl_s)
-    app = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=settings.concurrency)
-    app.queue(default_concurrency_limit=settings.concurrency)
+    concurrency = settings.concurrency or 2 * engine.max_batch  # beyond the batch, the engine's queue says the place
+    app = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency)
+    app.queue(default_concurrency_limit=concurrency)
     _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2))
     say("[3/3] starting the web server ...")
     app.launch(server_name=settings.host, server_port=settings.port, auth=settings.credentials(), share=False,

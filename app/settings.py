@@ -6,7 +6,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,7 +24,9 @@ class AppSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 7860
     auth: str | None = None  # "user:password"
-    concurrency: int = 1  # answers computed at once on the device
+    max_batch: int = Field(8, ge=1, le=256)  # answers decoded together on the device, in one batch
+    kv_cache_gb: float | None = Field(None, gt=0)  # idle consultations' KV caches; default a third of free memory
+    concurrency: int | None = Field(None, ge=1)  # requests Gradio runs at once; default twice max_batch
     max_message_chars: int = 2000
     session_ttl_s: int = 4 * 3600  # an idle consultation is wiped after this long
     upload_ttl_s: int = 15 * 60  # a photo attached but never sent is deleted after this long

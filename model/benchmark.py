@@ -25,7 +25,7 @@ from PIL import Image
 from .checkpoint import LoadedBundle, load_bundle, save_model_bundle
 from .config import SkinGPTConfig
 from .conversation import Conversation, ImageInput
-from .engine import Engine
+from .serving.engine import Engine
 from .quantization import LoadPolicy, module_bytes
 from .skingpt import build_skingpt, tokenize_prompt
 from .summary import format_bytes
@@ -129,9 +129,78 @@ def run(loaded: LoadedBundle, load_s: float, turns: int = 8, new_tokens: int = 3
     return result
 
 
+def run_concurrency(loaded: LoadedBundle, levels: list[int], new_tokens: int = 32) -> list[dict[str, Any]]:
+    """N consultations at once through `Engine.stream` (the app's path), each with its own photo and
+    question, fixed-length answers; and the same N one after another (today's baseline), per N."""
+    engine = Engine(loaded, max_batch=max(levels))
+    settings = {"max_new_tokens": new_tokens, "do_sample": False, "fixed_length": True}
+    engine.answer(Conversation().ask("Describe it.", [_photo(99)]), **settings)  # warm-up
+    rows = []
+    for n in levels:
+        together = _sessions_at_once(engine, n, f"c{n}", settings)
+        serial_start = time.perf_counter()
+        for i in range(n):
+            engine.answer(_consultation(i), session=f"s{n}-{i}", **settings)
+        serial_s = time.perf_counter() - serial_start
+        for i in range(n):
+            engine.forget(f"c{n}-{i}"), engine.forget(f"s{n}-{i}")
+        ttft = sorted(t["ttft_s"] * 1000 for t in together["answers"])
+        rows.append({
+            "sessions": n,
+            "aggregate_tokens_per_s": n * new_tokens / together["wall_s"],
+            "per_session_tokens_per_s": statistics.mean(t["decode_tokens_per_s"] for t in together["answers"]),
+            "ttft_p50_ms": statistics.median(ttft), "ttft_p95_ms": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],
+            "max_gap_ms": max(t["max_gap_s"] for t in together["answers"]) * 1000,
+            "serial_aggregate_tokens_per_s": n * new_tokens / serial_s,
+            "largest_batch": engine.scheduler.largest_batch,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if loaded.device.startswith("cuda") else None,
+        })
+    return rows
+
+
+def _consultation(i: int) -> Conversation:
+    return Conversation().ask(f"{QUESTIONS[i % len(QUESTIONS)]} Please describe the skin in this photo.", [_photo(i)])
+
+
+def _sessions_at_once(engine: Engine, n: int, prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Start n answers together (a barrier), stream each in its own thread, time every piece."""
+    import threading
+
+    for i in range(n):
+        engine.encode(_photo(i))  # each photo's embeddings are cached, as after its upload in the app
+    barrier, answers = threading.Barrier(n), [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        start = time.perf_counter()
+        generation = engine.stream(_consultation(i), session=f"{prefix}-{i}", **settings)
+        "".join(generation)
+        stamps = generation.stats.token_times  # (random weights often sample ids that print nothing)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        answers[i] = {"start": start, "end": stamps[-1], "ttft_s": generation.stats.time_to_first_token_s,
+                      "decode_tokens_per_s": generation.stats.decode_tokens_per_s, "max_gap_s": max(gaps, default=0.0)}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = max(a["end"] for a in answers) - min(a["start"] for a in answers)
+    return {"wall_s": wall, "answers": answers}
+
+
+def format_concurrency(rows: list[dict[str, Any]]) -> str:
+    lines = ["sessions  aggregate tok/s  serial tok/s  gain  per-session tok/s  TTFT p50 ms  p95 ms  max gap ms  peak RSS"]
+    for r in rows:
+        lines.append(f"{r['sessions']:>8}  {r['aggregate_tokens_per_s']:>15.1f}  {r['serial_aggregate_tokens_per_s']:>12.1f}"
+                     f"  {r['aggregate_tokens_per_s'] / r['serial_aggregate_tokens_per_s']:>4.1f}x"
+                     f"  {r['per_session_tokens_per_s']:>17.1f}  {r['ttft_p50_ms']:>11.0f}  {r['ttft_p95_ms']:>6.0f}"
+                     f"  {r['max_gap_ms']:>10.0f}  {format_bytes(r['peak_rss_bytes'])}")
+    return "\n".join(lines)
+
+
 def _bare_decode(engine: Engine, new_tokens: int) -> float:
     """Greedy decoding with nothing but LLM forwards and argmax: the floor the engine is held to."""
-    from .llm import new_cache
+    from .serving.kv_cache import new_cache
 
     model, tok = engine.model, engine.tokenizer
     ids = tokenize_prompt(tok, "###Human: <Img><ImageHere></Img> Describe it.###Assistant:",

@@ -189,12 +189,25 @@ _DEMO = dataclasses.replace(
     generation=GenerationConfig(max_new_tokens=64, max_context=1024, do_sample=True, temperature=0.9),
 )
 
+# small: random weights sized so that decoding on a CPU is bound by reading the weights, as at full
+# size (an LLM of 374 M parameters: 1.5 GB in fp32), with the ViT and Q-Former scaled down alike.
+# For benchmarks (`bench --preset small --random-init`), never the default test run.
+_SMALL = SkinGPTConfig(
+    name="small",
+    vision=VisionConfig(img_size=224, patch_size=14, embed_dim=384, depth=6, num_heads=6),
+    qformer=QFormerConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                          max_position_embeddings=64),
+    llm=LLMConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=24, num_heads=16,
+                  num_kv_heads=16, max_position_embeddings=2048),
+)
+
 PRESETS: dict[str, SkinGPTConfig] = {
     "skingpt4-vicuna7b": SkinGPTConfig(name="skingpt4-vicuna7b", llm=_VICUNA7B_LLM),
     "skingpt4-vicuna13b": SkinGPTConfig(name="skingpt4-vicuna13b", llm=_LLAMA13B_LLM),
     "skingpt4-llama2-13b": SkinGPTConfig(name="skingpt4-llama2-13b", llm=_LLAMA2_13B_LLM),
     "tiny": _TINY,
     "demo": _DEMO,
+    "small": _SMALL,
 }
 
 

@@ -97,21 +97,3 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def token_embeddings(llm: LlamaForCausalLM) -> torch.nn.Embedding:
     return llm.get_input_embeddings()
-
-
-def new_cache():
-    """An empty KV cache for one sequence."""
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def cache_length(cache) -> int:
-    return cache.get_seq_length()
-
-
-def trim_cache(cache, length: int) -> None:
-    """Keep the first `length` positions of a KV cache (transformers 5 crops by a negative count)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)

@@ -84,3 +84,24 @@ def estimate_llm_bytes(total_params: int, linear_params: int, mode: str, dtype_b
     other = total_params - linear_params
     per_linear = {"none": dtype_bytes, "int8": 1.0, "nf4": 0.5 + 4 / 64}[mode]
     return int(linear_params * per_linear + other * dtype_bytes)
+
+
+# Measured with `bench --preset small --random-init` on a 2-core CPU (decode tokens/s, one patient):
+# bf16 10.9, fp32 8.1, bitsandbytes nf4 3.4, int8 3.2. With 8 patients at once fp32 steps faster than
+# bf16 (246 vs 348 ms a step): this CPU's bf16 matrix products only pay off one row at a time.
+CPU_DECODE_TOKENS_PER_S = {"bf16": 10.9, "fp32": 8.1, "nf4": 3.4, "int8": 3.2}
+
+
+def cpu_advice(policy: LoadPolicy) -> str | None:
+    """A warning for a mode that is slow on a CPU, when the policy puts the model on one."""
+    if policy.resolve_device() != "cpu":
+        return None
+    speed = CPU_DECODE_TOKENS_PER_S
+    if policy.quantize in ("int8", "nf4"):
+        return (f"bitsandbytes {policy.quantize} decodes {speed['bf16'] / speed[policy.quantize]:.1f}x slower than "
+                f"bf16 on a CPU (measured); use --dtype bf16 with --quantize none unless the model does not fit "
+                f"in memory that way (2 bytes a parameter: 13.5 GB for 7B)")
+    if policy.resolve_dtype() == torch.float32:
+        return (f"fp32 on a CPU: --dtype bf16 decodes {speed['bf16'] / speed['fp32']:.1f}x faster for one patient "
+                f"and needs half the memory (fp32 is faster only with many patients answered at once)")
+    return None

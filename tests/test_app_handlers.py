@@ -16,8 +16,8 @@ from model.conversation import ConversationError
 
 
 class FakeGeneration:
-    def __init__(self, words, cancel, fail=None):
-        self.words, self.cancel, self.fail = words, cancel, fail
+    def __init__(self, words, cancel, fail=None, queued=0):
+        self.words, self.cancel, self.fail, self.queued = words, cancel, fail, queued
         self.text, self.tokens, self.finish_reason, self.notices = "", [], None, []
         self.closed = False
 
@@ -33,6 +33,12 @@ class FakeGeneration:
                 return
         self.finish_reason = "eos"
 
+    def events(self):
+        for _ in range(self.queued):
+            yield "queued", 1
+        for piece in self:
+            yield "text", piece
+
     def close(self):
         self.closed = True
 
@@ -43,12 +49,13 @@ class FakeEngine:
         self.reply = ["It ", "looks ", "like ", "eczema."]
         self.fail = None
         self.last = None
+        self.queued = 0  # "queued" events before the answer starts
         self.gate, self.started = None, threading.Event()  # report answers wait at the gate when one is set
 
     def stream(self, conversation, session=None, cancel=None, **settings):
         self.calls.append((conversation, session, settings))
         fail, self.fail = self.fail, None
-        self.last = FakeGeneration(self.reply, cancel, fail)
+        self.last = FakeGeneration(self.reply, cancel, fail, self.queued)
         return self.last
 
     def answer(self, conversation, session=None, **settings):
@@ -462,3 +469,13 @@ def test_private_folders_of_dead_processes_are_removed_at_start(tmp_path):
     unowned.mkdir()
     assert remove_orphans(tmp_path) == [left]
     assert not left.exists() and alive.exists() and unowned.exists()
+
+
+def test_a_queued_answer_shows_its_place_and_the_place_is_not_kept(app):
+    handlers, engine, root = app
+    engine.queued = 2
+    updates, history = _last(handlers.submit("q", {"text": "What is it?", "files": [_upload(root)]}))
+    waiting = [u[0][-1] for u in updates if (u[0][-1].get("metadata") or {}).get("title") == "In the queue"]
+    assert len(waiting) == 2 and "as soon as the one being written now is done" in waiting[0]["content"]
+    assert history[-1]["content"] == "It looks like eczema."
+    assert not any((m.get("metadata") or {}).get("title") == "In the queue" for m in history)

@@ -232,3 +232,33 @@ def test_new_patient_stops_a_running_report_on_the_server(server, tmp_path):
 def _session_folders(server):
     root = server.private / "sessions"
     return list(root.iterdir()) if root.exists() else []
+
+
+def test_two_clients_stream_at_the_same_time_and_each_gets_its_own_answer(server, tmp_path):
+    """Answers are decoded in one batch: two consultations' streams overlap in time."""
+    import threading
+    import time
+
+    clients = [Client(server.url, verbose=False, download_files=False) for _ in range(2)]
+    photos = [handle_file(str(_photo_with_gps(tmp_path / f"p{i}.jpg"))) for i in range(2)]
+    for client, photo in zip(clients, photos):
+        client.predict({"text": "", "files": [photo]}, *SETTINGS, api_name="/ask")
+    stamps, finals, barrier = {}, {}, threading.Barrier(2)
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        job = clients[i].submit({"text": f"Question from patient {i}", "files": []}, 400, False, 1.0, 0.9,
+                                api_name="/ask")
+        stamps[i] = [time.monotonic() for _ in job]
+        finals[i] = job.outputs()[-1][0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert len(stamps[0]) > 3 and len(stamps[1]) > 3, "both answers streamed"
+    assert stamps[0][0] < stamps[1][-1] and stamps[1][0] < stamps[0][-1], "the two streams overlapped in time"
+    for i in range(2):
+        questions = [m["content"] for m in finals[i] if m["role"] == "user" and isinstance(m["content"], list)
+                     and m["content"][0].get("type") == "text"]
+        assert questions[-1][0]["text"] == f"Question from patient {i}" and finals[i][-1]["role"] == "assistant"
+    assert "up to 8 answers at once" in server.output()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import model.engine as engine_module
+import model.serving.engine as engine_module
 from model.checkpoint import load_bundle
 from model.conversation import Conversation, ImageInput, render
-from model.engine import Engine, _visible
+from model.serving.engine import Engine, _visible
 from model.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
 
@@ -84,8 +84,8 @@ def test_followup_prefill_holds_the_image(engine):
         "".join(engine.stream(conversation, session=None, do_sample=False, max_new_tokens=2))  # no reuse
     finally:
         hook.remove()
-    prefill = captured[0][0]  # (T, D)
     slots, _, _ = engine.prompt_slots(conversation, 10_000)
+    prefill = torch.cat([c[0] for c in captured if c is not None])[:len(slots)]  # (T, D), over its chunks
     positions = [i for i, s in enumerate(slots) if isinstance(s, str)]
     assert len(positions) == 32
     torch.testing.assert_close(prefill[positions], engine.encode(image))
@@ -192,7 +192,7 @@ def test_stored_answer_is_the_streamed_text(engine, scripted):
 def test_incremental_decoder_reproduces_any_mixed_text(engine):
     """Random texts of English words, Chinese, emoji, digits and punctuation: streamed token by token,
     the pieces are exactly the whole decode, and no piece holds a replacement character."""
-    from model.detokenize import IncrementalDecoder
+    from model.serving.detokenize import IncrementalDecoder
 
     rng = np.random.default_rng(0)
     vocabulary = ["plaque", " scale", "湿疹", "红斑", "🙂", "👍🏽", " 3", ".", "，", "ö", " the", "\n", "é"]

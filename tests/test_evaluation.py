@@ -161,7 +161,7 @@ class _Interrupting:
 
 def test_predict_on_the_tiny_bundle_resumes(tiny_bundle, cases_manifest, tmp_path):
     from model.checkpoint import load_bundle
-    from model.engine import Engine
+    from model.serving.engine import Engine
 
     engine = Engine(load_bundle(tiny_bundle))
     out = tmp_path / "run"
@@ -188,7 +188,7 @@ def test_predict_on_the_tiny_bundle_resumes(tiny_bundle, cases_manifest, tmp_pat
 
 def test_predict_with_reports_then_score_and_packet(tiny_bundle, cases_manifest, tmp_path):
     from model.checkpoint import load_bundle
-    from model.engine import Engine
+    from model.serving.engine import Engine
 
     out = tmp_path / "run"
     predict(Engine(load_bundle(tiny_bundle)), cases_manifest, out, labels=LABELS,

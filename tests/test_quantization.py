@@ -68,3 +68,13 @@ def _logits_on(loaded, device):
     ids = torch.tensor([[1, 40] + [IMAGE_TOKEN_ID] * 32 + [41]], device=device)
     with torch.no_grad():
         return loaded.model(ids, pixels=pixels).logits.float()
+
+
+def test_slow_modes_on_a_cpu_are_warned_about_with_the_measured_figures():
+    from model.quantization import LoadPolicy, cpu_advice
+
+    nf4 = cpu_advice(LoadPolicy(device="cpu", quantize="nf4"))
+    assert nf4 and "3.2x slower than bf16" in nf4 and "--dtype bf16" in nf4
+    assert "slower than bf16" in cpu_advice(LoadPolicy(device="cpu", quantize="int8"))
+    assert "--dtype bf16 decodes 1.3x faster" in cpu_advice(LoadPolicy(device="cpu", dtype="fp32"))
+    assert cpu_advice(LoadPolicy(device="cpu", dtype="bf16")) is None

@@ -60,7 +60,7 @@ def _skin_photo() -> Image.Image:
 
 def test_one_greedy_answer_reads_as_text(loaded):
     from model.conversation import Conversation, ImageInput
-    from model.engine import Engine
+    from model.serving.engine import Engine
 
     engine = Engine(loaded)
     assert tuple(engine.encode(ImageInput.of(_skin_photo())).shape) == (32, loaded.config.llm.hidden_size)

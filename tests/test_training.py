@@ -78,7 +78,7 @@ def test_labels_cover_only_answers_and_separators(tiny_bundle, data):
 
 
 def test_tiny_model_overfits_and_the_bundle_is_served(tiny_bundle, data, tmp_path):
-    from model.engine import Engine
+    from model.serving.engine import Engine
 
     cfg = _step(epochs=200, lr=1e-2, min_lr=1e-3, warmup_lr=1e-3, warmup_steps=10, log_every=20, max_steps=200,
                 trainable=("proj", "lora"))

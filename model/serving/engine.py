@@ -1,17 +1,22 @@
-"""The one streaming decode path: image cache, KV cache reuse, sampling, stop holdback, cancel.
+"""The one streaming decode path: image cache, KV cache reuse, batching, sampling, stop holdback, cancel.
 
 The app, the CLI, evaluation and benchmarks all decode through `Engine.stream`; a non-streaming
-answer is a join of it.
+answer is a join of it. Answers in progress are decoded together by one scheduler thread
+(`scheduler.py`): a caller's `Generation` prepares its prompt and image embeddings in the caller's
+thread, hands the request over, and streams the text pieces the scheduler produces.
 
 Each session keeps the KV cache of what it has already fed the model, together with the
 `slots` that describe it (a token id, or `image-key:j` for the j-th query embedding of an image).
 A new prompt is compared slot by slot with what is cached; only the differing tail is prefilled.
+Idle sessions' caches are kept within a byte budget, least recently used dropped first; a dropped
+session simply prefills its whole prompt next time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -19,20 +24,21 @@ from dataclasses import dataclass, field
 from typing import Iterator, Union
 
 import torch
-from .checkpoint import LoadedBundle
-from .config import GenerationConfig
-from .llm import new_cache, trim_cache
-from .conversation import Conversation, ConversationError, ImageInput, Template, render, template
-from .detokenize import IncrementalDecoder
-from .preprocess import preprocess
-from .skingpt import IMAGE_TOKEN_ID, tokenize_prompt
+
+from ..checkpoint import LoadedBundle
+from ..config import GenerationConfig
+from ..conversation import Conversation, ConversationError, ImageInput, Template, render, template
+from ..preprocess import preprocess
+from ..skingpt import IMAGE_TOKEN_ID, tokenize_prompt
+from .kv_cache import KVCache, new_cache
+from .scheduler import DONE, Request, Scheduler
 
 Slot = Union[int, str]  # a token id, or "<image key>:<j>" for an image's j-th query position
 
 
 @dataclass
 class _Session:
-    cache: object  # the LLM's KV cache (see llm.new_cache)
+    cache: KVCache | None  # the LLM's KV cache (None while the batch holds it)
     slots: list[Slot] = field(default_factory=list)  # exactly what `cache` holds
     busy: bool = False  # an answer is decoding into this cache (or was left open by its consumer)
 
@@ -43,9 +49,10 @@ class GenerationStats:
     reused_tokens: int = 0  # of those, already in the session's KV cache
     prefill_tokens: int = 0  # of those, run through the model now
     new_tokens: int = 0
-    time_to_first_token_s: float = 0.0
+    time_to_first_token_s: float = 0.0  # from the call, queueing and image encoding included
     decode_s: float = 0.0
     dropped_turns: tuple[int, ...] = ()
+    token_times: list[float] = field(default_factory=list)  # perf_counter() as each token was sampled
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -53,8 +60,8 @@ class GenerationStats:
 
 
 class Generation:
-    """An answer being streamed: iterate it for text pieces; afterwards read `text`,
-    `finish_reason` (stop | eos | length | cancelled) and `notices`."""
+    """An answer being streamed: iterate it for text pieces (or `events()` for the queue position
+    too); afterwards read `text`, `finish_reason` (stop | eos | length | cancelled) and `notices`."""
 
     def __init__(self, engine: Engine, conversation: Conversation, session: str | None,
                  settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
@@ -64,32 +71,64 @@ class Generation:
         self.finish_reason: str | None = None
         self.notices: list[str] = []
         self.stats = GenerationStats()
-        self._iter = engine._generate(self, conversation, session, settings, seed, cancel, fixed_length)
+        self._args = (conversation, session, settings, seed, cancel, fixed_length)
+        self._engine, self._request = engine, None
+        self._events = self._run()
+        self._texts = (value for kind, value in self._events if kind == "text")
 
     def __iter__(self) -> Iterator[str]:
-        return self._iter
+        return self._texts
 
     def __next__(self) -> str:
-        return next(self._iter)
+        return next(self._texts)
+
+    def events(self) -> Iterator[tuple[str, object]]:
+        """("queued", place in the waiting line) while waiting for a batch slot, then ("text", piece)s."""
+        return self._events
+
+    def _run(self) -> Iterator[tuple[str, object]]:
+        self._request = self._engine._submit(self, *self._args)
+        while (item := self._request.out.get()) is not DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield ("queued", item[1]) if isinstance(item, tuple) else ("text", item)
 
     def close(self) -> None:
         """Stop early (the consumer went away); the session's cache stays valid."""
-        self._iter.close()
+        if self._request is not None and self.finish_reason is None:
+            self._request.closed.set()
+            self._engine.scheduler.poke()
+        self._events.close()
+
+    def __del__(self) -> None:  # a consumer that dropped the stream without closing it frees its slot
+        request = getattr(self, "_request", None)
+        if request is not None and self.finish_reason is None:
+            request.closed.set()
 
 
 class Engine:
-    def __init__(self, loaded: LoadedBundle, max_sessions: int = 8, max_images: int = 64) -> None:
+    def __init__(self, loaded: LoadedBundle, max_batch: int = 8, kv_cache_bytes: int | None = None,
+                 prefill_chunk: int | None = None, max_images: int = 64) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
         self.template: Template = template(self.config.prompt_template)
         self.device = self.model.llm.get_input_embeddings().weight.device
-        self._device_lock = threading.Lock()  # one forward at a time on the device
+        self.device_lock = threading.Lock()  # one forward at a time on the device
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._registry_lock = threading.Lock()
-        self.max_sessions, self.max_images = max_sessions, max_images
+        self.max_images = max_images
+        self.kv_cache_bytes = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(self.device)
+        # A prefill chunk is what a streaming answer may wait between two of its tokens: on a CPU 64
+        # positions of the `small` preset take about 0.5 s; a GPU prefills 512 in milliseconds.
+        chunk = prefill_chunk or (512 if self.device.type == "cuda" else 64)
+        self.scheduler = Scheduler(self, max_batch, chunk)
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
 
     # -- public API ------------------------------------------------------------------------------
     def stream(self, conversation: Conversation, *, session: str | None = None, seed: int | None = None,
@@ -124,13 +163,18 @@ class Engine:
                 self._images.move_to_end(image.key)
                 return self._images[image.key]
         pixels = preprocess(image.image, self.config.preprocess).unsqueeze(0)  # (1, 3, S, S)
-        with self._device_lock:
+        with self.device_lock:
             embeds = self.model.encode_image(pixels)[0]  # (Q, D)
         with self._registry_lock:
             self._images[image.key] = embeds
             while len(self._images) > self.max_images:
                 self._images.popitem(last=False)
         return embeds
+
+    def cached_bytes(self) -> int:
+        """Bytes of KV cache held for idle sessions."""
+        with self._registry_lock:
+            return sum(s.cache.nbytes() for s in self._sessions.values() if s.cache is not None and not s.busy)
 
     # -- prompt ------------------------------------------------------------------------------------
     def prompt_slots(self, conversation: Conversation, budget: int) -> tuple[list[Slot], list[ImageInput], tuple[int, ...]]:
@@ -161,10 +205,19 @@ class Engine:
                 slots.append(token)
         return slots, images, tuple(dropped)
 
-    # -- the decode loop ---------------------------------------------------------------------------
-    def _generate(self, gen: Generation, conversation: Conversation, session_name: str | None,
-                  settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
-                  fixed_length: bool) -> Iterator[str]:
+    @staticmethod
+    def reusable(cached: list[Slot], slots: list[Slot]) -> int:
+        """How many leading positions of `slots` the cache holding `cached` can keep."""
+        reuse = min(_common_prefix(cached, slots), len(slots) - 1)  # the last position must run to give logits
+        while reuse > 0 and isinstance(slots[reuse], str) and not slots[reuse].endswith(":0"):
+            reuse -= 1  # never start inside an image's run
+        return reuse
+
+    # -- requests ----------------------------------------------------------------------------------
+    def _submit(self, gen: Generation, conversation: Conversation, session_name: str | None,
+                settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
+                fixed_length: bool) -> Request:
+        """In the caller's thread: the prompt, the image embeddings, a cache; then the scheduler's turn."""
         start = time.perf_counter()
         if conversation.pending is None:
             raise ConversationError("the conversation has no question to answer")
@@ -175,89 +228,12 @@ class Engine:
             gen.notices.append(f"The conversation is longer than the model's context: the text of the "
                                f"{len(dropped)} oldest turn(s) was left out of this answer (photos kept).")
         embeds = {img.key: self.encode(img) for img in images}
-        session = self._claim(session_name)
-        try:
-            yield from self._decode(gen, session, slots, embeds, settings, seed, cancel, start, fixed_length)
-        except GeneratorExit:
-            raise  # closed between tokens: cache and slots agree, keep them
-        except BaseException:
-            session.cache, session.slots = new_cache(), []  # a half-updated cache is never reused
-            raise
-        finally:
-            session.busy = False
-
-    def _decode(self, gen: Generation, session: _Session, slots: list[Slot], embeds: dict[str, torch.Tensor],
-                settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
-                start: float, fixed_length: bool = False) -> Iterator[str]:
-        logits = self._prefill(gen, session, slots, embeds)
         sampler = _Sampler(settings, seed, self.device, [s for s in slots if isinstance(s, int)])
-        stops, eos = (), None
-        if not fixed_length:
-            stops, eos = self.template.stop, self.tokenizer.eos_token_id
-        generated = gen.tokens
-        decoder = IncrementalDecoder(self.tokenizer)
-        text, emitted = "", 0  # everything decoded so far; how much of it was shown
-        decode_start = None
-        while True:
-            token = sampler(logits)
-            if decode_start is None:
-                decode_start = time.perf_counter()
-                gen.stats.time_to_first_token_s = decode_start - start
-            if token == eos:
-                gen.finish_reason = "eos"
-                break
-            generated.append(token)
-            gen.stats.new_tokens = len(generated)
-            text += decoder.push(token)
-            visible, stopped = _visible(text, stops)
-            if visible > emitted:
-                piece, emitted = text[emitted:visible], visible
-                gen.text += piece
-                yield piece
-            if stopped:
-                gen.finish_reason = "stop"
-                break
-            if len(generated) >= settings.max_new_tokens:
-                gen.finish_reason = "length"
-                break
-            if cancel is not None and cancel.is_set():
-                gen.finish_reason = "cancelled"
-                break
-            logits = self._step(session, token)
-        if gen.finish_reason in ("eos", "length", "cancelled"):  # flush what was held back for a stop
-            text += decoder.flush()
-            if len(text) > emitted:
-                gen.text += text[emitted:]
-                yield text[emitted:]
-        gen.stats.decode_s = time.perf_counter() - (decode_start or start)
-
-    def _prefill(self, gen: Generation, session: _Session, slots: list[Slot],
-                 embeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Feed the part of `slots` the session's cache lacks; return the last position's logits."""
-        reuse = _common_prefix(session.slots, slots)
-        reuse = min(reuse, len(slots) - 1)  # the last position must run to give logits
-        while reuse > 0 and isinstance(slots[reuse], str) and not slots[reuse].endswith(":0"):
-            reuse -= 1  # never start inside an image's run
-        new = slots[reuse:]
-        ids = torch.tensor([[s if isinstance(s, int) else IMAGE_TOKEN_ID for s in new]], device=self.device)
-        keys = [s.rsplit(":", 1)[0] for s in new if isinstance(s, str) and s.endswith(":0")]
-        image_embeds = torch.stack([embeds[k] for k in keys]) if keys else None  # (N_new_img, Q, D)
-        with self._device_lock, torch.no_grad():
-            trim_cache(session.cache, reuse)
-            session.slots = session.slots[:reuse]
-            inputs = self.model.embed_inputs(ids, image_embeds)  # (1, T_new, D)
-            out = self.model.llm(inputs_embeds=inputs, past_key_values=session.cache, use_cache=True,
-                                 logits_to_keep=1)
-            session.slots = list(slots)
-        gen.stats.prompt_tokens, gen.stats.reused_tokens, gen.stats.prefill_tokens = len(slots), reuse, len(new)
-        return out.logits[0, -1]
-
-    def _step(self, session: _Session, token: int) -> torch.Tensor:
-        with self._device_lock, torch.no_grad():
-            out = self.model.llm(input_ids=torch.tensor([[token]], device=self.device),
-                                 past_key_values=session.cache, use_cache=True)
-            session.slots.append(token)
-        return out.logits[0, -1]
+        stops, eos = ((), None) if fixed_length else (self.template.stop, self.tokenizer.eos_token_id)
+        request = Request(gen, self._claim(session_name), slots, embeds, sampler, stops, eos, settings.max_new_tokens,
+                          cancel, self.tokenizer, start)
+        self.scheduler.submit(request)
+        return request
 
     def _claim(self, name: str | None) -> _Session:
         """The session's cache, marked busy for one answer. A cache still busy belongs to an answer
@@ -267,13 +243,34 @@ class Engine:
             return _Session(new_cache(), busy=True)
         with self._registry_lock:
             session = self._sessions.get(name)
-            if session is None or session.busy:
+            if session is None or session.busy or session.cache is None:
                 session = self._sessions[name] = _Session(new_cache())
             session.busy = True
             self._sessions.move_to_end(name)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)  # the least recently used session re-prefills later
             return session
+
+    def enforce_budget(self) -> None:
+        """Drop idle sessions' caches, least recently used first, until they fit `kv_cache_bytes`."""
+        with self._registry_lock:
+            idle = [(name, s) for name, s in self._sessions.items() if not s.busy and s.cache is not None]
+            total = sum(s.cache.nbytes() for _, s in idle)
+            for name, session in idle:  # oldest first
+                if total <= self.kv_cache_bytes:
+                    break
+                total -= session.cache.nbytes()
+                del self._sessions[name]
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """A third of the device memory free now (of available RAM on a CPU), at least 256 MiB."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 2**32
+    return max(free // 3, 256 * 2**20)
 
 
 class _Sampler:
