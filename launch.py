@@ -62,7 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app.settings import AppSettings, SettingsError
 
-    flags = {k: getattr(args, k) for k in ("weights", "quantize", "device", "dtype", "host", "port", "auth")}
+    flags = {k: getattr(args, k) for k in ("weights", "quantize", "device", "dtype", "host", "port", "auth", "api_key")}
+    if args.no_api:
+        flags["no_api"] = True
     try:
         settings = AppSettings(**{k: v for k, v in flags.items() if v is not None})
         settings.check_safe()
@@ -228,12 +230,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SystemExit("error: --concurrency counts must be at least 1")
     loaded, load_s = load_for_bench(args.preset if args.random_init else None, args.weights, _policy(args))
     result = run(loaded, load_s, turns=args.turns, new_tokens=args.new_tokens)
+    from app.openai_api import followup_ttft
+    from model.serving.engine import Engine
+
+    result["api_followups"] = followup_ttft(Engine(loaded), args.turns, args.new_tokens)
     if levels:
         result["concurrency"] = run_concurrency(loaded, levels, new_tokens=args.new_tokens)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_table(result))
+        print("\nthrough the API (the whole history each time): turn, prompt, cached, TTFT ms")
+        print("\n".join(f"{r['turn']:>4}  {r['prompt_tokens']:>6}  {r['cached_tokens']:>6}  {r['ttft_ms']:>7.1f}"
+                        for r in result["api_followups"]))
         if levels:
             print("\n" + format_concurrency(result["concurrency"]))
     return 0
@@ -318,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default 127.0.0.1; any other address needs --auth")
     serve.add_argument("--port", type=int, help="default 7860")
     serve.add_argument("--auth", help="user:password, required off loopback")
+    serve.add_argument("--api-key", help="bearer key of the OpenAI-compatible API (better: SKINGPT_API_KEY, which "
+                                         "other users cannot read in the process list); required off loopback")
+    serve.add_argument("--no-api", action="store_true", help="no /v1 API, the web page only")
     serve.set_defaults(func=cmd_serve)
 
     ins = sub.add_parser("inspect", help="parameter counts, shapes and memory per part (on the meta device)")

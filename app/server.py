@@ -58,6 +58,12 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
                prevent_thread_lock=True, enable_monitoring=False, pwa=False, mcp_server=False,
                run_history=False,  # Gradio would otherwise keep every photo and answer in the browser's storage
                footer_links=["api", "settings"])
+    if not settings.no_api:
+        from .openai_api import ChatAPI, mount
+
+        mount(app.app, ChatAPI(engine, loaded.config.name), settings.api_key)
+        say(f"OpenAI-compatible API at /v1 (model {loaded.config.name!r}"
+            f"{', key required' if settings.api_key else ', no key: loopback only'})")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     say(f"SkinGPT is running at http://{host}:{settings.port}/  (private files: {root})")
     if demo_mode:

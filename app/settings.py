@@ -24,6 +24,8 @@ class AppSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 7860
     auth: str | None = None  # "user:password"
+    api_key: str | None = None  # the OpenAI-compatible API's bearer key (required off loopback)
+    no_api: bool = False  # serve the web page only, no /v1 API
     max_batch: int = Field(8, ge=1, le=256)  # answers decoded together on the device, in one batch
     kv_cache_gb: float | None = Field(None, gt=0)  # idle consultations' KV caches; default a third of free memory
     concurrency: int | None = Field(None, ge=1)  # requests Gradio runs at once; default twice max_batch
@@ -32,6 +34,13 @@ class AppSettings(BaseSettings):
     upload_ttl_s: int = 15 * 60  # a photo attached but never sent is deleted after this long
     max_photo_mb: int = 1024  # decoded photos held in memory, all consultations together
     cache_dir: str | None = None  # bundle verification records; default $XDG_CACHE_HOME/skingpt
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_form(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) < 8 or any(c.isspace() for c in value)):
+            raise ValueError("the API key must be at least 8 characters, without spaces")
+        return value
 
     @field_validator("auth")
     @classmethod
@@ -47,11 +56,15 @@ class AppSettings(BaseSettings):
         return user, password
 
     def check_safe(self) -> None:
-        """A server reachable from other machines must ask for a password."""
+        """A server reachable from other machines must ask for a password, and for a key on its API."""
         if not is_loopback(self.host) and self.auth is None:
             raise SettingsError(
                 f"refusing to listen on {self.host}: other machines could reach the app without a password. "
                 f"Add --auth user:password (or SKINGPT_AUTH), or keep the default host 127.0.0.1")
+        if not is_loopback(self.host) and not self.no_api and not self.api_key:
+            raise SettingsError(
+                f"refusing to listen on {self.host}: other machines could use the API without a key. Set "
+                f"SKINGPT_API_KEY (or --api-key), or switch the API off with --no-api")
 
 
 def default_cache_dir() -> Path:

@@ -33,6 +33,10 @@ class ImageError(UserFacingError, ValueError):
     """An upload that is not a usable photo."""
 
 
+class ImageTooLarge(ImageError):
+    """A photo over the byte or pixel limit (an API answers it with 413)."""
+
+
 @dataclass(frozen=True)
 class Photo:
     image: Image.Image  # clean, upright, 8-bit sRGB, no metadata
@@ -40,7 +44,7 @@ class Photo:
 
 
 def _too_large(name: str, pixels: int) -> ImageError:
-    return ImageError(f"{name} is too large: {pixels / 10**6:,.0f} megapixels, and the limit is "
+    return ImageTooLarge(f"{name} is too large: {pixels / 10**6:,.0f} megapixels, and the limit is "
                       f"{MAX_PIXELS // 10**6} megapixels. Please send a smaller photo (most phones can share a "
                       f"reduced size)")
 
@@ -50,7 +54,7 @@ def decode_photo(data: bytes, name: str = "the file") -> Photo:
     if not data:
         raise ImageError(f"{name} is empty; please choose a photo ({FORMAT_NAMES})")
     if len(data) > MAX_BYTES:
-        raise ImageError(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB. "
+        raise ImageTooLarge(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB. "
                          f"Please send a smaller photo (most phones can share a reduced size)")
     notes: list[str] = []
     try:

@@ -62,18 +62,16 @@ class Server:
         return self.log.read_text()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """`python launch.py` as a user starts it: demo bundle, loopback, a free port."""
+def start_server(work: Path, **env_extra: str):
+    """`python launch.py` as a user starts it (loopback, a free port); yields a Server, then stops it."""
     import re
     import signal
     import subprocess
     import sys
     import time
 
-    work = tmp_path_factory.mktemp("server")
     port = _free_port()
-    env = {**os.environ, "SKINGPT_DEMO_BUNDLE": str(work / "demo"), "SKINGPT_PORT": str(port)}
+    env = {**os.environ, "SKINGPT_DEMO_BUNDLE": str(work / "demo"), "SKINGPT_PORT": str(port), **env_extra}
     log = work / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, str(ROOT / "launch.py")], cwd=ROOT, env=env, stdout=out,
@@ -96,3 +94,22 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         process.kill()
     server.stopped = True
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The demo bundle, generated on first start as a new user sees it."""
+    yield from start_server(tmp_path_factory.mktemp("server"))
+
+
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def api_server(server, tmp_path_factory):
+    """A second server with an API key and one answer at a time (to see a dropped stream free its slot)."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("api-server")
+    shutil.copytree(server.log.parent / "demo", work / "demo")
+    yield from start_server(work, SKINGPT_API_KEY=API_KEY, SKINGPT_MAX_BATCH="1")

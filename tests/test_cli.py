@@ -98,4 +98,7 @@ def test_bench_tiny_random_init_json():
     for row in result["followups"]:
         assert row["prefill_tokens"] < row["prompt_tokens"] and row["baseline_ttft_ms"] > 0 and row["speedup"] > 0
     assert result["decode_tokens_per_s"] > 0 and result["bare_decode_tokens_per_s"] > 0
+    api = result["api_followups"]  # the same follow-ups through the OpenAI-compatible API's path
+    assert [row["turn"] for row in api] == [1, 2, 3]
+    assert all(row["cached_tokens"] > 32 and row["prompt_tokens"] - row["cached_tokens"] < 40 for row in api)
     assert result["peak_rss_bytes"] > 0

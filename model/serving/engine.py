@@ -65,13 +65,13 @@ class Generation:
 
     def __init__(self, engine: Engine, conversation: Conversation, session: str | None,
                  settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
-                 fixed_length: bool = False) -> None:
+                 fixed_length: bool = False, stop: tuple[str, ...] = (), prefix_cache: str | None = None) -> None:
         self.text = ""
         self.tokens: list[int] = []  # generated token ids (EOS excluded)
         self.finish_reason: str | None = None
         self.notices: list[str] = []
         self.stats = GenerationStats()
-        self._args = (conversation, session, settings, seed, cancel, fixed_length)
+        self._args = (conversation, session, settings, seed, cancel, fixed_length, stop, prefix_cache)
         self._engine, self._request = engine, None
         self._events = self._run()
         self._texts = (value for kind, value in self._events if kind == "text")
@@ -94,11 +94,15 @@ class Generation:
             yield ("queued", item[1]) if isinstance(item, tuple) else ("text", item)
 
     def close(self) -> None:
-        """Stop early (the consumer went away); the session's cache stays valid."""
+        """Stop early (the consumer went away); the session's cache stays valid. Safe from any
+        thread, also while another thread waits for the next piece."""
         if self._request is not None and self.finish_reason is None:
             self._request.closed.set()
             self._engine.scheduler.poke()
-        self._events.close()
+        try:
+            self._events.close()
+        except ValueError:
+            pass  # being iterated in another thread: it ends as soon as the scheduler lets go
 
     def __del__(self) -> None:  # a consumer that dropped the stream without closing it frees its slot
         request = getattr(self, "_request", None)
@@ -132,15 +136,19 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------------
     def stream(self, conversation: Conversation, *, session: str | None = None, seed: int | None = None,
-               cancel: threading.Event | None = None, fixed_length: bool = False, **overrides) -> Generation:
+               cancel: threading.Event | None = None, fixed_length: bool = False, stop: tuple[str, ...] = (),
+               prefix_cache: str | None = None, **overrides) -> Generation:
         """Stream the answer to the conversation's pending question. `session` names a KV cache to
-        reuse across turns (None: a fresh one); `overrides` replace generation defaults;
-        `fixed_length` (benchmarks) ignores EOS and stop strings and always runs max_new_tokens."""
+        reuse across turns (None: a fresh one). Without a name, `prefix_cache` (a name prefix) picks
+        the idle cache of that family sharing the longest prefix with this prompt, as a stateless API
+        needs: a follow-up that repeats the history prefills only its new tail. `stop` adds stop
+        strings to the template's; `overrides` replace generation defaults; `fixed_length`
+        (benchmarks) ignores EOS and stop strings and always runs max_new_tokens."""
         try:
             settings = dataclasses.replace(self.config.generation, **overrides)
         except TypeError as err:
             raise ConversationError(f"unknown generation setting: {err}") from None
-        return Generation(self, conversation, session, settings, seed, cancel, fixed_length)
+        return Generation(self, conversation, session, settings, seed, cancel, fixed_length, tuple(stop), prefix_cache)
 
     def answer(self, conversation: Conversation, **kwargs) -> str:
         return "".join(self.stream(conversation, **kwargs))
@@ -216,7 +224,7 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------------
     def _submit(self, gen: Generation, conversation: Conversation, session_name: str | None,
                 settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
-                fixed_length: bool) -> Request:
+                fixed_length: bool, stop: tuple[str, ...], prefix_cache: str | None) -> Request:
         """In the caller's thread: the prompt, the image embeddings, a cache; then the scheduler's turn."""
         start = time.perf_counter()
         if conversation.pending is None:
@@ -229,7 +237,9 @@ class Engine:
                                f"{len(dropped)} oldest turn(s) was left out of this answer (photos kept).")
         embeds = {img.key: self.encode(img) for img in images}
         sampler = _Sampler(settings, seed, self.device, [s for s in slots if isinstance(s, int)])
-        stops, eos = ((), None) if fixed_length else (self.template.stop, self.tokenizer.eos_token_id)
+        stops, eos = ((), None) if fixed_length else (self.template.stop + stop, self.tokenizer.eos_token_id)
+        if session_name is None and prefix_cache is not None:
+            session_name = self._closest(prefix_cache, slots)
         request = Request(gen, self._claim(session_name), slots, embeds, sampler, stops, eos, settings.max_new_tokens,
                           cancel, self.tokenizer, start)
         self.scheduler.submit(request)
@@ -248,6 +258,18 @@ class Engine:
             session.busy = True
             self._sessions.move_to_end(name)
             return session
+
+    def _closest(self, family: str, slots: list[Slot]) -> str:
+        """The idle session of `family` whose cache shares the most leading positions with `slots`,
+        or a new name in the family when none shares any."""
+        with self._registry_lock:
+            best, name = 0, None
+            for key, session in self._sessions.items():
+                if key.startswith(family) and not session.busy and session.cache is not None:
+                    shared = _common_prefix(session.slots, slots)
+                    if shared > best:
+                        best, name = shared, key
+            return name or f"{family}{os.urandom(8).hex()}"
 
     def enforce_budget(self) -> None:
         """Drop idle sessions' caches, least recently used first, until they fit `kv_cache_bytes`."""

@@ -19,6 +19,7 @@ extra positions, measured as small next to reading the weights (see `bench --con
 from __future__ import annotations
 
 import atexit
+import logging
 import queue
 import threading
 import time
@@ -35,6 +36,7 @@ from .kv_cache import Batch, new_cache, trim_cache
 if TYPE_CHECKING:
     from .engine import Engine, Generation, Slot, _Sampler, _Session
 
+log = logging.getLogger("skingpt.engine")
 DONE = object()  # the last item of a request's output queue
 _RUNNING: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 
@@ -98,6 +100,8 @@ class Request:
 
     def finish(self, reason: str) -> bool:
         self.gen.finish_reason = reason
+        if reason == "cancelled":
+            log.info("answer cancelled after %d tokens", len(self.gen.tokens))
         if reason in ("eos", "length", "cancelled"):  # what was held back for a stop string is text after all
             self.text += self.decoder.flush()
             if len(self.text) > self.emitted:
