@@ -3,12 +3,12 @@
 #   docker build -t skingpt .
 #   docker run --gpus all --read-only --tmpfs /tmp:mode=1777 \
 #       -v /srv/skingpt/weights/skingpt4-vicuna7b:/weights:ro \
-#       -e SKINGPT_AUTH='clinic:choose-a-long-password' \
+#       -e SKINGPT_AUTH='clinic:choose-a-long-password' -e SKINGPT_API_KEY='choose-a-long-api-key' \
 #       -p 127.0.0.1:7860:7860 skingpt
 #
 # Inside the container the app listens on 0.0.0.0 (so that the published port reaches it), which
-# the app only allows with a password; publish on 127.0.0.1 as above unless a reverse proxy with
-# TLS stands in front.
+# the app only allows with a password (and a key for its /v1 API, or SKINGPT_NO_API=1); publish on
+# 127.0.0.1 as above unless a reverse proxy with TLS stands in front.
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -22,7 +22,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SKINGPT_HOST=0.0.0.0 \
     SKINGPT_PORT=7860
 
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+# fonts-wqy-microhei: the CJK font the Chinese PDF report embeds (nothing is fetched at run time)
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv fonts-wqy-microhei \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 skingpt

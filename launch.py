@@ -127,11 +127,22 @@ def _settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
-    from model.conversation import Conversation, ImageInput
-    from model.imageio import read_photo_file
-    from model.safety import DISCLAIMER
+def _language(args: argparse.Namespace) -> str:
+    """--lang, or the terminal's locale (LC_ALL, LC_MESSAGES, LANG)."""
+    from model.i18n import pick
 
+    return args.lang or pick(os.environ.get("LC_ALL"), os.environ.get("LC_MESSAGES"), os.environ.get("LANG"))
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from model.consultation import ask_in
+    from model.conversation import Conversation, ImageInput
+    from model.i18n import text
+    from model.imageio import read_photo_file
+
+    lang = _language(args)
+    if args.pdf and not args.report:
+        raise SystemExit("error: --pdf writes the report: add --report")
     photo = read_photo_file(args.image)
     for note in photo.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -140,15 +151,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.report:
         from model.consultation import consult
 
-        report = consult(lambda conv: engine.answer(conv, session="ask", seed=args.seed, **_settings(args)), image)
+        report = consult(lambda conv: engine.answer(conv, session="ask", seed=args.seed, **_settings(args)), image,
+                         lang=lang)
         print(report.model_dump_json(indent=2) if args.json else report.markdown())
+        if args.pdf:
+            from app.export import report_pdf
+
+            Path(args.pdf).write_bytes(report_pdf(report))
+            print(f"PDF report written to {args.pdf}", file=sys.stderr)
         return 0
-    conversation = Conversation().ask(args.question, [image])
+    question = args.question or text(lang, "flow.describe")
+    conversation = Conversation().ask(ask_in(lang, question), [image])
     generation = engine.stream(conversation, seed=args.seed, **_settings(args))
     if args.json:
-        text = "".join(generation)
-        print(json.dumps({"question": args.question, "answer": text.strip(), "finish_reason": generation.finish_reason,
-                          "notices": generation.notices, "disclaimer": DISCLAIMER}, indent=2))
+        answer = "".join(generation)
+        print(json.dumps({"question": question, "answer": answer.strip(), "finish_reason": generation.finish_reason,
+                          "notices": generation.notices, "disclaimer": text(lang, "disclaimer"), "language": lang},
+                         indent=2, ensure_ascii=False))
     else:
         for piece in generation:
             print(piece, end="", flush=True)
@@ -167,10 +186,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from model.conversation import Conversation, ImageInput
     from model.errors import UserFacingError
     from model.imageio import read_image_file
-    from model.safety import DISCLAIMER, URGENT_ADVICE, red_flags
+    from model.consultation import ask_in
+    from model.i18n import text
+    from model.safety import red_flags
 
+    lang = _language(args)
     engine = _engine(args)
-    print(f"{DISCLAIMER}\n{CHAT_HELP}", file=sys.stderr)
+    print(f"{text(lang, 'disclaimer')}\n{CHAT_HELP}", file=sys.stderr)
     conversation, pending = Conversation(), [ImageInput.of(read_image_file(args.image))] if args.image else []
     session = "chat"
     while True:
@@ -198,7 +220,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not conversation.images and not pending:
             print("Please add a photo first: /image PATH", file=sys.stderr)
             continue
-        conversation = conversation.ask(line, pending)
+        conversation = conversation.ask(ask_in(lang, line), pending)
         pending = []
         cancel = threading.Event()
         generation = engine.stream(conversation, session=session, cancel=cancel, seed=args.seed, **_settings(args))
@@ -211,9 +233,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
         for notice in generation.notices:
             print(f"note: {notice}", file=sys.stderr)
-        flags = red_flags(line, generation.text)
+        flags = red_flags(line, generation.text, lang=lang)
         if flags:
-            print(f"note: warning signs mentioned ({', '.join(flags)}). {URGENT_ADVICE}", file=sys.stderr)
+            print(f"note: {text(lang, 'messages.warning_signs')} ({', '.join(flags)}). {text(lang, 'urgent_advice')}",
+                  file=sys.stderr)
         conversation = conversation.answer(generation.text.strip())
 
 
@@ -287,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.eval_command == "review-packet":
         from model.evaluation.review import review_packet
 
-        out = review_packet(args.run, args.out or Path(args.run) / "review", reviewers=args.reviewers)
+        out = review_packet(args.run, args.out or Path(args.run) / "review", reviewers=args.reviewers, lang=args.lang)
         print(f"packet: {out / 'packet.html'}; sheets: {out / 'sheets'}/reviewer-N.csv")
     elif args.eval_command == "review-score":
         from model.evaluation.review import review_markdown, review_score
@@ -370,15 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="one question about one photo")
     ask.add_argument("--image", required=True)
-    ask.add_argument("--question", default="Please describe the skin condition in this photo.")
+    ask.add_argument("--question", help="default: asks for a description, in the chosen language")
     ask.add_argument("--json", action="store_true")
     ask.add_argument("--report", action="store_true", help="run the structured consultation and print its report")
+    ask.add_argument("--pdf", help="with --report: also write the report as a PDF here")
+    ask.add_argument("--lang", choices=("en", "zh"), help="language of the questions, answers and report "
+                                                          "(default: the terminal's locale)")
     model_args(ask)
     gen_args(ask)
     ask.set_defaults(func=cmd_ask)
 
     chat = sub.add_parser("chat", help="a terminal chat that streams")
     chat.add_argument("--image", help="the first photo (or add one with /image PATH)")
+    chat.add_argument("--lang", choices=("en", "zh"), help="answer language (default: the terminal's locale)")
     model_args(chat)
     gen_args(chat)
     chat.set_defaults(func=cmd_chat)
@@ -423,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run")
     rp.add_argument("--out", help="default: RUN/review")
     rp.add_argument("--reviewers", type=int, default=5)
+    rp.add_argument("--lang", choices=("en", "zh"), default="en", help="language of the packet")
     rs = evsub.add_parser("review-score", help="filled sheets -> the paper's table, with Fleiss' kappa")
     rs.add_argument("sheets", nargs="+")
     rs.add_argument("--bootstrap", type=int, default=1000)

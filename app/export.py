@@ -1,53 +1,77 @@
-"""The consultation report as a PDF (fpdf2, core fonts: no font files fetched or shipped)."""
+"""The consultation report as a PDF (fpdf2). English uses the PDF core fonts; Chinese, or any text
+core fonts cannot show, embeds a CJK font installed on this machine (Debian's fonts-wqy-microhei,
+installed by the set-up and the Dockerfile): nothing is fetched, and the text stays selectable."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from model.consultation import ConsultationReport
-from model.safety import URGENT_ADVICE
+from model.errors import UserFacingError
+from model.i18n import text
+
+CJK_FONTS = (Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
+             Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
+             Path("/usr/share/fonts/truetype/arphic/uming.ttc"))
+_BEYOND_LATIN1 = re.compile(r"[^\x00-\xff\u2013\u2014\u2019]")
 
 
-def _latin1(text: str) -> str:
+class FontMissing(UserFacingError, RuntimeError):
+    """No CJK font for a PDF that needs one."""
+
+
+def cjk_font() -> Path | None:
+    return next((path for path in CJK_FONTS if path.is_file()), None)
+
+
+def _latin1(value: str) -> str:
     """Core PDF fonts cover Latin-1; anything else becomes '?' rather than failing the export."""
-    return text.replace("\u2019", "'").replace("\u2013", "-").replace("\u2014", "-").encode(
+    return value.replace("\u2019", "'").replace("\u2013", "-").replace("\u2014", "-").encode(
         "latin-1", "replace").decode("latin-1")
 
 
 def report_pdf(report: ConsultationReport) -> bytes:
     from fpdf import FPDF
 
+    needs_cjk = report.lang != "en" or bool(_BEYOND_LATIN1.search(report.full_text + "".join(report.red_flags)))
+    font = cjk_font() if needs_cjk else None
+    if report.lang != "en" and font is None:  # (an English report falls back to core fonts and '?')
+        raise FontMissing("the PDF needs a font for Chinese text and none is installed: run "
+                          "`apt-get install fonts-wqy-microhei` (Debian/Ubuntu). The Markdown report works without it.")
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(auto=True, margin=15)
+    if font is not None:
+        pdf.add_font("cjk", "", str(font))
     pdf.add_page()
     width = pdf.w - pdf.l_margin - pdf.r_margin
+    family, clean = ("cjk", str) if font is not None else ("Helvetica", _latin1)
 
-    def heading(text: str) -> None:
-        pdf.set_font("Helvetica", "B", 13)
+    def write(value: str, size: float, style: str = "", height: float = 5.5) -> None:
+        pdf.set_font(family, style if font is None else "", size)  # the CJK face has no bold or italic
+        pdf.multi_cell(width, height, clean(value), new_x="LMARGIN", new_y="NEXT")
+
+    def heading(key: str) -> None:
         pdf.ln(2)
-        pdf.multi_cell(width, 7, _latin1(text), new_x="LMARGIN", new_y="NEXT")
+        write(report.heading(key), 13, "B", 7)
 
-    def body(text: str, style: str = "") -> None:
-        pdf.set_font("Helvetica", style, 10.5)
-        pdf.multi_cell(width, 5.5, _latin1(text), new_x="LMARGIN", new_y="NEXT")
-
-    pdf.set_font("Helvetica", "B", 16)
-    pdf.multi_cell(width, 9, "Skin consultation report", new_x="LMARGIN", new_y="NEXT")
-    body(report.disclaimer, "I")
+    write(report.heading("title"), 16, "B", 9)
+    write(report.disclaimer, 10.5, "I")
     if report.red_flags:
-        heading("Warning signs")
-        body(f"{', '.join(report.red_flags)}. {URGENT_ADVICE}", "B")
-    heading("Most likely condition")
-    body(report.diagnosis or "No condition was named.")
+        heading("warning_signs")
+        write(f"{', '.join(report.red_flags)}. {text(report.lang, 'urgent_advice')}", 10.5, "B")
+    heading("most_likely")
+    write(report.diagnosis or report.heading("none_named"), 10.5)
     if report.differentials:
-        heading("Other possibilities")
-        body("\n".join(f"- {d}" for d in report.differentials))
-    heading("Visible features")
-    body("\n".join(f"- {f}" for f in report.visible_features) or "-")
-    for title, text in (("Possible causes", report.causes), ("Treatment suggestions", report.treatment),
-                        ("When to see a doctor", report.see_doctor)):
-        heading(title)
-        body(text or "-")
-    heading("Full consultation")
+        heading("other")
+        write("\n".join(f"- {d}" for d in report.differentials), 10.5)
+    heading("features")
+    write("\n".join(f"- {f}" for f in report.visible_features) or "-", 10.5)
+    for key, value in (("causes", report.causes), ("treatment", report.treatment), ("see_doctor", report.see_doctor)):
+        heading(key)
+        write(value or "-", 10.5)
+    heading("full")
     for key, question in report.questions.items():
-        body(f"Q: {question}", "B")
-        body(f"A: {report.answers[key]}")
+        write(f"Q: {question}", 10.5, "B")
+        write(f"A: {report.answers[key]}", 10.5)
     return bytes(pdf.output())

@@ -17,19 +17,15 @@ from typing import Any, Callable, Iterator
 from model.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
 from model.imageio import ImageError, decode_photo
-from model.safety import URGENT_ADVICE
+from model.consultation import ask_in
+from model.i18n import LANGUAGES
 
 from .privacy import remove_upload, sweep_uploads
 from .session import MAX_PHOTOS, Consultation, Message, SessionStore, Wiped
 
 log = logging.getLogger("skingpt.app")
 
-QUICK_PROMPTS = {
-    "What is this?": "What is this skin condition most likely to be?",
-    "Possible causes": "What are the possible causes of this condition?",
-    "Treatment": "How is this condition usually treated?",
-    "Should I see a doctor?": "Should I see a doctor about this, and how soon?",
-}
+QUICK_PROMPTS = ("quick_what", "quick_causes", "quick_treatment", "quick_doctor")  # keys of ui.* and prompts.*
 
 Update = tuple[list[Message], str]  # (chat history, red-flag notice markdown)
 
@@ -50,7 +46,7 @@ class Handlers:
         refusals = [why for why in (self._accept_photo(state, Path(path)) for path in files) if why]
         if refusals:  # one message per refused photo, and the question waits for a usable one
             if text.strip():
-                refusals[-1] += " Your question was not sent: ask it again with a photo this app can read."
+                refusals[-1] += " " + state.t("messages.not_sent")
             for why in refusals:
                 state.error(why)
             yield state.messages, self._notice(state)
@@ -59,19 +55,18 @@ class Handlers:
             if files:
                 yield state.messages, self._notice(state)
                 return
-            yield state.error("Please type a question, or attach a photo of the skin."), self._notice(state)
+            yield state.error(state.t("messages.type_question")), self._notice(state)
             return
         if len(text) > self.max_message_chars:
-            yield state.error(f"That message is {len(text)} characters long; the limit is "
-                              f"{self.max_message_chars}. Please shorten it."), self._notice(state)
+            yield state.error(state.t("messages.too_long", length=len(text), limit=self.max_message_chars)), \
+                self._notice(state)
             return
         if not state.conversation.images and not state.pending:
-            yield state.error("Please add a photo of the skin first (attach it with the paperclip, "
-                              "drag it in, or take one with your phone's camera)."), self._notice(state)
+            yield state.error(state.t("messages.photo_first")), self._notice(state)
             return
         with state.lock:
-            state.messages.append({"role": "user", "content": text.strip()})
-            state.conversation = state.conversation.ask(text.strip(), state.pending)
+            state.messages.append({"role": "user", "content": text.strip()})  # shown as typed; the model is
+            state.conversation = state.conversation.ask(ask_in(state.lang, text.strip()), state.pending)  # asked in the page's language
             state.pending = []
         yield from self._answer(state, settings or {})
 
@@ -135,7 +130,7 @@ class Handlers:
             generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel, **settings)
             for kind, value in generation.events():
                 if kind == "queued":  # every batch slot is busy: say where this answer stands (shown, not kept)
-                    yield state.messages + [_waiting(value)], self._notice(state)
+                    yield state.messages + [_waiting(state, value)], self._notice(state)
                     continue
                 if not state.add_piece(answer, value):
                     break  # settled meanwhile (a newer question, a wipe): this stream is no longer shown
@@ -143,8 +138,7 @@ class Handlers:
             state.finish(answer, answer.reply["content"], stopped=generation.finish_reason == "cancelled",
                          notices=generation.notices)
         except self.out_of_memory:
-            state.fail(answer, "The device ran out of memory while answering. Your conversation is kept: "
-                               "try again, ask a shorter question, or start a new patient.")
+            state.fail(answer, state.t("messages.out_of_memory"))
             log.warning("answer failed session=%s reason=out-of-memory", state.id[:8])
             yield state.messages, self._notice(state)
             return
@@ -153,7 +147,7 @@ class Handlers:
             yield state.messages, self._notice(state)
             return
         except Exception as err:  # keep the app alive; the log names the type, never the content
-            state.fail(answer, "Something went wrong while answering. Your conversation is kept; please try again.")
+            state.fail(answer, state.t("messages.went_wrong"))
             log.exception("answer failed session=%s reason=%s", state.id[:8], type(err).__name__)
             yield state.messages, self._notice(state)
             return
@@ -180,19 +174,24 @@ class Handlers:
                 while state.messages and state.messages[-1]["role"] == "assistant":
                     state.messages.pop()  # the old answer and its notes
         if last is None:
-            yield state.error("There is no answer to regenerate yet."), self._notice(state)
+            yield state.error(state.t("messages.no_answer_yet")), self._notice(state)
             return
         yield from self._answer(state, settings or {})
 
-    def ask_quick(self, session: str, label: str, settings: dict | None = None) -> Iterator[Update]:
-        if label not in QUICK_PROMPTS:
-            yield self.store.get(session).error("Unknown quick question."), ""
-            return
-        yield from self.submit(session, {"text": QUICK_PROMPTS[label], "files": []}, settings)
+    def ask_quick(self, session: str, key: str, settings: dict | None = None) -> Iterator[Update]:
+        """One of the quick questions (a key of QUICK_PROMPTS), in the consultation's language."""
+        state = self.store.get(session)
+        yield from self.submit(session, {"text": state.t(f"prompts.{key}"), "files": []}, settings)
+
+    def set_language(self, session: str, lang: str) -> None:
+        self.store.get(session).lang = lang if lang in LANGUAGES else "en"
 
     # -- new patient, session end, report -------------------------------------------------------------
     def new_patient(self, session: str) -> Update:
-        self._forget(self.store.wipe(session))
+        wiped = self.store.wipe(session)
+        self._forget(wiped)
+        if wiped is not None:
+            self.store.get(session).lang = wiped.lang  # the page keeps its language
         return [], ""
 
     def end_session(self, session: str) -> None:
@@ -221,12 +220,12 @@ class Handlers:
         """The structured consultation over the consultation's first photo: Markdown + files.
         `on_step(done, total)` is told before each question (a progress bar). New patient (or the
         tab closing) stops it, and nothing is written into a wiped consultation."""
-        from model.consultation import DEFAULT_FLOW, consult
+        from model.consultation import STEPS, consult
 
         state = self.store.get(session)
         images = list(state.conversation.images) + state.pending
         if not images:
-            return "Please add a photo of the skin first; the report is built from it.", []
+            return state.t("messages.report_needs_photo"), []
         name = f"{state.id}:report"
         self.engine.forget(name)
 
@@ -234,20 +233,23 @@ class Handlers:
             if state.closed.is_set():
                 raise Wiped("the consultation was cleared")
             if on_step is not None:
-                on_step(len(conversation.turns) - 1, len(DEFAULT_FLOW))
+                on_step(len(conversation.turns) - 1, len(STEPS))
             return self.engine.answer(conversation, session=name, cancel=state.closed, **(settings or {}))
 
         try:
-            report = consult(ask, images[0])
+            report = consult(ask, images[0], lang=state.lang)
             markdown = report.markdown()
             files = [str(state.write_file("skin-report.md", markdown.encode()))]
             if render_pdf is not None:
-                files.append(str(state.write_file("skin-report.pdf", render_pdf(report))))
+                try:
+                    files.append(str(state.write_file("skin-report.pdf", render_pdf(report))))
+                except UserFacingError as err:  # no font for it: the Markdown still stands
+                    markdown += f"\n\n*PDF: {err}*"
         except Wiped:
             self.engine.forget(name)
-            return "The consultation was cleared (new patient), so no report was written.", []
+            return state.t("messages.report_cleared"), []
         except self.out_of_memory:
-            return "The device ran out of memory while writing the report. Please try again.", []
+            return state.t("messages.out_of_memory"), []
         except UserFacingError as err:
             return str(err), []
         log.info("report session=%s", state.id[:8])
@@ -258,7 +260,7 @@ class Handlers:
     def _notice(state: Consultation) -> str:
         if not state.flags:
             return ""
-        return f"**Warning signs mentioned: {', '.join(state.flags)}.** {URGENT_ADVICE}"
+        return f"**{state.t('messages.warning_signs')}: {', '.join(state.flags)}.** {state.t('urgent_advice')}"
 
 
 def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
@@ -270,10 +272,9 @@ def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
     return message.get("text") or "", [f for f in files if f]
 
 
-def _waiting(place: int) -> Message:
+def _waiting(state: Consultation, place: int) -> Message:
     ahead = place - 1
-    text = ("Your answer starts as soon as the one being written now is done." if ahead == 0 else
-            f"Waiting for the device: {ahead} answer{'s' if ahead > 1 else ''} ahead of you.")
+    text = state.t("messages.queue_next") if ahead == 0 else state.t("messages.queue_ahead", ahead=ahead)
     return {"role": "assistant", "content": text, "metadata": {"title": "In the queue"}}
 
 

@@ -39,7 +39,7 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
 
     from .handlers import Handlers, SessionStore
-    from .ui import CSS, THEME, build
+    from .ui import CSS, JS, THEME, build
 
     store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
     kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
@@ -54,7 +54,7 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2))
     say("[3/3] starting the web server ...")
     app.launch(server_name=settings.host, server_port=settings.port, auth=settings.credentials(), share=False,
-               theme=THEME, css=CSS, max_file_size="25mb", ssr_mode=False, show_error=False, quiet=True,
+               theme=THEME, css=CSS, js=JS, max_file_size="25mb", ssr_mode=False, show_error=False, quiet=True,
                prevent_thread_lock=True, enable_monitoring=False, pwa=False, mcp_server=False,
                run_history=False,  # Gradio would otherwise keep every photo and answer in the browser's storage
                footer_links=["api", "settings"])

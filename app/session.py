@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from model.conversation import Conversation, ImageInput
+from model.i18n import text
 from model.safety import red_flags
 
 from .privacy import remove_upload, session_dir
 
 Message = dict[str, Any]
-STOPPED = "\n\n*(stopped)*"
 MAX_PHOTOS = 8  # photos one consultation may hold
 
 
@@ -62,6 +62,11 @@ class Consultation:
     closed: threading.Event = field(default_factory=threading.Event)
     last_seen: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    lang: str = "en"  # of the page: messages, notices, quick questions, answers, reports
+
+    def t(self, key: str, **fields) -> str:
+        """A message in this consultation's language."""
+        return text(self.lang, key, **fields)
 
     @property
     def folder(self) -> Path:
@@ -85,22 +90,24 @@ class Consultation:
             answer.reply["content"] += piece
             return True
 
-    def finish(self, answer: Answer, text: str, stopped: bool = False, notices: tuple[str, ...] | list[str] = ()) -> None:
+    def finish(self, answer: Answer, answer_text: str, stopped: bool = False,
+               notices: tuple[str, ...] | list[str] = ()) -> None:
         """The answer ends (completely, or stopped with what it had): it becomes the turn's answer."""
         with self.lock:
             if self.answering is not answer:
                 return
             self.answering = None
-            text = text.strip()
-            answer.reply["content"] = (text or "(no answer)") + (STOPPED if stopped else "")
+            answer_text = answer_text.strip()
+            shown = answer_text or "(no answer)"
+            answer.reply["content"] = shown + (f"\n\n*{self.t('messages.stopped')}*" if stopped else "")
             if self.conversation.pending is not None:
-                self.conversation = self.conversation.answer(text)
+                self.conversation = self.conversation.answer(answer_text)
             for notice in notices:
                 self.messages.append({"role": "assistant", "content": notice, "metadata": {"title": "Note"}})
             self.flags = red_flags(*(t.question for t in self.conversation.turns),
-                                   *(t.answer or "" for t in self.conversation.turns))
+                                   *(t.answer or "" for t in self.conversation.turns), lang=self.lang)
 
-    def fail(self, answer: Answer, text: str) -> None:
+    def fail(self, answer: Answer, message: str) -> None:
         """The answer broke off: drop the open question (its photos wait for the retry) and say why."""
         with self.lock:
             if self.answering is not answer:
@@ -111,7 +118,7 @@ class Consultation:
             if self.conversation.pending is not None:
                 self.pending = list(self.conversation.pending.images) + self.pending
                 self.conversation = self.conversation.drop_last()
-            self.error(text)
+            self.error(message)
 
     def settle(self) -> None:
         """An answer left open (its consumer went away without closing it) ends now, as stopped."""
@@ -126,9 +133,9 @@ class Consultation:
             if self.answering is not None:
                 self.answering.cancel.set()
 
-    def error(self, text: str) -> list[Message]:
+    def error(self, message: str) -> list[Message]:
         with self.lock:
-            self.messages.append({"role": "assistant", "content": text, "metadata": {"title": "Cannot do that"}})
+            self.messages.append({"role": "assistant", "content": message, "metadata": {"title": "Cannot do that"}})
             return self.messages
 
     # -- files --------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Callable
 from pydantic import BaseModel
 
 from .conversation import Conversation, ImageInput
-from .safety import DISCLAIMER, URGENT_ADVICE, red_flags
+from .i18n import text
+from .safety import DISCLAIMER, red_flags
 
 
 @dataclass(frozen=True)
@@ -23,16 +24,23 @@ class ConsultStep:
     question: str
 
 
-DEFAULT_FLOW: tuple[ConsultStep, ...] = (
-    ConsultStep("describe", "Please describe the skin condition in this photo and say what it most likely is."),
-    ConsultStep("features", "What further features do you notice, such as colour, border, texture or distribution?"),
-    ConsultStep("causes", "What is the likely cause of this condition?"),
-    ConsultStep("treatment", "What treatment and medication would you suggest?"),
-    ConsultStep("see_doctor", "Should this be seen by a doctor, and how soon?"),
-)
+STEPS = ("describe", "features", "causes", "treatment", "see_doctor")
 
-DEFAULT_SEE_DOCTOR = ("See a doctor or dermatologist if the problem persists, spreads, changes, bleeds, or worries "
-                      "you.")
+
+def ask_in(lang: str, question: str) -> str:
+    """A question as the model is asked it: in Chinese, with the instruction to answer in Chinese
+    appended (English questions stay exactly as the reference asks them)."""
+    instruction = text(lang, "answer_instruction")
+    return f"{question} {instruction}" if instruction else question
+
+
+def flow(lang: str = "en") -> tuple[ConsultStep, ...]:
+    """The consultation's questions in a language."""
+    return tuple(ConsultStep(key, ask_in(lang, text(lang, f"flow.{key}"))) for key in STEPS)
+
+
+DEFAULT_FLOW: tuple[ConsultStep, ...] = flow("en")
+DEFAULT_SEE_DOCTOR = text("en", "report.default_see_doctor")
 
 
 class ConsultationReport(BaseModel):
@@ -47,71 +55,81 @@ class ConsultationReport(BaseModel):
     answers: dict[str, str]  # step key -> the model's full answer
     questions: dict[str, str]  # step key -> the question asked
     full_text: str
+    lang: str = "en"  # of the headings, the disclaimer and the warning signs
+
+    def heading(self, key: str) -> str:
+        return text(self.lang, f"report.{key}")
 
     def markdown(self) -> str:
-        lines = ["# Skin consultation report", "", f"> {self.disclaimer}", ""]
+        h = self.heading
+        lines = [f"# {h('title')}", "", f"> {self.disclaimer}", ""]
         if self.red_flags:
-            lines += [f"**Warning signs:** {', '.join(self.red_flags)}. {URGENT_ADVICE}", ""]
-        lines += ["## Most likely condition", self.diagnosis or "No condition was named.", ""]
+            lines += [f"**{h('warning_signs')}:** {', '.join(self.red_flags)}. {text(self.lang, 'urgent_advice')}", ""]
+        lines += [f"## {h('most_likely')}", self.diagnosis or h("none_named"), ""]
         if self.differentials:
-            lines += ["## Other possibilities"] + [f"- {d}" for d in self.differentials] + [""]
-        lines += ["## Visible features"] + [f"- {f}" for f in self.visible_features] + [""]
-        lines += ["## Possible causes", self.causes, "", "## Treatment suggestions", self.treatment, "",
-                  "## When to see a doctor", self.see_doctor, "", "## Full consultation"]
+            lines += [f"## {h('other')}"] + [f"- {d}" for d in self.differentials] + [""]
+        lines += [f"## {h('features')}"] + [f"- {f}" for f in self.visible_features] + [""]
+        lines += [f"## {h('causes')}", self.causes, "", f"## {h('treatment')}", self.treatment, "",
+                  f"## {h('see_doctor')}", self.see_doctor, "", f"## {h('full')}"]
         for key, question in self.questions.items():
             lines += [f"**Q:** {question}", "", f"**A:** {self.answers[key]}", ""]
         return "\n".join(lines)
 
 
 def consult(ask: Callable[[Conversation], str], image: ImageInput,
-            flow: tuple[ConsultStep, ...] = DEFAULT_FLOW) -> ConsultationReport:
-    """Walk the flow over one photo; `ask(conversation)` returns the answer to its pending question
-    (an engine's `answer`, bound to a session so that each step reuses the cache)."""
+            steps: tuple[ConsultStep, ...] | None = None, lang: str = "en") -> ConsultationReport:
+    """Walk the flow (by default the language's) over one photo; `ask(conversation)` returns the
+    answer to its pending question (an engine's `answer`, bound to a session so that each step
+    reuses the cache)."""
     conversation = Conversation()
     answers: dict[str, str] = {}
-    for n, step in enumerate(flow):
+    steps = steps or flow(lang)
+    for n, step in enumerate(steps):
         conversation = conversation.ask(step.question, [image] if n == 0 else [])
         answers[step.key] = ask(conversation).strip()
         conversation = conversation.answer(answers[step.key])
-    return build_report(answers, {s.key: s.question for s in flow})
+    return build_report(answers, {s.key: s.question for s in steps}, lang)
 
 
 # -- reading a report out of free text ------------------------------------------------------------
 
 _NAMING = re.compile(
     r"\b(?:most likely|likely|probably|possibly|consistent with|suggestive of|suggests?|appears to be|looks like|"
-    r"could be|may be|might be|diagnosis (?:is|of)|diagnosed as)\s+(?:an?\s+|the\s+)?([^.;:\n]+)", re.IGNORECASE)
-_DIFFERENTIAL = re.compile(r"\bdifferentials?(?: diagnos[ie]s)?(?: include| are| is)?:?\s+([^.\n]+)", re.IGNORECASE)
-_SPLIT = re.compile(r",\s*|\s+or\s+|\s+and\s+")
+    r"could be|may be|might be|diagnosis (?:is|of)|diagnosed as)\s+(?:an?\s+|the\s+)?([^.;:\n]+)"
+    r"|(?:最可能是|很可能是|可能是|考虑为|考虑是|诊断为|诊断是|符合|提示为|疑似|看起来像|像是)\s*([^。；;：:，,\n]+)",
+    re.IGNORECASE)
+_DIFFERENTIAL = re.compile(r"\bdifferentials?(?: diagnos[ie]s)?(?: include| are| is)?:?\s+([^.\n]+)"
+                           r"|鉴别诊断(?:包括|有|为)?[:：]?\s*([^。\n]+)", re.IGNORECASE)
+_SPLIT = re.compile(r",\s*|\s+or\s+|\s+and\s+|[、，]|或者?|以及|和")
 
 
 def _clean(phrase: str) -> str:
-    phrase = re.split(r"\b(?:which|that|because|with|due to|caused by)\b", phrase, maxsplit=1)[0]
-    return phrase.strip(" ,.-").strip()
+    phrase = re.split(r"\b(?:which|that|because|with|due to|caused by)\b|因为|由于|伴有", phrase, maxsplit=1)[0]
+    return phrase.strip(" ,.-，。").strip()
 
 
 def extract_diagnosis(text: str) -> tuple[str | None, list[str]]:
     """The first condition a text names, and the others it offers as alternatives."""
-    names = [_clean(m.group(1)) for m in _NAMING.finditer(text)]
+    names = [_clean(m.group(1) or m.group(2)) for m in _NAMING.finditer(text)]
     names = [n for n in names if n and len(n) <= 80]
     differentials: list[str] = []
     for m in _DIFFERENTIAL.finditer(text):
-        differentials += [_clean(p) for p in _SPLIT.split(m.group(1)) if _clean(p)]
+        differentials += [_clean(p) for p in _SPLIT.split(m.group(1) or m.group(2)) if _clean(p)]
     if not names and differentials:
         names = [differentials.pop(0)]
     diagnosis = names[0] if names else None
     if diagnosis and " or " in diagnosis:
-        first, *rest = [p.strip() for p in diagnosis.split(" or ")]
+        first, *rest = [_clean(p) for p in diagnosis.split(" or ")]
         diagnosis, differentials = first, rest + differentials
     others = [n for n in names[1:] + differentials if n.lower() != (diagnosis or "").lower()]
     return diagnosis, list(dict.fromkeys(others))
 
 
 def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if len(s.strip()) > 2]
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|(?<=[。！？])|\n+", text) if len(s.strip()) > 2]
 
 
-def build_report(answers: dict[str, str], questions: dict[str, str]) -> ConsultationReport:
+def build_report(answers: dict[str, str], questions: dict[str, str], lang: str = "en") -> ConsultationReport:
     description = " ".join(answers.get(k, "") for k in ("describe", "features"))
     diagnosis, differentials = extract_diagnosis(answers.get("describe", "") or description)
     features = [s for s in _sentences(description) if not _NAMING.search(s)]
@@ -119,5 +137,6 @@ def build_report(answers: dict[str, str], questions: dict[str, str]) -> Consulta
     return ConsultationReport(
         visible_features=features, diagnosis=diagnosis, differentials=differentials,
         causes=answers.get("causes", ""), treatment=answers.get("treatment", ""),
-        see_doctor=answers.get("see_doctor") or DEFAULT_SEE_DOCTOR,
-        red_flags=red_flags(*answers.values()), answers=answers, questions=questions, full_text=full)
+        see_doctor=answers.get("see_doctor") or text(lang, "report.default_see_doctor"),
+        red_flags=red_flags(*answers.values(), lang=lang), answers=answers, questions=questions, full_text=full,
+        disclaimer=text(lang, "disclaimer"), lang=lang)

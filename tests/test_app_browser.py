@@ -19,19 +19,28 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 
 @pytest.fixture(scope="module")
-def browser_page(tmp_path_factory):
+def playwright():
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: .ci/run must install Debian's chromium")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=FLAGS,
-            viewport={"width": 1100, "height": 1000})
-        yield context
-        context.close()
+    with sync_playwright() as instance:
+        yield instance
+
+
+def _browser(playwright, profile, **options):
+    return playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS, viewport={"width": 1100, "height": 1000},
+        **options)
+
+
+@pytest.fixture(scope="module")
+def browser_page(playwright, tmp_path_factory):
+    context = _browser(playwright, tmp_path_factory.mktemp("chromium-profile"), locale="en-US")
+    yield context
+    context.close()
 
 
 def test_upload_ask_stream_new_patient_and_no_other_hosts(server, browser_page, tmp_path):
@@ -109,3 +118,158 @@ def test_closing_the_tab_wipes_the_session(server, browser_page, tmp_path):
         time.sleep(0.5)
     assert kept() == [], "the closed tab's photo is still on disk"
     assert "session wiped" in server.output()
+
+
+# -- phones and assistive technology (issue 16) ---------------------------------------------------------
+
+AXE = ROOT / ".cache" / "node" / "node_modules" / "axe-core" / "axe.min.js"
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 900}
+
+
+def _axe(page) -> list[dict]:
+    """Serious and critical axe-core violations on the page as it is now (the script is injected by
+    the test from the npm package; the page itself fetches nothing)."""
+    if not AXE.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{AXE} is missing: .ci/run must install axe-core from the npm registry")
+        pytest.skip("axe-core is not installed: npm install --prefix .cache/node axe-core@4.14.1")
+    if not page.evaluate("() => typeof window.axe !== 'undefined'"):
+        page.add_script_tag(path=str(AXE))
+    result = page.evaluate("async () => (await axe.run(document, {resultTypes: ['violations']})).violations")
+    return [{"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:3]}
+            for v in result if v["impact"] in ("serious", "critical")]
+
+
+def _open(browser_page, server, size):
+    page = browser_page.new_page()
+    page.set_viewport_size(size)
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#message textarea", timeout=60_000)
+    page.wait_for_timeout(500)
+    return page
+
+
+def _answer(page, photo, question):
+    page.set_input_files("#message input[type=file]", str(photo))
+    page.wait_for_selector("#message img, #message .thumbnail-item", timeout=30_000)
+    page.fill("#message textarea", question)
+    page.press("#message textarea", "Enter")
+    page.wait_for_function("() => document.querySelector('#answer-live').innerText.trim().length > 0",
+                           timeout=60_000)
+
+
+@pytest.mark.parametrize("size", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_no_serious_accessibility_violations_in_any_state(server, browser_page, tmp_path, size):
+    photo = tmp_path / "mole.jpg"
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
+    page = _open(browser_page, server, size)
+    found = {"empty": _axe(page)}
+    assert page.locator("h1").count() == 1
+    _answer(page, photo, "My mole is changing and it bleeds")  # red-flag words: the notice shows
+    page.wait_for_selector("#red-flag [role=alert], #red-flag[role=alert]", timeout=30_000)
+    assert "Warning signs" in page.inner_text("#red-flag")
+    found["answered, red flag"] = _axe(page)
+    page.click("text=Full report")
+    page.wait_for_function("() => document.body.innerText.includes('Skin consultation report')", timeout=120_000)
+    found["report open"] = _axe(page)
+    page.click("#new-patient")
+    page.close()
+    assert all(v == [] for v in found.values()), found
+
+
+def test_on_a_phone_the_question_box_is_on_the_first_screen(server, browser_page):
+    page = _open(browser_page, server, PHONE)
+    box = page.locator("#message textarea").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= PHONE["height"], box
+    upload = page.locator("#message input[type=file]")
+    assert "image" in (upload.get_attribute("accept") or "")  # a phone offers its camera for image inputs
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], "the page scrolls sideways on a phone"
+    page.close()
+
+
+def test_keyboard_only_and_what_a_screen_reader_hears(server, browser_page, tmp_path):
+    photo = tmp_path / "arm.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(photo)
+    page = _open(browser_page, server, DESKTOP)
+    assert page.locator("#chat [aria-live]:not([aria-live=off])").count() == 0  # not read token by token
+    assert page.get_attribute("#answer-live", "aria-live") == "polite"
+    page.set_input_files("#message input[type=file]", str(photo))  # the file chooser a key press opens
+    page.wait_for_selector("#message img, #message .thumbnail-item", timeout=30_000)
+    page.focus("#message textarea")
+    page.keyboard.type("What is it?")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#answer-live').innerText.trim().length > 0",
+                           timeout=60_000)
+    page.wait_for_function("() => document.activeElement && document.activeElement.closest('#message')",
+                           timeout=10_000)  # focus is back in the question box
+    for _ in range(40):  # Tab on to New patient, and press it
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement && document.activeElement.id === 'new-patient'"):
+            break
+    assert page.evaluate("() => document.activeElement.id") == "new-patient"
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => !document.querySelector('#chat').innerText.includes('What is it?')", timeout=30_000)
+    page.close()
+
+
+def test_a_phone_photo_uploads_upright_and_text_enlarges_to_200_percent(server, browser_page, tmp_path):
+    """A 4000x3000 camera JPEG stored sideways with EXIF orientation 6, sent from a phone-sized page."""
+    ramp = np.linspace(0, 255, 4000, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (3000, 1)), np.full((3000, 4000), 120, np.uint8),
+                       np.tile(ramp[::-1], (3000, 1))], axis=-1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: the photo is portrait
+    photo = tmp_path / "IMG_0001.jpg"
+    Image.fromarray(pixels).save(photo, "JPEG", quality=90, exif=exif.tobytes())
+    page = _open(browser_page, server, PHONE)
+    page.set_input_files("#message input[type=file]", str(photo))
+    page.wait_for_selector("#message img, #message .thumbnail-item", timeout=60_000)
+    page.press("#message textarea", "Enter")
+    shown = page.locator("#chat img").first
+    shown.wait_for(timeout=60_000)
+    page.wait_for_function("() => { const i = document.querySelector('#chat img'); return i && i.naturalWidth > 0; }",
+                           timeout=30_000)
+    width, height = page.evaluate("() => { const i = document.querySelector('#chat img'); "
+                                  "return [i.naturalWidth, i.naturalHeight]; }")
+    assert (width, height) == (3000, 4000)  # upright, at full size
+    page.click("#new-patient")
+    page.set_viewport_size(DESKTOP)
+    page.evaluate("() => { document.documentElement.style.fontSize = '200%'; }")
+    page.wait_for_timeout(300)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= DESKTOP["width"]
+    for selector in ("#message textarea", "#new-patient", "#disclaimer"):
+        assert page.locator(selector).is_visible()
+    page.close()
+
+
+# -- Chinese (issue 14) --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chinese_browser(playwright, tmp_path_factory):
+    context = _browser(playwright, tmp_path_factory.mktemp("chromium-zh"), locale="zh-CN")
+    yield context
+    context.close()
+
+
+def test_a_chinese_browser_gets_the_chinese_page_and_can_switch_to_english(server, chinese_browser, tmp_path):
+    requests: list[str] = []
+    page = chinese_browser.new_page()
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#new-patient') && "
+                           "document.querySelector('#new-patient').innerText.includes('新患者')", timeout=60_000)
+    assert "辅助决策" in page.inner_text("#disclaimer") and "演示模式" in page.inner_text("#demo-banner")
+    assert page.evaluate("() => document.documentElement.lang") == "zh-CN"
+    assert "这是什么" in page.inner_text(".quick")
+    page.get_by_text("English", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#new-patient').innerText.includes('New patient')",
+                           timeout=30_000)
+    assert "decision support" in page.inner_text("#disclaimer")
+    assert page.evaluate("() => document.documentElement.lang") == "en"
+    server_host = urlparse(server.url).netloc
+    elsewhere = {u for u in requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
+                 and urlparse(u).netloc != server_host}
+    assert requests and not elsewhere, f"the page reached other hosts: {elsewhere}"
+    page.close()

@@ -85,13 +85,16 @@ def test_non_loopback_bind_without_auth_refuses_to_start():
     assert "refusing to listen on 0.0.0.0" in proc.stderr and "--auth" in proc.stderr
 
 
-@pytest.mark.parametrize("env", [{"SKINGPT_HOST": "192.168.1.20"}, {"SKINGPT_HOST": "::", "SKINGPT_AUTH": "nocolon"}])
+@pytest.mark.parametrize("env", [{"SKINGPT_HOST": "192.168.1.20"}, {"SKINGPT_HOST": "::", "SKINGPT_AUTH": "nocolon"},
+                                 {"SKINGPT_HOST": "0.0.0.0", "SKINGPT_AUTH": "clinic:long-password"}])
 def test_unsafe_settings_from_the_environment(env):
     import os
 
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py")], capture_output=True, text=True, timeout=120,
                           cwd=ROOT, env={**os.environ, **env})
     assert proc.returncode == 2 and ("refusing to listen" in proc.stderr or "user:password" in proc.stderr)
+    if "SKINGPT_AUTH" in env and ":" in env["SKINGPT_AUTH"]:
+        assert "use the API without a key" in proc.stderr  # a password for the page is not enough
 
 
 def test_shutdown_removes_the_private_directory(server, tmp_path):

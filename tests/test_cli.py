@@ -100,5 +100,8 @@ def test_bench_tiny_random_init_json():
     assert result["decode_tokens_per_s"] > 0 and result["bare_decode_tokens_per_s"] > 0
     api = result["api_followups"]  # the same follow-ups through the OpenAI-compatible API's path
     assert [row["turn"] for row in api] == [1, 2, 3]
-    assert all(row["cached_tokens"] > 32 and row["prompt_tokens"] - row["cached_tokens"] < 40 for row in api)
+    assert api[0]["cached_tokens"] > 32  # at least the photo and the first question
+    # each request reuses all of the previous one's prompt (the random model's answer text may re-tokenise
+    # differently from what it generated, so the answer itself is not always reused)
+    assert all(now["cached_tokens"] >= before["prompt_tokens"] for before, now in zip(api, api[1:]))
     assert result["peak_rss_bytes"] > 0

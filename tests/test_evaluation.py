@@ -85,7 +85,7 @@ def _sheet(path, ratings: dict[str, list[str]], cases=("c1", "c2", "c3", "c4")):
 
 def test_review_table_by_hand(tmp_path):
     one = _sheet(tmp_path / "r1.csv", {"diagnosis_correct": ["5", "strongly agree", "4", "3"]})
-    two = _sheet(tmp_path / "r2.csv", {"diagnosis_correct": ["Strongly Agree", "agree", "agree", "disagree"]})
+    two = _sheet(tmp_path / "r2.csv", {"diagnosis_correct": ["Strongly Agree", "同意", "agree", "不同意"]})  # a Chinese packet's words
     result = review_score([one, two], n_boot=200)
     row = result["statements"]["diagnosis_correct"]
     # 8 ratings: strongly agree 3, agree 3, neutral 1, disagree 1
@@ -206,6 +206,8 @@ def test_predict_with_reports_then_score_and_packet(tiny_bundle, cases_manifest,
     assert ((packet / "packet.html").stat().st_mode & 0o777) == 0o600
     sheet = list(csv.reader(open(packet / "sheets" / "reviewer-3.csv")))
     assert sheet[0] == ["case_id", *STATEMENTS] and [r[0] for r in sheet[1:]] == [f"case-{i}" for i in range(4)]
+    chinese = (review_packet(out, tmp_path / "review-zh", reviewers=1, lang="zh") / "packet.html").read_text()
+    assert "<h1>SkinGPT 评审材料</h1>" in chinese and "诊断正确或相关。" in chinese and "lang='zh-CN'" in chinese
 
 
 def test_score_a_hand_made_run(tmp_path):

@@ -18,20 +18,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserFacingError
+from ..i18n import LANGUAGES, text
 from .metrics import bootstrap_ci, fleiss_kappa
 from .predict import read_predictions
 
-STATEMENTS = {
-    "diagnosis_correct": "The diagnosis is correct or relevant.",
-    "description_informative": "The description is informative.",
-    "suggestions_useful": "The suggestions are useful.",
-    "helps_doctors": "It can help doctors diagnose.",
-    "helps_patients": "It can help patients understand their disease.",
-    "protects_privacy": "Deployed locally, it protects patients' privacy.",
-    "willing_to_use": "I would be willing to use it.",
-}
+STATEMENTS = text("en", "review.statements")  # key -> statement; the sheets' columns are the keys
 SCALE = ("strongly agree", "agree", "neutral", "disagree", "strongly disagree")
-_BY_NUMBER = {"5": "strongly agree", "4": "agree", "3": "neutral", "2": "disagree", "1": "strongly disagree"}
+# a rating may be written as a number, or as the scale's words in any language the packets come in
+_BY_NUMBER = {str(5 - i): word for i, word in enumerate(SCALE)}
+_BY_WORD = {text(lang, f"review.scale.{n}").lower(): word for lang in LANGUAGES for n, word in _BY_NUMBER.items()}
 
 
 class ReviewError(UserFacingError, ValueError):
@@ -49,26 +44,28 @@ def _thumbnail(path: Path, size: int = 320) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def review_packet(run: str | Path, out: str | Path, reviewers: int = 5, manifest_dir: str | Path | None = None) -> Path:
-    """packet.html (every case: photo, questions, answers) and sheets/reviewer-N.csv to fill in."""
+def review_packet(run: str | Path, out: str | Path, reviewers: int = 5, manifest_dir: str | Path | None = None,
+                  lang: str = "en") -> Path:
+    """packet.html (every case: photo, questions, answers), in `lang`, and sheets/reviewer-N.csv to fill in."""
+    t = lambda key: html.escape(text(lang, f"review.{key}"))  # noqa: E731
     run, out = Path(run), Path(out)
     rows = [r for r in read_predictions(run) if not r.get("error")]
     base = Path(manifest_dir) if manifest_dir else Path(json.loads((run / "run.json").read_text())["manifest"]).parent
     out.mkdir(mode=0o700, parents=True, exist_ok=True)  # the packet holds patient photos: owner only
-    parts = ["<!doctype html><meta charset='utf-8'><title>SkinGPT review packet</title>",
+    parts = [f"<!doctype html><html lang='{'zh-CN' if lang == 'zh' else lang}'><meta charset='utf-8'>"
+             f"<title>{t('title')}</title>",
              "<style>body{font-family:system-ui,sans-serif;max-width:60em;margin:auto;padding:1em}"
              ".case{border-top:2px solid #999;padding:1em 0}img{max-width:320px;border-radius:6px}"
              "dt{font-weight:600;margin-top:.6em}</style>",
-             "<h1>SkinGPT review packet</h1><p>For each case, rate the seven statements in your sheet "
-             "(strongly agree, agree, neutral, disagree, strongly disagree; or 5 to 1).</p><ol>"]
-    parts += [f"<li>{html.escape(text)}</li>" for text in STATEMENTS.values()]
+             f"<h1>{t('title')}</h1><p>{t('instructions')}</p><ol>"]
+    parts += [f"<li>{t(f'statements.{key}')}</li>" for key in STATEMENTS]
     parts.append("</ol>")
     for row in rows:
-        parts.append(f"<section class='case' id='{html.escape(row['id'])}'><h2>Case {html.escape(row['id'])}</h2>")
-        parts.append(f"<img alt='case photo' src='{_thumbnail(base / row['image'])}'><dl>")
+        parts.append(f"<section class='case' id='{html.escape(row['id'])}'><h2>{t('case')} {html.escape(row['id'])}</h2>")
+        parts.append(f"<img alt='{t('photo')}' src='{_thumbnail(base / row['image'])}'><dl>")
         report = row.get("report") or {}
         qa = [(report.get("questions", {}).get(k, k), a) for k, a in report.get("answers", {}).items()] or \
-             [("Answer", row.get("answer", ""))]
+             [(text(lang, "review.answer"), row.get("answer", ""))]
         for question, answer in qa:
             parts.append(f"<dt>{html.escape(question)}</dt><dd>{html.escape(answer)}</dd>")
         parts.append("</dl></section>")
@@ -88,6 +85,8 @@ def _rating(value: str, where: str) -> str:
     value = value.strip().lower()
     if value in _BY_NUMBER:
         return _BY_NUMBER[value]
+    if value in _BY_WORD:
+        return _BY_WORD[value]
     if value in SCALE:
         return value
     raise ReviewError(f"{where}: {value!r} is not a rating; use strongly agree, agree, neutral, disagree, "
