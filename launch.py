@@ -153,6 +153,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
         report = consult(lambda conv: engine.answer(conv, session="ask", seed=args.seed, **_settings(args)), image,
                          lang=lang)
+        if (ranking := engine.rank([image])) is not None:
+            report.differential, report.differential_uncertain = ranking.conditions, ranking.uncertain
         print(report.model_dump_json(indent=2) if args.json else report.markdown())
         if args.pdf:
             from app.export import report_pdf
@@ -165,15 +167,42 @@ def cmd_ask(args: argparse.Namespace) -> int:
     generation = engine.stream(conversation, seed=args.seed, **_settings(args))
     if args.json:
         answer = "".join(generation)
-        print(json.dumps({"question": question, "answer": answer.strip(), "finish_reason": generation.finish_reason,
-                          "notices": generation.notices, "disclaimer": text(lang, "disclaimer"), "language": lang},
-                         indent=2, ensure_ascii=False))
+        result = {"question": question, "answer": answer.strip(), "finish_reason": generation.finish_reason,
+                  "notices": generation.notices, "disclaimer": text(lang, "disclaimer"), "language": lang}
+        if (ranking := engine.rank([image])) is not None:
+            result.update(differential=ranking.conditions, differential_uncertain=ranking.uncertain)
+        print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         for piece in generation:
             print(piece, end="", flush=True)
         print()
         for notice in generation.notices:
             print(f"note: {notice}", file=sys.stderr)
+        if (ranking := engine.rank([image])) is not None:
+            print(f"\n{text(lang, 'report.ranked')} (calibrated):")
+            print("\n".join(f"  {c['condition']:<28} {100 * c['probability']:5.1f}%" for c in ranking.conditions))
+            if ranking.uncertain:
+                print(f"  {text(lang, 'report.uncertain')}")
+    return 0
+
+
+def cmd_train_differential(args: argparse.Namespace) -> int:
+    from model.training.differential import build
+
+    out, head = build(args.data, args.weights, args.out, labels=args.labels, feature=args.features,
+                      val_fraction=args.val_fraction, target_precision=args.target_precision, seed=args.seed,
+                      say=lambda line: print(line, flush=True))
+    metrics = head.metrics
+    held_out = metrics.get("test") or metrics["validation"]
+    which = "test" if "test" in metrics else "validation"
+    print(f"features: {head.feature} (held-out top-1 by kind: {metrics['feature_choice']})")
+    print(f"held-out ({which}) top-1 {100 * held_out['top1']:.1f}% (chance {100 * held_out['chance']:.1f}%), "
+          f"top-3 {100 * held_out['top3']:.1f}%, balanced accuracy {100 * held_out['balanced_accuracy']:.1f}%; "
+          f"ECE {held_out['ece_before']:.3f} -> {held_out['ece_after']:.3f} after temperature scaling "
+          f"(T={head.temperature:.2f}); 'uncertain' below {100 * head.threshold:.0f}% "
+          f"(for {100 * metrics['target_precision']:.0f}% precision on validation)")
+    print(f"bundle with the head written to {out} (reliability plot: {out / 'differential-reliability.png'}); "
+          f"serve it with: python launch.py --weights {out}")
     return 0
 
 
@@ -303,10 +332,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from model.evaluation.report import score
 
         result = score(args.run, labels, n_boot=args.bootstrap, seed=args.seed)
-        print((Path(args.run) / "report.md").read_text())
-        print(f"written: {args.run}/score.json, report.md, confusion.png, per_class.png, skin_tone.png", file=sys.stderr)
-        if args.json:
-            print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2) if args.json else (Path(args.run) / "report.md").read_text())
+        print(f"written: {args.run}/score.json, report.md, confusion.png, per_class.png, skin_tone.png"
+              + (", differential-reliability.png" if "differential" in result else ""), file=sys.stderr)
     elif args.eval_command == "review-packet":
         from model.evaluation.review import review_packet
 
@@ -402,6 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ask)
     gen_args(ask)
     ask.set_defaults(func=cmd_ask)
+
+    td = sub.add_parser("train-differential", help="a calibrated ranked differential head on a bundle's image features")
+    td.add_argument("--data", required=True, help="training manifest (JSONL) whose records have a diagnosis; "
+                                                 "\"split\": train | val | test (else a held-out fraction)")
+    td.add_argument("--weights", required=True, help="the bundle whose encoder gives the features")
+    td.add_argument("--out", required=True, help="the new bundle (the encoder and LLM, plus the head)")
+    td.add_argument("--labels", help="labels.yaml: conditions and their synonyms (as for eval)")
+    td.add_argument("--features", default="auto", choices=("auto", "vit", "qformer", "both"),
+                    help="auto: the kind with the best held-out accuracy")
+    td.add_argument("--val-fraction", type=float, default=0.2)
+    td.add_argument("--target-precision", type=float, default=0.9,
+                    help="'uncertain' below the top probability that reaches this precision on validation")
+    td.add_argument("--seed", type=int, default=0)
+    td.set_defaults(func=cmd_train_differential)
 
     chat = sub.add_parser("chat", help="a terminal chat that streams")
     chat.add_argument("--image", help="the first photo (or add one with /image PATH)")

@@ -62,6 +62,9 @@ def report_pdf(report: ConsultationReport) -> bytes:
         write(f"{', '.join(report.red_flags)}. {text(report.lang, 'urgent_advice')}", 10.5, "B")
     heading("most_likely")
     write(report.diagnosis or report.heading("none_named"), 10.5)
+    if report.differential:
+        heading("ranked")
+        write("\n".join(report.differential_lines()), 10.5)
     if report.differentials:
         heading("other")
         write("\n".join(f"- {d}" for d in report.differentials), 10.5)

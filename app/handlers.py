@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from model.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
 from model.imageio import ImageError, decode_photo
-from model.consultation import ask_in
+from model.consultation import ask_in, extract_diagnosis
 from model.i18n import LANGUAGES
 
 from .privacy import remove_upload, sweep_uploads
@@ -238,6 +238,9 @@ class Handlers:
 
         try:
             report = consult(ask, images[0], lang=state.lang)
+            rank = getattr(self.engine, "rank", None)
+            if rank is not None and (ranking := rank(images[-3:])) is not None:
+                report.differential, report.differential_uncertain = ranking.conditions, ranking.uncertain
             markdown = report.markdown()
             files = [str(state.write_file("skin-report.md", markdown.encode()))]
             if render_pdf is not None:
@@ -255,6 +258,24 @@ class Handlers:
         log.info("report session=%s", state.id[:8])
         return markdown, files
 
+    def differential(self, session: str) -> str:
+        """The bundle's calibrated ranking for the consultation's last (up to 3) photos, as HTML with
+        bars, and a warning when the chat's named condition is not in its top 3. '' without a head."""
+        rank = getattr(self.engine, "rank", None)
+        state = self.store.get(session)
+        photos = (list(state.conversation.images) + state.pending)[-3:]
+        if rank is None or not photos:
+            return ""
+        keys = tuple(p.key for p in photos)
+        if state.ranking is None or state.ranking[0] != keys:
+            state.ranking = (keys, rank(photos))
+        ranking = state.ranking[1]
+        if ranking is None:
+            return ""
+        answers = [t.answer for t in state.conversation.turns if t.answer]
+        named = extract_diagnosis(answers[-1])[0] if answers else None
+        return _ranking_html(state, ranking, named)
+
     # -- helpers ------------------------------------------------------------------------------------
     @staticmethod
     def _notice(state: Consultation) -> str:
@@ -270,6 +291,23 @@ def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
         return message, []
     files = [f if isinstance(f, str) else f.get("path", "") for f in message.get("files") or []]
     return message.get("text") or "", [f for f in files if f]
+
+
+def _ranking_html(state: Consultation, ranking, named: str | None) -> str:
+    import html
+
+    rows = "".join(
+        f"<li><span class='name'>{html.escape(c['condition'])}</span>"
+        f"<span class='bar' role='presentation'><span style='width:{100 * c['probability']:.0f}%'></span></span>"
+        f"<span class='pct'>{100 * c['probability']:.0f}%</span></li>" for c in ranking.conditions)
+    notes = []
+    if ranking.uncertain:
+        notes.append(f"<p class='uncertain'>{html.escape(state.t('report.uncertain'))}</p>")
+    top = [c.lower() for c in ranking.top(3)]
+    if named and not any(c in named.lower() or named.lower() in c for c in top):
+        notes.append(f"<p class='disagree' role='alert'>{html.escape(state.t('messages.disagree'))}</p>")
+    return (f"<section id='differential' aria-label='{html.escape(state.t('report.ranked'))}'>"
+            f"<h2>{html.escape(state.t('report.ranked'))}</h2><ol>{rows}</ol>{''.join(notes)}</section>")
 
 
 def _waiting(state: Consultation, place: int) -> Message:

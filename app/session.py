@@ -63,6 +63,7 @@ class Consultation:
     last_seen: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
     lang: str = "en"  # of the page: messages, notices, quick questions, answers, reports
+    ranking: tuple | None = None  # (photo keys, the differential for them): computed once per set of photos
 
     def t(self, key: str, **fields) -> str:
         """A message in this consultation's language."""

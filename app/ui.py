@@ -32,6 +32,13 @@ CSS = """
 /* the footer's light grey text reads at 2.4:1; WCAG AA needs 4.5:1 */
 footer, footer a, footer button, .show-api, .settings {color:#374151 !important}
 #report-files label, #report-files label span {color:#1f2937 !important;background:#ffffff !important}
+#differential h2 {font-size:1.05em;margin:0 0 4px}
+#differential ol {list-style:none;padding:0;margin:0}
+#differential li {display:grid;grid-template-columns:minmax(8em,14em) 1fr 3.5em;gap:8px;align-items:center;margin:3px 0}
+#differential .bar {background:#e5e7eb;border-radius:4px;height:10px;display:block}
+#differential .bar span {background:#0f766e;border-radius:4px;height:10px;display:block}
+#differential .pct {text-align:right;font-variant-numeric:tabular-nums}
+#differential .disagree {background:#fef3c7;color:#78350f;border:1px solid #d97706;padding:8px 12px;border-radius:8px}
 #language {max-width:22em}
 #language label, #language label span {color:#111827 !important;background:#ffffff !important}
 #language label.selected {outline:2px solid #0f766e;font-weight:600}
@@ -99,6 +106,7 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
                              allow_file_downloads=False, buttons=["copy", "copy_all"])  # no "share" to a hub
         notice = gr.Markdown("", elem_id="red-flag")  # under the answer, where a phone user is looking
         live = gr.Markdown("", elem_id="answer-live", elem_classes="sr-only")  # the finished answer, announced once
+        ranked = gr.HTML("", elem_id="differential-panel")  # the bundle's calibrated ranking, when it has a head
         box = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"], elem_id="message",
             placeholder=t("ui.box_placeholder"), show_label=False, submit_btn=True, stop_btn=True)
@@ -207,10 +215,15 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
                 content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
             return content if isinstance(content, str) else ""
 
+        def differential(request: gr.Request) -> str:
+            return handlers.differential(request.session_hash)
+
         for event in (ask_event, regen_event, *quick_events):
             event.then(announce, [chatbot], [live], queue=False, api_visibility="private").then(
-                None, None, None, js=FOCUS_QUESTION)  # and the keyboard is back in the question box
+                None, None, None, js=FOCUS_QUESTION).then(  # the keyboard is back in the question box
+                differential, None, [ranked], api_visibility="private", **model_events)
 
+        new_patient.click(lambda: "", None, [ranked], queue=False, api_visibility="private")
         new_patient.click(wipe, None, [chatbot, notice, box, report_md, report_files], api_name="new_patient",
                           cancels=[ask_event, regen_event, report_event, *quick_events])
 

@@ -221,6 +221,7 @@ class LoadedBundle:
     manifest: dict[str, Any]
     device: str
     footprint: dict[str, int] = field(default_factory=dict)  # bytes per part as loaded
+    differential: Any = None  # model.differential.DifferentialHead, when the bundle carries one
 
     @property
     def bundle_hash(self) -> str:
@@ -260,7 +261,10 @@ def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: boo
         model = SkinGPT(config, llm)  # encoder parts allocate nothing until their weights arrive
     load_encoder(model, bundle / ENCODER_FILE, device=device, dtype=dtype)
     footprint = {part: module_bytes(getattr(model, part)) for part in (*ENCODER_PARTS, "llm")}
-    return LoadedBundle(model.eval(), load_tokenizer(llm_dir), config, bundle, manifest, device, footprint)
+    from .differential import DifferentialHead
+
+    return LoadedBundle(model.eval(), load_tokenizer(llm_dir), config, bundle, manifest, device, footprint,
+                        DifferentialHead.load(bundle))
 
 
 def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype) -> None:

@@ -56,9 +56,15 @@ class ConsultationReport(BaseModel):
     questions: dict[str, str]  # step key -> the question asked
     full_text: str
     lang: str = "en"  # of the headings, the disclaimer and the warning signs
+    differential: list[dict] | None = None  # the bundle's calibrated ranking, when it has a head
+    differential_uncertain: bool = False
 
     def heading(self, key: str) -> str:
         return text(self.lang, f"report.{key}")
+
+    def differential_lines(self) -> list[str]:
+        lines = [f"- {c['condition']}: {100 * c['probability']:.0f}%" for c in self.differential or []]
+        return lines + ([f"*{self.heading('uncertain')}*"] if self.differential_uncertain else [])
 
     def markdown(self) -> str:
         h = self.heading
@@ -66,6 +72,8 @@ class ConsultationReport(BaseModel):
         if self.red_flags:
             lines += [f"**{h('warning_signs')}:** {', '.join(self.red_flags)}. {text(self.lang, 'urgent_advice')}", ""]
         lines += [f"## {h('most_likely')}", self.diagnosis or h("none_named"), ""]
+        if self.differential:
+            lines += [f"## {h('ranked')}"] + self.differential_lines() + [""]
         if self.differentials:
             lines += [f"## {h('other')}"] + [f"- {d}" for d in self.differentials] + [""]
         lines += [f"## {h('features')}"] + [f"- {f}" for f in self.visible_features] + [""]

@@ -261,3 +261,45 @@ def write_training_data(out: str | Path, n: int = 8, size: int = 64, seed: int =
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest
+
+
+# Conditions of the synthetic labelled set: each its own colour and texture, so that a head on even
+# random features can tell them apart (as real conditions differ in colour and texture).
+LABELLED_LOOKS = {
+    "psoriasis": ((200, 70, 70), "scale"),  # red plaque with white flecks
+    "vitiligo": ((235, 215, 200), "smooth"),  # pale patch
+    "melanoma": ((70, 45, 35), "blotch"),  # dark, irregular
+    "eczema": ((215, 120, 120), "grain"),  # pink, rough
+}
+
+
+def write_labelled_images(out: str | Path, per_class: int = 60, size: int = 48, seed: int = 0) -> Path:
+    """A labelled synthetic image set as a training manifest (diagnosis and split per record):
+    60% train, 20% val, 20% test of each condition. Returns the manifest's path."""
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
+    (out / "image").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    skin = np.array([225, 180, 155], dtype=float)
+    lines = []
+    for label, (colour, texture) in LABELLED_LOOKS.items():
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(skin, 10, (size, size, 3)), 0, 255)
+            yy, xx = np.mgrid[:size, :size]
+            radius = size * rng.uniform(0.25, 0.4)
+            lesion = (yy - size / 2 + rng.normal(0, 3)) ** 2 + (xx - size / 2 + rng.normal(0, 3)) ** 2 < radius ** 2
+            tone = np.clip(np.array(colour) + rng.normal(0, 12, 3), 0, 255)
+            pixels[lesion] = tone + rng.normal(0, {"grain": 30, "blotch": 20}.get(texture, 6), (lesion.sum(), 3))
+            if texture == "scale":
+                flecks = lesion & (rng.random((size, size)) < 0.15)
+                pixels[flecks] = 245
+            name = f"{label}-{i}.png"
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out / "image" / name)
+            split = "train" if i < 0.6 * per_class else "val" if i < 0.8 * per_class else "test"
+            lines.append(json.dumps({"image": f"image/{name}", "caption": f"A {label} lesion.", "diagnosis": label,
+                                     "split": split, "fitzpatrick": int(i % 6) + 1, "id": f"{label}-{i}"}))
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest

@@ -112,9 +112,12 @@ def _one(engine, case: EvalCase, path: Path, seed: int, report: bool, settings: 
     else:
         conversation = Conversation().ask(DEFAULT_FLOW[0].question, [image])
         answer, report_dict = engine.answer(conversation, session=session, seed=seed, **settings), None
+    ranking = engine.rank([image]) if getattr(engine, "rank", None) else None  # the bundle's head, if any
     engine.forget(session)
     engine.forget_images([image.key])
-    return {**row, "answer": answer.strip(), "report": report_dict, "provenance": provenance}
+    head = {"differential": ranking.conditions, "differential_raw_confidence": ranking.raw_confidence} \
+        if ranking is not None else {}
+    return {**row, "answer": answer.strip(), "report": report_dict, **head, "provenance": provenance}
 
 
 def read_predictions(run: str | Path) -> list[dict]:

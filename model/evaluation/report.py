@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .labels import LabelSet
+from .labels import LabelSet, _norm
 from .metrics import Case, summary
 from .predict import EvalError, read_predictions
 
@@ -30,16 +30,51 @@ def cases_from_run(rows: list[dict], labels: LabelSet) -> tuple[list[Case], dict
 
 def score(run: str | Path, labels: LabelSet, n_boot: int = 1000, seed: int = 0, plots: bool = True) -> dict[str, Any]:
     run = Path(run)
-    cases, skipped = cases_from_run(read_predictions(run), labels)
+    rows = read_predictions(run)
+    cases, skipped = cases_from_run(rows, labels)
     if not cases:
         raise EvalError(f"{run} has no labelled predictions to score (give cases a \"diagnosis\")")
     result = {"run": str(run), "classes": list(labels.classes), "skipped": skipped,
               **summary(cases, labels.classes, n_boot, seed)}
+    head = differential_score(rows, labels, n_boot, seed, run if plots else None)
+    if head is not None:
+        result["differential"] = head
     (run / "score.json").write_text(json.dumps(result, indent=2))
     (run / "report.md").write_text(markdown(result))
     if plots:
         write_plots(result, run)
     return result
+
+
+def differential_score(rows: list[dict], labels: LabelSet, n_boot: int, seed: int, plot_dir: Path | None
+                       ) -> dict[str, Any] | None:
+    """The bundle's differential head beside the chat: the same metrics on its ranking, and its
+    calibration (ECE before and after temperature scaling, a reliability plot)."""
+    import torch
+
+    from ..differential import calibration_error, reliability_plot
+
+    scored = [r for r in rows if r.get("differential") and r.get("label") is not None and not r.get("error")]
+    if not scored:
+        return None
+    cases, confidence, raw, correct = [], [], [], []
+    for row in scored:
+        truth = labels.canonical(row["label"])
+        ranked = tuple(dict.fromkeys(c for c in (labels.synonyms.get(_norm(x["condition"])) for x in row["differential"])
+                                     if c))
+        cases.append(Case(truth, ranked, row.get("fitzpatrick")))
+        confidence.append(row["differential"][0]["probability"])
+        raw.append(row.get("differential_raw_confidence", confidence[-1]))
+        correct.append(float(bool(ranked) and ranked[0] == truth))
+    block = summary(cases, labels.classes, n_boot, seed)
+    correct_t = torch.tensor(correct)
+    block["ece_before"] = calibration_error(torch.tensor(raw), correct_t)
+    block["ece_after"] = calibration_error(torch.tensor(confidence), correct_t)
+    if plot_dir is not None:
+        reliability_plot({"before": (torch.tensor(raw), correct_t),
+                          "after temperature scaling": (torch.tensor(confidence), correct_t)},
+                         plot_dir / "differential-reliability.png")
+    return block
 
 
 def _pct(value: float) -> str:
@@ -73,6 +108,23 @@ def markdown(result: dict) -> str:
               "| | " + " | ".join(conf["columns"]) + " |", "|---" * (len(conf["columns"]) + 1) + "|"]
     lines += [f"| {row} | " + " | ".join(map(str, counts)) + " |" for row, counts in zip(conf["rows"], conf["matrix"])]
     lines += ["", "Plots: confusion.png, per_class.png, skin_tone.png.", ""]
+    head = result.get("differential")
+    if head:
+        o = head["overall"]
+        lines += ["## Differential head (beside the chat)", "",
+                  f"Its calibrated ranking, scored the same way. Expected calibration error "
+                  f"{head['ece_before']:.3f} before temperature scaling, {head['ece_after']:.3f} after "
+                  f"(differential-reliability.png).", "",
+                  "| group | n | top-1 | top-3 | balanced accuracy |", "|---|---|---|---|---|",
+                  f"| all | {o['n']} | {_with_ci(o['top1'])} | {_with_ci(o['top3'])} | {_with_ci(o['balanced'])} |"]
+        for name, b in head["by_skin_tone"].items():
+            if b["n"]:
+                lines.append(f"| Fitzpatrick {name} | {b['n']} | {_with_ci(b['top1'])} | {_with_ci(b['top3'])} | "
+                             f"{_with_ci(b['balanced'])} |")
+        lines += ["", "| class | support | precision | recall |", "|---|---|---|---|"]
+        lines += [f"| {c} | {m['support']} | {_pct(m['precision'])} | {_pct(m['recall'])} |"
+                  for c, m in head["per_class"].items()]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -179,6 +179,20 @@ class Engine:
                 self._images.popitem(last=False)
         return embeds
 
+    def rank(self, images: list[ImageInput]):
+        """The bundle's calibrated differential for 1-3 photos of one case, or None without a head."""
+        head = self.loaded.differential
+        if head is None:
+            return None
+        from ..differential import MAX_PHOTOS, DifferentialError, image_features
+
+        if not 1 <= len(images) <= MAX_PHOTOS:
+            raise DifferentialError(f"a ranking combines 1 to {MAX_PHOTOS} photos of one case, not {len(images)}")
+        pixels = torch.stack([preprocess(image.image, self.config.preprocess) for image in images])  # (N, 3, S, S)
+        with self.device_lock:
+            features = image_features(self.model, pixels.to(self.device), head.feature)  # (N, F)
+        return head.rank(features)
+
     def cached_bytes(self) -> int:
         """Bytes of KV cache held for idle sessions."""
         with self._registry_lock:
