@@ -64,9 +64,9 @@ class Handlers:
         if not state.conversation.images and not state.pending:
             yield state.error(state.t("messages.photo_first")), self._notice(state)
             return
-        with state.lock:
-            state.messages.append({"role": "user", "content": text.strip()})  # shown as typed; the model is
-            state.conversation = state.conversation.ask(ask_in(state.lang, text.strip()), state.pending)  # asked in the page's language
+        with state.lock:  # the question is shown as typed; the model is asked it in the page's language
+            state.messages.append({"role": "user", "content": text.strip()})
+            state.conversation = state.conversation.ask(ask_in(state.lang, text.strip()), state.pending)
             state.pending = []
         yield from self._answer(state, settings or {})
 

@@ -43,6 +43,13 @@ def browser_page(playwright, tmp_path_factory):
     context.close()
 
 
+def _assert_only_its_own_server(requests: list[str], server) -> None:
+    server_host = urlparse(server.url).netloc
+    elsewhere = sorted({u for u in requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
+                        and urlparse(u).netloc != server_host})
+    assert requests and not elsewhere, f"the page reached other hosts: {elsewhere}"
+
+
 def test_upload_ask_stream_new_patient_and_no_other_hosts(server, browser_page, tmp_path):
     photo = tmp_path / "forearm.jpg"
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
@@ -89,10 +96,7 @@ def test_upload_ask_stream_new_patient_and_no_other_hosts(server, browser_page, 
     sessions = server.private / "sessions"
     assert not sessions.exists() or not any(p.is_file() for p in sessions.rglob("*"))
 
-    server_host = urlparse(server.url).netloc
-    elsewhere = sorted({u for u in requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
-                        and urlparse(u).netloc != server_host})
-    assert requests and not elsewhere, f"the page reached other hosts: {elsewhere}"
+    _assert_only_its_own_server(requests, server)
     page.close()
     shutil.copy(ROOT / "artifacts" / "chat.png", tmp_path / "chat.png")
 
@@ -268,8 +272,5 @@ def test_a_chinese_browser_gets_the_chinese_page_and_can_switch_to_english(serve
                            timeout=30_000)
     assert "decision support" in page.inner_text("#disclaimer")
     assert page.evaluate("() => document.documentElement.lang") == "en"
-    server_host = urlparse(server.url).netloc
-    elsewhere = {u for u in requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
-                 and urlparse(u).netloc != server_host}
-    assert requests and not elsewhere, f"the page reached other hosts: {elsewhere}"
+    _assert_only_its_own_server(requests, server)
     page.close()
