@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the web app (the default); flags also as SKINGPT_* variables")
     serve.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
-    serve.add_argument("--quantize", help="none | int8 | nf4 (the LLM only)")
+    serve.add_argument("--quantize", help="none | int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (CPU kernels); the LLM only")
     serve.add_argument("--device", help="auto | cpu | cuda")
     serve.add_argument("--dtype", help="auto | fp32 | fp16 | bf16")
     serve.add_argument("--host", help="default 127.0.0.1; any other address needs --auth")
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-        p.add_argument("--quantize", default="none", help="none | int8 | nf4 (the LLM only)")
+        p.add_argument("--quantize", default="none", help="none | int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (CPU kernels); the LLM only")
 
     def gen_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int)

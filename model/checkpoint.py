@@ -27,7 +27,7 @@ from torch import nn
 from .config import ConfigError, SkinGPTConfig
 from .errors import UserFacingError
 from .llm import LLMLoadError, config_from_dir, load_llm, load_tokenizer
-from .quantization import LoadPolicy, bnb_config, module_bytes
+from .quantization import WEIGHT_ONLY, LoadPolicy, bnb_config, module_bytes, quantize_weight_only
 from .skingpt import ENCODER_PARTS, SkinGPT
 
 CONFIG_FILE = "skingpt.yaml"
@@ -255,6 +255,8 @@ def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: boo
                           f"  config.json: {on_disk}\n  {CONFIG_FILE}: {config.llm}")
     try:
         llm = load_llm(llm_dir, dtype=dtype, device=device, quantization_config=bnb_config(policy.quantize, dtype))
+        if policy.quantize in WEIGHT_ONLY:
+            llm = quantize_weight_only(llm, policy.quantize, device)
     except LLMLoadError as err:
         raise BundleError(str(err)) from err
     with torch.device("meta"):

@@ -45,8 +45,8 @@ def test_half_precision_policy_keeps_ln_vision_fp32(tiny_bundle):
 
 
 def test_bad_policies_say_what_to_do():
-    with pytest.raises(PolicyError, match="quantize must be one of none, int8, nf4"):
-        LoadPolicy(quantize="int4")
+    with pytest.raises(PolicyError, match="quantize must be one of none, int8, nf4, int8w, int4"):
+        LoadPolicy(quantize="int2")
     with pytest.raises(PolicyError, match="dtype must be auto or one of"):
         LoadPolicy(dtype="fp8")
     if not torch.cuda.is_available():
@@ -74,7 +74,74 @@ def test_slow_modes_on_a_cpu_are_warned_about_with_the_measured_figures():
     from model.quantization import LoadPolicy, cpu_advice
 
     nf4 = cpu_advice(LoadPolicy(device="cpu", quantize="nf4"))
-    assert nf4 and "3.2x slower than bf16" in nf4 and "--dtype bf16" in nf4
+    assert nf4 and "3.2x slower than bf16" in nf4 and "--quantize int8w" in nf4
     assert "slower than bf16" in cpu_advice(LoadPolicy(device="cpu", quantize="int8"))
-    assert "--dtype bf16 decodes 1.3x faster" in cpu_advice(LoadPolicy(device="cpu", dtype="fp32"))
-    assert cpu_advice(LoadPolicy(device="cpu", dtype="bf16")) is None
+    fp32 = cpu_advice(LoadPolicy(device="cpu", dtype="fp32"))
+    assert "--quantize int8w decodes 1.7x faster" in fp32 and "--dtype bf16 1.3x" in fp32
+    for fast in (LoadPolicy(device="cpu", dtype="bf16"), LoadPolicy(device="cpu", quantize="int8w"),
+                 LoadPolicy(device="cpu", quantize="int4")):
+        assert cpu_advice(fast) is None
+
+
+def _next_token_logprobs(loaded, question: str):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from model.conversation import Conversation, ImageInput, render, template
+    from model.preprocess import preprocess
+    from model.skingpt import tokenize_prompt
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    text = render(template(loaded.config.prompt_template), Conversation().ask(question, [ImageInput.of(image)]))
+    ids = tokenize_prompt(loaded.tokenizer, text, loaded.config.image_placeholder, loaded.config.qformer.num_query_tokens)
+    with torch.no_grad():
+        embeds = loaded.model.encode_image(preprocess(image, loaded.config.preprocess).unsqueeze(0))
+        logits = loaded.model.llm(inputs_embeds=loaded.model.embed_inputs(torch.tensor([ids]), embeds)).logits
+    return logits[0].float().log_softmax(-1)  # (T, V): the next-token distribution at every position
+
+
+@pytest.mark.parametrize("mode, max_kl, min_agreement", [("int8w", 1e-3, 0.97), ("int4", 1e-2, 0.85)])
+def test_weight_only_quantisation_keeps_the_next_token_distribution(tiny_bundle, mode, max_kl, min_agreement):
+    """Against the fp32 model, over a fixed prompt set (measured: int8w KL < 1e-5, top-1 agreement 0.993;
+    int4 KL 6e-5, agreement 0.924; bf16 alone agrees 0.971)."""
+    from model.checkpoint import load_bundle
+    from model.quantization import LoadPolicy, WeightOnlyLinear
+
+    reference = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="fp32"))
+    quantised = load_bundle(tiny_bundle, LoadPolicy(device="cpu", quantize=mode))
+    assert any(isinstance(m, WeightOnlyLinear) for m in quantised.model.llm.modules())
+    assert not isinstance(quantised.model.llm.lm_head, WeightOnlyLinear)
+    kl, agreement = [], []
+    for question in ("Describe the skin condition in this photo.", "What could cause this rash?",
+                     "Is this mole dangerous? It bleeds.", "How is psoriasis treated?"):
+        p, q = _next_token_logprobs(reference, question), _next_token_logprobs(quantised, question)
+        kl.append((p.exp() * (p - q)).sum(-1).mean().item())
+        agreement.append((p.argmax(-1) == q.argmax(-1)).float().mean().item())
+    assert sum(kl) / len(kl) < max_kl and sum(agreement) / len(agreement) >= min_agreement
+
+
+def test_a_weight_only_model_answers_through_the_engine(tiny_bundle):
+    import numpy as np
+    from PIL import Image
+
+    from model.checkpoint import load_bundle
+    from model.conversation import Conversation, ImageInput
+    from model.quantization import LoadPolicy
+    from model.serving.engine import Engine
+
+    engine = Engine(load_bundle(tiny_bundle, LoadPolicy(device="cpu", quantize="int4")))
+    image = ImageInput.of(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    generation = engine.stream(Conversation().ask("What is it?", [image]), max_new_tokens=6, do_sample=False,
+                               fixed_length=True)
+    "".join(generation)
+    assert generation.finish_reason == "length" and len(generation.tokens) == 6
+
+
+def test_weight_only_modes_say_where_their_kernels_are_missing(tiny_bundle):
+    from model.checkpoint import load_bundle
+    from model.quantization import LoadPolicy, PolicyError, quantize_weight_only
+
+    llm = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16")).model.llm
+    with pytest.raises(PolicyError, match="CPU weight-only kernels.*--quantize int8 or nf4"):
+        quantize_weight_only(llm, "int4", "cuda")
