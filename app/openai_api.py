@@ -379,18 +379,15 @@ def followup_ttft(engine, turns: int, new_tokens: int) -> list[dict[str, Any]]:
     each request carrying the whole history as a client sends it; time to first token per turn."""
     import io
 
-    import numpy as np
-    from PIL import Image
+    from model.benchmark import QUESTIONS, bench_photo
 
     api = ChatAPI(engine, engine.config.name)
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    bench_photo(0).image.save(buffer, "JPEG")
     photo = f"data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}"
     messages: list[dict[str, Any]] = [{"role": "user", "content": [
         {"type": "text", "text": "Please describe the skin condition in this photo."},
         {"type": "image_url", "image_url": {"url": photo}}]}]
-    questions = ("What else do you see?", "What could cause this?", "How is it treated?", "Is it contagious?",
-                 "Should I see a doctor?", "Can it come back?", "What should I avoid?", "Is it serious?")
     rows = []
     for turn in range(turns + 1):
         body = {"model": api.model_id, "messages": messages, "max_tokens": new_tokens, "temperature": 0}
@@ -401,5 +398,5 @@ def followup_ttft(engine, turns: int, new_tokens: int) -> list[dict[str, Any]]:
             rows.append({"turn": turn, "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.reused_tokens,
                          "ttft_ms": stats.time_to_first_token_s * 1000})
         messages += [{"role": "assistant", "content": text},
-                     {"role": "user", "content": questions[turn % len(questions)]}]
+                     {"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]}]
     return rows

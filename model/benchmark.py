@@ -67,7 +67,8 @@ def random_bundle(config: SkinGPTConfig, policy: LoadPolicy) -> LoadedBundle:
     return LoadedBundle(model, tokenizer, config, Path(f"random:{config.name}"), {"files": {}}, device, footprint)
 
 
-def _photo(seed: int) -> ImageInput:
+def bench_photo(seed: int) -> ImageInput:
+    """A 640x480 noise photo: the same inputs for every bench (the API's included)."""
     pixels = np.random.default_rng(seed).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     return ImageInput.of(Image.fromarray(pixels))
 
@@ -84,14 +85,14 @@ def run(loaded: LoadedBundle, load_s: float, turns: int = 8, new_tokens: int = 3
 
     encode_ms = []
     for i in range(3):
-        image = _photo(i)
+        image = bench_photo(i)
         _sync(device)
         t = time.perf_counter()
         engine.encode(image)
         _sync(device)
         encode_ms.append((time.perf_counter() - t) * 1000)
 
-    conversation = Conversation().ask("Please describe the skin condition in this photo.", [_photo(0)])
+    conversation = Conversation().ask("Please describe the skin condition in this photo.", [bench_photo(0)])
     engine.answer(conversation, session="warmup", fixed_length=True, **settings)  # kernels, allocator
     engine.forget("warmup")
     first = engine.stream(conversation, session="bench", fixed_length=True, **settings)
@@ -134,7 +135,7 @@ def run_concurrency(loaded: LoadedBundle, levels: list[int], new_tokens: int = 3
     question, fixed-length answers; and the same N one after another (today's baseline), per N."""
     engine = Engine(loaded, max_batch=max(levels))
     settings = {"max_new_tokens": new_tokens, "do_sample": False, "fixed_length": True}
-    engine.answer(Conversation().ask("Describe it.", [_photo(99)]), **settings)  # warm-up
+    engine.answer(Conversation().ask("Describe it.", [bench_photo(99)]), **settings)  # warm-up
     rows = []
     for n in levels:
         together = _sessions_at_once(engine, n, f"c{n}", settings)
@@ -160,7 +161,8 @@ def run_concurrency(loaded: LoadedBundle, levels: list[int], new_tokens: int = 3
 
 
 def _consultation(i: int) -> Conversation:
-    return Conversation().ask(f"{QUESTIONS[i % len(QUESTIONS)]} Please describe the skin in this photo.", [_photo(i)])
+    question = f"{QUESTIONS[i % len(QUESTIONS)]} Please describe the skin in this photo."
+    return Conversation().ask(question, [bench_photo(i)])
 
 
 def _sessions_at_once(engine: Engine, n: int, prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +170,7 @@ def _sessions_at_once(engine: Engine, n: int, prefix: str, settings: dict[str, A
     import threading
 
     for i in range(n):
-        engine.encode(_photo(i))  # each photo's embeddings are cached, as after its upload in the app
+        engine.encode(bench_photo(i))  # each photo's embeddings are cached, as after its upload in the app
     barrier, answers = threading.Barrier(n), [None] * n
 
     def one(i: int) -> None:
@@ -205,7 +207,7 @@ def _bare_decode(engine: Engine, new_tokens: int) -> float:
     model, tok = engine.model, engine.tokenizer
     ids = tokenize_prompt(tok, "###Human: <Img><ImageHere></Img> Describe it.###Assistant:",
                           engine.config.image_placeholder, engine.config.qformer.num_query_tokens)
-    image = engine.encode(_photo(0)).unsqueeze(0)
+    image = engine.encode(bench_photo(0)).unsqueeze(0)
     with torch.no_grad():
         cache = new_cache()
         embeds = model.embed_inputs(torch.tensor([ids], device=engine.device), image)

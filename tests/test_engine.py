@@ -13,7 +13,8 @@ from PIL import Image
 import model.serving.engine as engine_module
 from model.checkpoint import load_bundle
 from model.conversation import Conversation, ImageInput, render
-from model.serving.engine import Engine, _visible
+from model.serving.engine import Engine
+from model.serving.scheduler import _visible
 from model.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
 

@@ -9,7 +9,6 @@ import io
 import json
 import re
 import struct
-import time
 import zlib
 from pathlib import Path
 

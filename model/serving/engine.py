@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -184,10 +183,8 @@ class Engine:
         head = self.loaded.differential
         if head is None:
             return None
-        from ..differential import MAX_PHOTOS, DifferentialError, image_features
+        from ..differential import image_features
 
-        if not 1 <= len(images) <= MAX_PHOTOS:
-            raise DifferentialError(f"a ranking combines 1 to {MAX_PHOTOS} photos of one case, not {len(images)}")
         pixels = torch.stack([preprocess(image.image, self.config.preprocess) for image in images])  # (N, 3, S, S)
         with self.device_lock:
             features = image_features(self.model, pixels.to(self.device), head.feature)  # (N, F)
@@ -353,19 +350,3 @@ def _common_prefix(a: list[Slot], b: list[Slot]) -> int:
             break
         n += 1
     return n
-
-
-def _visible(text: str, stops: tuple[str, ...]) -> tuple[int, bool]:
-    """How much of `text` may be shown: up to a stop string if one appeared (and then stop), else all
-    but a tail that could still grow into a stop string. (Unfinished characters never reach here:
-    the IncrementalDecoder holds them back.)"""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    if hits:
-        return min(hits), True
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                hold = max(hold, k)
-                break
-    return len(text) - hold, False

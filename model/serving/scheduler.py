@@ -73,8 +73,6 @@ class Request:
 
     def accept(self, token: int) -> bool:
         """Take a sampled token: stream its text; True when the answer is complete."""
-        from .engine import _visible
-
         gen, now = self.gen, time.perf_counter()
         gen.stats.token_times.append(now)
         if self.decode_start is None:
@@ -276,3 +274,19 @@ class Scheduler:
         request.session.busy = False
         request.out.put(err)
         request.out.put(DONE)
+
+
+def _visible(text: str, stops: tuple[str, ...]) -> tuple[int, bool]:
+    """How much of `text` may be shown: up to a stop string if one appeared (and then stop), else all
+    but a tail that could still grow into a stop string. (Unfinished characters never reach here:
+    the IncrementalDecoder holds them back.)"""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), True
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold, False
