@@ -46,6 +46,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from model.checkpoint import quantize_bundle
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} exists and is not empty; choose another --out")
+    quantize_bundle(args.weights, out, args.mode)
+    print(f"{args.mode} bundle written to {out}; serve it with: python launch.py --weights {out}")
+    return 0
+
+
 def cmd_fixtures(args: argparse.Namespace) -> int:
     from model.fixtures import write_demo_bundle, write_sources
 
@@ -116,7 +127,10 @@ def _engine(args: argparse.Namespace):
     bundle, policy = _bundle_path(args), _policy(args)
     if (advice := cpu_advice(policy)) and bundle != DEMO_BUNDLE:
         print(f"warning: {advice}", file=sys.stderr)
-    return Engine(load_bundle(bundle, policy, record=_record(bundle)))
+    loaded = load_bundle(bundle, policy, record=_record(bundle))
+    if loaded.note and bundle != DEMO_BUNDLE:
+        print(loaded.note, file=sys.stderr)
+    return Engine(loaded)
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -280,7 +294,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: --concurrency takes session counts like 1,2,4,8, not {args.concurrency!r}") from None
     if any(n < 1 for n in levels):
         raise SystemExit("error: --concurrency counts must be at least 1")
-    loaded, load_s = load_for_bench(args.preset if args.random_init else None, args.weights, _policy(args))
+    if args.save and not args.random_init:
+        raise SystemExit("error: --save writes a --random-init model; to quantise a bundle use `launch.py quantize`")
+    loaded, load_s = load_for_bench(args.preset if args.random_init else None, args.weights, _policy(args),
+                                    Path(args.save) if args.save else None)
+    if loaded.note:
+        print(loaded.note, file=sys.stderr)
     result = run(loaded, load_s, turns=args.turns, new_tokens=args.new_tokens)
     from app.openai_api import followup_ttft
     from model.serving.engine import Engine
@@ -366,13 +385,17 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+QUANTIZE_HELP = ("auto (the default: on a CPU, for an LLM over 2 GiB, the fastest mode that fits in memory) | none | "
+                 "int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (PyTorch's CPU kernels); the LLM only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch.py", description="SkinGPT: a private dermatology assistant")
     sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser("serve", help="serve the web app (the default); flags also as SKINGPT_* variables")
     serve.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
-    serve.add_argument("--quantize", help="none | int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (CPU kernels); the LLM only")
+    serve.add_argument("--quantize", help=QUANTIZE_HELP)
     serve.add_argument("--device", help="auto | cpu | cuda")
     serve.add_argument("--dtype", help="auto | fp32 | fp16 | bf16")
     serve.add_argument("--host", help="default 127.0.0.1; any other address needs --auth")
@@ -410,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-        p.add_argument("--quantize", default="none", help="none | int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (CPU kernels); the LLM only")
+        p.add_argument("--quantize", default="auto", help=QUANTIZE_HELP)
 
     def gen_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int)
@@ -454,11 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="load time, encode, TTFT, decode speed, follow-ups vs the reference style")
     bench.add_argument("--preset", default="tiny")
-    bench.add_argument("--random-init", action="store_true", help="random weights, no files (full size needs a GPU)")
+    bench.add_argument("--random-init", action="store_true", help="random weights, no files (int8w / int4 are built one "
+                       "layer at a time: a 7B int4 fits in 8 GB)")
     bench.add_argument("--turns", type=int, default=8)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--concurrency", help="also serve N sessions at once (e.g. 1,2,4,8), against the same N "
                                               "one after another")
+    bench.add_argument("--save", help="with --random-init: also write the model as a bundle here (weight-only modes "
+                                      "layer by layer), to time loading it with --weights")
     bench.add_argument("--json", action="store_true")
     model_args(bench)
     bench.set_defaults(func=cmd_bench)
@@ -507,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen_args(co)
     co.set_defaults(seed=0)
     ev.set_defaults(func=cmd_eval)
+
+    qu = sub.add_parser("quantize", help="write a copy of a bundle with its LLM in int8w or int4, for CPU workstations")
+    qu.add_argument("--weights", required=True, help="the float bundle")
+    qu.add_argument("--mode", required=True, choices=("int8w", "int4"),
+                    help="int8w: 1 byte a weight, closest to the float model; int4: half a byte")
+    qu.add_argument("--out", required=True, help="the new bundle directory")
+    qu.set_defaults(func=cmd_quantize)
 
     fix = sub.add_parser("fixtures", help="write tiny source files in the published formats, or the demo bundle")
     fix.add_argument("--out", required=True)

@@ -36,6 +36,8 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     say(f"[1/3] verifying and loading {bundle} ...")
     record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
     loaded = load_bundle(bundle, policy, record=record)
+    if loaded.note:
+        say(f"      {loaded.note}")
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
 
     from .handlers import Handlers, SessionStore

@@ -18,7 +18,7 @@ class AppSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SKINGPT_", extra="forbid")
 
     weights: str | None = None  # a bundle directory; None: the demo bundle
-    quantize: str = "none"  # none | int8 | nf4 (bitsandbytes) | int8w | int4 (PyTorch CPU kernels)
+    quantize: str = "auto"  # auto | none | int8 | nf4 (bitsandbytes) | int8w | int4 (PyTorch CPU kernels)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"
     host: str = "127.0.0.1"

@@ -10,24 +10,27 @@ the same work as real ones.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
-from .checkpoint import LoadedBundle, load_bundle, save_model_bundle
+from .checkpoint import LLM_DIR, LoadedBundle, config_sizing, load_bundle, save_bundle, save_model_bundle
 from .config import SkinGPTConfig
 from .conversation import Conversation, ImageInput
 from .serving.engine import Engine
-from .quantization import LoadPolicy, module_bytes
-from .skingpt import build_skingpt, tokenize_prompt
+from .quantization import WEIGHT_ONLY, LoadPolicy, PolicyError, choose_policy, fast_cpu_encoder, module_bytes
+from .skingpt import ENCODER_PARTS, SkinGPT, build_skingpt, tokenize_prompt
+from .weight_only import assemble, entries, from_random, kernel_speeds, write_quantized
 from .summary import format_bytes
 
 # Peak memory bandwidth (bytes/s) of GPUs we report against; others can be passed in.
@@ -37,34 +40,76 @@ QUESTIONS = ("What else do you see?", "What could cause this?", "How is it treat
              "Should I see a doctor?", "Can it come back?", "What should I avoid?", "Is it serious?")
 
 
-def random_bundle(config: SkinGPTConfig, policy: LoadPolicy) -> LoadedBundle:
-    """Full-size random weights without any files: built straight on the device in the policy's
-    dtype; quantised modes go through a temporary bundle so that the real loader quantises."""
+def random_bundle(config: SkinGPTConfig, policy: LoadPolicy, save: Path | None = None) -> LoadedBundle:
+    """Full-size random weights: built straight on the device in the policy's dtype; the weight-only
+    modes one LLM layer at a time (never the float model whole); bitsandbytes modes through a
+    temporary bundle, so that the real loader quantises. `save` also writes the model as a bundle."""
     from .fixtures import train_tokenizer
     from .llm import load_tokenizer
 
+    policy, note = choose_policy(policy, config_sizing(config), psutil.virtual_memory().available, kernel_speeds)
+    if save is not None and policy.quantize not in ("none", *WEIGHT_ONLY):
+        raise PolicyError(f"--save writes float or weight-only bundles, not bitsandbytes {policy.quantize}")
     device, dtype = policy.resolve_device(), policy.resolve_dtype()
-    # files live only while loading: a quantised 13B run writes ~26 GB of random weights here
+    # files live only while loading: a bitsandbytes 13B run writes ~26 GB of random weights here
     with tempfile.TemporaryDirectory(prefix="skingpt-bench-") as name:
         tmp = Path(name)
         train_tokenizer(tmp, min(config.llm.vocab_size, 4000))
         tokenizer = load_tokenizer(tmp)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype if policy.quantize == "none" else torch.float32)
-        try:
-            with torch.device(device if policy.quantize == "none" else "cpu"):
+        if policy.quantize in WEIGHT_ONLY:
+            model = _random_weight_only(config, policy.quantize, save)
+        else:
+            bnb = policy.quantize != "none"
+            with _default_dtype(torch.float32 if bnb else dtype), torch.device("cpu" if bnb else device):
                 model = build_skingpt(config).eval()
-        finally:
-            torch.set_default_dtype(previous)
-        model.ln_vision.float()
-        if policy.quantize != "none":
-            save_model_bundle(tmp / "bundle", model, tokenizer)
-            del model
-            return load_bundle(tmp / "bundle", policy, verify=False)
+            model.ln_vision.float()
+            if bnb:
+                save_model_bundle(tmp / "bundle", model, tokenizer)
+                del model
+                return load_bundle(tmp / "bundle", policy, verify=False)
+        if save is not None:
+            _save_random(save, model, tokenizer, policy.quantize)
     model.requires_grad_(False)
-    footprint = {name: module_bytes(getattr(model, name)) for name in ("vision", "ln_vision", "qformer",
-                                                                      "query_tokens", "proj", "llm")}
-    return LoadedBundle(model, tokenizer, config, Path(f"random:{config.name}"), {"files": {}}, device, footprint)
+    footprint = {part: module_bytes(getattr(model, part)) for part in (*ENCODER_PARTS, "llm")}
+    note = "; ".join(n for n in (note, fast_cpu_encoder(policy, model.vision)) if n)
+    return LoadedBundle(model, tokenizer, config, Path(f"random:{config.name}"), {"files": {}}, device, footprint,
+                        policy=policy, note=note)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _random_weight_only(config: SkinGPTConfig, mode: str, save: Path | None) -> SkinGPT:
+    """The LLM drawn and quantised one linear at a time (written out as it goes with `save`), then the
+    encoder in bf16."""
+    groups = entries(config.llm, *from_random(config.llm, mode))
+    if save is not None:
+        (save / LLM_DIR).mkdir(parents=True, exist_ok=True)
+        groups = write_quantized(save / LLM_DIR, mode, groups)
+    llm = assemble(config.llm, mode, groups)
+    with _default_dtype(torch.bfloat16):
+        model = SkinGPT(config, llm).eval()
+    model.ln_vision.float()
+    return model
+
+
+def _save_random(out: Path, model: SkinGPT, tokenizer: Any, mode: str) -> None:
+    if mode == "none":
+        save_model_bundle(out, model, tokenizer, {"random_init": model.config.name})
+        return
+
+    def write_llm(llm_dir: Path) -> None:  # the quantised shards are there already
+        model.llm.config.save_pretrained(llm_dir)
+        tokenizer.save_pretrained(llm_dir)
+
+    save_bundle(out, model.config, model.encoder_state_dict(), write_llm, {"random_init": model.config.name})
 
 
 def bench_photo(seed: int) -> ImageInput:
@@ -228,12 +273,30 @@ def _device_name(device: str) -> str:
 
 
 def _bandwidth(result: dict[str, Any], loaded: LoadedBundle, device: str) -> dict[str, Any]:
-    """Decode reads every LLM weight once per token: tokens/s x LLM bytes is the bandwidth used."""
-    if not device.startswith("cuda"):
-        return {}
-    used = result["decode_tokens_per_s"] * loaded.footprint["llm"]
-    peak = next((bw for name, bw in GPU_BANDWIDTH.items() if name in torch.cuda.get_device_name()), None)
-    return {"bandwidth_used_bytes_per_s": used, "bandwidth_fraction": used / peak if peak else None}
+    """Decode reads every LLM weight once a token (of the input embeddings, one row): bytes read per
+    token over the memory bandwidth (a GPU's data sheet; a CPU's measured here) bounds tokens/s."""
+    llm = loaded.model.llm
+    per_token = loaded.footprint["llm"] - module_bytes(llm.get_input_embeddings())
+    if device.startswith("cuda"):
+        peak = next((bw for name, bw in GPU_BANDWIDTH.items() if name in torch.cuda.get_device_name()), None)
+    else:
+        peak = read_bandwidth()
+    if not peak:
+        return {"bytes_per_token": per_token}
+    bound = peak / per_token
+    return {"bytes_per_token": per_token, "bandwidth_bytes_per_s": peak, "bound_tokens_per_s": bound,
+            "bandwidth_used_bytes_per_s": result["decode_tokens_per_s"] * per_token,
+            "bandwidth_fraction": result["decode_tokens_per_s"] / bound}
+
+
+def read_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
+    """This machine's read bandwidth in bytes/s: summing a buffer far larger than any cache."""
+    buffer = torch.ones(megabytes << 18)  # fp32: 4 bytes each
+    buffer.sum()
+    start = time.perf_counter()
+    for _ in range(reps):
+        buffer.sum()
+    return reps * buffer.numel() * 4 / (time.perf_counter() - start)
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -251,14 +314,15 @@ def format_table(r: dict[str, Any]) -> str:
               f"weights               {format_bytes(r['weight_bytes'])}"]
     if r.get("peak_cuda_bytes") is not None:
         lines.append(f"peak CUDA             {format_bytes(r['peak_cuda_bytes'])}")
-    if r.get("bandwidth_used_bytes_per_s"):
-        frac = r.get("bandwidth_fraction")
-        lines.append(f"decode bandwidth      {r['bandwidth_used_bytes_per_s'] / 1e12:.2f} TB/s"
-                     + (f" ({100 * frac:.0f}% of peak)" if frac else ""))
+    if r.get("bandwidth_fraction"):
+        lines.append(f"decode bandwidth      {r['bandwidth_used_bytes_per_s'] / 1e9:.1f} GB/s of "
+                     f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} ({100 * r['bandwidth_fraction']:.0f}% of the bound: "
+                     f"{r['bytes_per_token'] / 1e9:.2f} GB read a token allows {r['bound_tokens_per_s']:.1f} tokens/s)")
     return "\n".join(lines)
 
 
-def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPolicy) -> tuple[LoadedBundle, float]:
+def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPolicy,
+                   save: Path | None = None) -> tuple[LoadedBundle, float]:
     from .config import preset
 
     start = time.perf_counter()
@@ -267,6 +331,6 @@ def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPol
     else:
         config = preset(preset_name)
         config = replace(config, generation=replace(config.generation, do_sample=False))
-        loaded = random_bundle(config, policy)
+        loaded = random_bundle(config, policy, save)
     _sync(loaded.device)
     return loaded, time.perf_counter() - start

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +29,11 @@ from torch import nn
 from .config import ConfigError, SkinGPTConfig
 from .errors import UserFacingError
 from .llm import LLMLoadError, config_from_dir, load_llm, load_tokenizer
-from .quantization import WEIGHT_ONLY, LoadPolicy, bnb_config, module_bytes, quantize_weight_only
+from .quantization import (WEIGHT_ONLY, LoadPolicy, Sizing, bnb_config, choose_policy, fast_cpu_encoder,
+                           module_bytes)
 from .skingpt import ENCODER_PARTS, SkinGPT
+from .weight_only import (empty_llm, entries, from_float_files, kernel_speeds, load_quantized_llm, quantized_names,
+                          read_quantization, require_kernels, write_quantized, TensorFiles)
 
 CONFIG_FILE = "skingpt.yaml"
 ENCODER_FILE = "encoder.safetensors"
@@ -210,6 +215,48 @@ def save_model_bundle(out: str | Path, model: SkinGPT, tokenizer: Any,
     return save_bundle(out, model.config, model.encoder_state_dict(), write_llm, sources)
 
 
+def quantize_bundle(source: str | Path, out: str | Path, mode: str) -> Path:
+    """Write a copy of a float bundle whose LLM is quantised to int8w / int4, reading and writing one
+    tensor at a time: the encoder in bf16, the quantisation recorded, every file hashed."""
+    source, out = Path(source), Path(out)
+    manifest = verify_bundle(source)
+    config = load_config(source)
+    if read_quantization(source / LLM_DIR) is not None:
+        raise BundleError(f"{source} is already quantised; quantise the float bundle it was made from")
+    (out / LLM_DIR).mkdir(parents=True, exist_ok=True)
+    for rel in bundle_files(source):
+        if rel.parts[0] != LLM_DIR and rel.as_posix() != ENCODER_FILE:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, out / rel)  # the config, a differential head
+        elif rel.parts[0] == LLM_DIR and not rel.name.endswith((".safetensors", ".safetensors.index.json")):
+            shutil.copyfile(source / rel, out / rel)  # the LLM's config.json and tokenizer
+    with safe_open(str(source / ENCODER_FILE), framework="pt") as handle:
+        encoder = {k: _half(k, handle.get_tensor(k)) for k in handle.keys()}
+    save_file(encoder, str(out / ENCODER_FILE), metadata={"format": BUNDLE_FORMAT})
+    del encoder
+    files = TensorFiles(source / LLM_DIR)
+    try:
+        for _ in write_quantized(out / LLM_DIR, mode, entries(config.llm, *from_float_files(files, mode))):
+            pass
+        files.check_all_used(source / LLM_DIR)
+    finally:
+        files.close()
+    origin = {"bundle": str(source.resolve()), "bundle_hash": manifest_hash(manifest), "mode": mode}
+    write_manifest(out, {**manifest.get("sources", {}), "quantized_from": origin})
+    return out
+
+
+def _half(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Encoder tensors in bf16 (the weight-only modes run the encoder in bf16), ln_vision as it was."""
+    return tensor if key.startswith("ln_vision.") or not tensor.is_floating_point() else tensor.bfloat16()
+
+
+def manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """One digest over a manifest's file hashes: names this exact set of weights."""
+    joined = "".join(f"{k}:{v['sha256']}" for k, v in sorted(manifest["files"].items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
 # -- load ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -222,12 +269,13 @@ class LoadedBundle:
     device: str
     footprint: dict[str, int] = field(default_factory=dict)  # bytes per part as loaded
     differential: Any = None  # model.differential.DifferentialHead, when the bundle carries one
+    policy: LoadPolicy | None = None  # the concrete policy it was loaded under (auto resolved)
+    note: str = ""  # what auto chose and why, or what the bundle's own quantisation fixed
 
     @property
     def bundle_hash(self) -> str:
         """One digest over the manifest's file hashes: names this exact set of weights."""
-        joined = "".join(f"{k}:{v['sha256']}" for k, v in sorted(self.manifest["files"].items()))
-        return hashlib.sha256(joined.encode()).hexdigest()
+        return manifest_hash(self.manifest)
 
 
 def load_config(bundle: Path) -> SkinGPTConfig:
@@ -240,33 +288,76 @@ def load_config(bundle: Path) -> SkinGPTConfig:
 def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: bool = True,
                 record: Path | None = None) -> LoadedBundle:
     """Verify hashes (files unchanged since `record` was written are not read again), then load the
-    LLM and the encoder parts strictly, under `policy`."""
+    LLM and the encoder parts strictly, under `policy` (auto resolved against this bundle and machine)."""
     bundle = Path(path)
     manifest = verify_bundle(bundle, record) if verify else read_manifest(bundle)
     config = load_config(bundle)
-    device, dtype = policy.resolve_device(), policy.resolve_dtype()
     llm_dir = bundle / LLM_DIR
     try:
         on_disk = config_from_dir(llm_dir)
+        stored = read_quantization(llm_dir)
     except LLMLoadError as err:
         raise BundleError(str(err)) from err
     if on_disk != config.llm:
         raise BundleError(f"{llm_dir}/config.json does not match the llm section of {bundle / CONFIG_FILE}:\n"
                           f"  config.json: {on_disk}\n  {CONFIG_FILE}: {config.llm}")
+    policy, note = settle_policy(policy, bundle, config, stored)
+    device, dtype = policy.resolve_device(), policy.resolve_dtype()
     try:
-        llm = load_llm(llm_dir, dtype=dtype, device=device, quantization_config=bnb_config(policy.quantize, dtype))
         if policy.quantize in WEIGHT_ONLY:
-            llm = quantize_weight_only(llm, policy.quantize, device)
+            llm = load_quantized_llm(llm_dir, config.llm, policy.quantize, stored, device)
+        else:
+            llm = load_llm(llm_dir, dtype=dtype, device=device, quantization_config=bnb_config(policy.quantize, dtype))
     except LLMLoadError as err:
         raise BundleError(str(err)) from err
     with torch.device("meta"):
         model = SkinGPT(config, llm)  # encoder parts allocate nothing until their weights arrive
     load_encoder(model, bundle / ENCODER_FILE, device=device, dtype=dtype)
     footprint = {part: module_bytes(getattr(model, part)) for part in (*ENCODER_PARTS, "llm")}
+    note = "; ".join(n for n in (note, fast_cpu_encoder(policy, model.vision)) if n)
     from .differential import DifferentialHead
 
     return LoadedBundle(model.eval(), load_tokenizer(llm_dir), config, bundle, manifest, device, footprint,
-                        DifferentialHead.load(bundle))
+                        DifferentialHead.load(bundle), policy, note)
+
+
+def settle_policy(policy: LoadPolicy, bundle: Path, config: SkinGPTConfig,
+                  stored: dict[str, Any] | None) -> tuple[LoadPolicy, str]:
+    """A quantised bundle loads as it was quantised; otherwise auto picks (see `choose_policy`)."""
+    if stored is not None:
+        mode = stored["mode"]
+        if policy.quantize not in ("auto", "none", mode):
+            raise BundleError(f"{bundle} holds an LLM quantised to {mode}, which loads only as it is (--quantize auto "
+                              f"or {mode}); for {policy.quantize}, load the float bundle it was made from")
+        concrete = LoadPolicy(device=policy.device, dtype="bf16", quantize=mode)
+        require_kernels(mode, concrete.resolve_device())
+        return concrete, f"the bundle's LLM is quantised to {mode} (PyTorch's CPU weight-only kernels)"
+    if policy.quantize != "auto":
+        return policy, ""
+    import psutil
+
+    return choose_policy(policy, bundle_sizing(bundle, config), psutil.virtual_memory().available, kernel_speeds)
+
+
+def config_sizing(config: SkinGPTConfig) -> Sizing:
+    """Parameter counts of a preset, from a skeleton on `meta`."""
+    from .skingpt import build_skingpt
+
+    with torch.device("meta"):
+        model = build_skingpt(config)
+    llm = sum(p.numel() for p in model.llm.parameters())
+    linears = sum(model.llm.get_submodule(name).weight.numel() for name in quantized_names(model.llm))
+    return Sizing(llm, linears, sum(p.numel() for p in model.parameters()) - llm)
+
+
+def bundle_sizing(bundle: Path, config: SkinGPTConfig) -> Sizing:
+    """Parameter counts from the config (a meta skeleton) and the encoder file's header: nothing is read."""
+    skeleton = empty_llm(config.llm)
+    linears = {f"{name}.weight" for name in quantized_names(skeleton)}
+    params = dict((name, p.numel()) for name, p in skeleton.named_parameters())
+    with safe_open(str(bundle / ENCODER_FILE), framework="pt") as handle:
+        encoder = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    return Sizing(sum(params.values()), sum(n for name, n in params.items() if name in linears), encoder)
 
 
 def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype) -> None:

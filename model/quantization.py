@@ -1,5 +1,6 @@
 """Load-time policies: device, precision, and the LLM's quantisation: none | int8 | nf4 (bitsandbytes,
-for GPUs) | int8w | int4 (PyTorch's own weight-only kernels, fast on a CPU).
+for GPUs) | int8w | int4 (PyTorch's own weight-only kernels, fast on a CPU, see `weight_only`) | auto
+(on a CPU, the fastest of those that fits in memory, for an LLM too big to run well in full precision).
 
 The ViT and Q-Former are never quantised: they run in the policy's float dtype (half precision on a
 GPU by default), `ln_vision` in fp32.
@@ -7,14 +8,15 @@ GPU by default), `ln_vision` in fp32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import UserFacingError
 
-QUANT_MODES = ("none", "int8", "nf4", "int8w", "int4")
+QUANT_MODES = ("auto", "none", "int8", "nf4", "int8w", "int4")
 WEIGHT_ONLY = ("int8w", "int4")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,13 +29,16 @@ class PolicyError(UserFacingError, ValueError):
 class LoadPolicy:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | fp32 | fp16 | bf16
-    quantize: str = "none"  # none | int8 | nf4
+    quantize: str = "none"  # auto | none | int8 | nf4 | int8w | int4
+    encoder_compute: str = "auto"  # auto | stored: on a CPU, a half-precision encoder computes in fp32 where faster
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANT_MODES:
             raise PolicyError(f"quantize must be one of {', '.join(QUANT_MODES)}, not {self.quantize!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise PolicyError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.encoder_compute not in ("auto", "stored"):
+            raise PolicyError(f"encoder_compute must be auto or stored, not {self.encoder_compute!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise PolicyError(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
 
@@ -102,8 +107,8 @@ CPU_DECODE_TOKENS_PER_S = {"int8w": 14.0, "int4": 12.3, "bf16": 10.9, "fp32": 8.
 
 def cpu_advice(policy: LoadPolicy) -> str | None:
     """A warning for a mode that is slow on a CPU, when the policy puts the model on one."""
-    if policy.resolve_device() != "cpu":
-        return None
+    if policy.quantize == "auto" or policy.resolve_device() != "cpu":
+        return None  # auto says what it chose, and why, as it loads
     speed = CPU_DECODE_TOKENS_PER_S
     if policy.quantize in ("int8", "nf4"):
         return (f"bitsandbytes {policy.quantize} decodes {speed['bf16'] / speed[policy.quantize]:.1f}x slower than "
@@ -116,56 +121,114 @@ def cpu_advice(policy: LoadPolicy) -> str | None:
     return None
 
 
-# -- weight-only int8 / int4 with PyTorch's own kernels ---------------------------------------------------
-
-class WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is int8 (one scale per output row) or int4 (asymmetric, one scale and zero
-    per group of input columns), multiplied by PyTorch's weight-only kernels with bf16 activations.
-    Measured on one 4096x11008 matmul at batch 1 here: bf16 5.2 ms, int8 3.2 ms, int4 3.6 ms;
-    relative error 0.009 (int8) and 0.10 (int4, as expected of 4-bit round-to-nearest)."""
-
-    def __init__(self, linear: nn.Linear, mode: str) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()  # (N, K)
-        self.mode, self.out_features, self.in_features = mode, weight.shape[0], weight.shape[1]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().bfloat16(), requires_grad=False)
-        if mode == "int8w":
-            scale = (weight.abs().amax(1) / 127).clamp(min=1e-8)  # (N,)
-            self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8))
-            self.register_buffer("scales", scale.bfloat16())
-        else:
-            group = next(g for g in (128, 64, 32) if self.in_features % g == 0)
-            grouped = weight.reshape(self.out_features, self.in_features // group, group)
-            low, high = grouped.amin(-1), grouped.amax(-1)
-            scale = ((high - low) / 15).clamp(min=1e-8)  # (N, K/G)
-            q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-            self.group = group
-            self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(
-                q.reshape(self.out_features, self.in_features), 1))
-            zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
-            self.register_buffer("scales", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        if self.mode == "int8w":
-            out = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
-        else:
-            out = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
 
 
-def quantize_weight_only(llm: nn.Module, mode: str, device: str) -> nn.Module:
-    """Replace the decoder's Linear layers (not the embeddings, not the LM head) in place, one at a
-    time, so that the bf16 copy of each goes as soon as its quantised twin exists."""
-    if device != "cpu" or not hasattr(torch, "_weight_int4pack_mm_for_cpu") or not hasattr(torch, "_weight_int8pack_mm"):
-        raise PolicyError(f"--quantize {mode} uses PyTorch's CPU weight-only kernels, which this device ({device}) or "
-                          f"torch build lacks; on a GPU use --quantize int8 or nf4 (bitsandbytes)")
-    targets = [(name, module) for name, module in llm.named_modules()
-               if isinstance(module, nn.Linear) and not name.endswith("lm_head")]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(llm.get_submodule(parent_name), child, WeightOnlyLinear(linear, mode))
-    return llm
+# -- auto: the fastest mode that fits ----------------------------------------------------------------------
+
+AUTO_FULL_PRECISION_BYTES = 2 << 30  # an LLM under 2 GiB in bf16 (about 1B parameters) is not worth quantising
+HEADROOM_BYTES = 1 << 30  # activations, KV caches and the process itself, beside the weights
+NEAR_TIE = 0.10  # speeds within 10% of the fastest count as equal, and the closer-to-float mode wins
+CLOSEST_TO_FLOAT = ("bf16", "int8w", "int4")
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """Parameter counts the choice rests on (from the bundle's config and file headers, not weights)."""
+    llm_params: int
+    linear_params: int  # the LLM's decoder linears: what int8w / int4 shrink
+    encoder_params: int
+
+
+def choose_policy(policy: LoadPolicy, sizing: Sizing, available_bytes: int,
+                  speeds_ms: Any) -> tuple[LoadPolicy, str]:
+    """Resolve quantize=auto into a concrete policy, with one line saying which and why. `speeds_ms()`
+    times one matrix product per CPU mode (it is only called when the choice needs it)."""
+    if policy.quantize != "auto":
+        return policy, ""
+    device = policy.resolve_device()
+    if device != "cpu":
+        return replace(policy, quantize="none"), (f"auto on a GPU: the LLM in {_dtype_name(replace(policy, quantize='none'))}"
+                                                  f" (--quantize nf4 or int8 saves GPU memory)")
+    if policy.dtype != "auto":
+        return replace(policy, quantize="none"), f"--dtype {policy.dtype} asked for: the LLM is not quantised"
+    bf16 = estimate_llm_bytes(sizing.llm_params, sizing.linear_params, "none")
+    if bf16 < AUTO_FULL_PRECISION_BYTES:
+        return replace(policy, quantize="none"), f"auto: the LLM is small ({bf16 / 2**30:.1f} GiB in bf16), so full precision"
+    speeds = speeds_ms()
+    need = {mode: estimate_llm_bytes(sizing.llm_params, sizing.linear_params, "none" if mode == "bf16" else mode)
+            + 2 * sizing.encoder_params + HEADROOM_BYTES for mode in CLOSEST_TO_FLOAT}
+    fits = [mode for mode in CLOSEST_TO_FLOAT if need[mode] <= available_bytes]
+    timing = ", ".join(f"{mode} {speeds[mode]:.2f} ms" for mode in sorted(speeds, key=speeds.get))
+    if not fits:
+        chosen, why = "int4", (f"the smallest; it needs about {need['int4'] / 2**30:.1f} GiB and "
+                               f"{available_bytes / 2**30:.1f} GiB is free, so it may not fit: close other programs")
+    else:
+        fastest = min(speeds[mode] for mode in fits)
+        chosen = next(mode for mode in fits if speeds[mode] <= fastest * (1 + NEAR_TIE))
+        why = (f"the fastest that fits (within {NEAR_TIE:.0%}, the closest to full precision): about "
+               f"{need[chosen] / 2**30:.1f} GiB of {available_bytes / 2**30:.1f} GiB free")
+    concrete = replace(policy, device="cpu", dtype="bf16", quantize="none" if chosen == "bf16" else chosen)
+    flag = "--dtype bf16" if chosen == "bf16" else f"--quantize {chosen}"
+    return concrete, f"auto on this CPU: {flag}, {why} (one 4096x4096 product: {timing})"
+
+
+def _dtype_name(policy: LoadPolicy) -> str:
+    return _name(policy.resolve_dtype())
+
+
+# -- half-precision weights, fp32 arithmetic: the image encoder on CPUs without native bf16 ------------
+
+class _ReadAsFP32(nn.Module):
+    """A parametrization: the stored half-precision tensor, read as an fp32 copy that lives only
+    while the layer runs."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+
+def compute_in_fp32(module: nn.Module) -> None:
+    """Keep `module`'s weights in half precision (the memory) but run it in fp32 (the speed): on a
+    CPU without native bf16 arithmetic (AVX2), bf16 matrix products are emulated. Measured on a
+    2-core AVX2 EPYC: the ViT-g encodes a photo in 25.8 s in bf16 and in 6.8 s this way."""
+    from torch.nn.utils import parametrize
+
+    for sub in list(module.modules()):
+        for name, _ in list(sub.named_parameters(recurse=False)):
+            parametrize.register_parametrization(sub, name, _ReadAsFP32(), unsafe=True)
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            if buffer.is_floating_point():
+                setattr(sub, name, buffer.float())
+
+
+def half_is_slower_than_fp32(dtype: torch.dtype, reps: int = 2) -> tuple[bool, float]:
+    """Times one ViT-g-sized product (257 tokens x 1408 -> 1536) in `dtype` and in fp32 on this
+    CPU; True and the ratio when the half-precision one is over 1.5x slower."""
+    import time
+
+    x, w = torch.randn(257, 1408), torch.randn(1536, 1408)
+    took = {}
+    for kind in (dtype, torch.float32):
+        a, b = x.to(kind), w.to(kind)
+        torch.nn.functional.linear(a, b)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.linear(a, b)
+        took[kind] = time.perf_counter() - start
+    ratio = took[dtype] / took[torch.float32]
+    return ratio > 1.5, ratio
+
+
+def fast_cpu_encoder(policy: LoadPolicy, vision: nn.Module) -> str:
+    """Apply `compute_in_fp32` to the ViT when the policy allows it and it is faster here; a note."""
+    dtype = next(vision.parameters()).dtype
+    if policy.encoder_compute != "auto" or policy.resolve_device() != "cpu" or dtype == torch.float32:
+        return ""
+    slow, ratio = half_is_slower_than_fp32(dtype)
+    if not slow:
+        return ""
+    compute_in_fp32(vision)
+    return f"the image encoder keeps {_name(dtype)} weights but computes in fp32 ({_name(dtype)} products are {ratio:.1f}x slower on this CPU)"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]

@@ -24,7 +24,7 @@ def describe(config: SkinGPTConfig) -> dict[str, Any]:
     linear = quantized_linear_params(model.llm)
     memory = {mode: {"encoder_half": encoder * 2, "llm": estimate_llm_bytes(counts["llm"], linear, mode),
                      "total": encoder * 2 + estimate_llm_bytes(counts["llm"], linear, mode)}
-              for mode in QUANT_MODES}
+              for mode in QUANT_MODES if mode != "auto"}
     return {"name": config.name, "parameters": counts, "total_parameters": sum(counts.values()),
             "shapes": _shapes(model), "memory_bytes": memory, "prompt_template": config.prompt_template}
 
@@ -48,13 +48,15 @@ def _shapes(model: SkinGPT) -> dict[str, list]:
 def describe_bundle(path: str | Path, record: Path | None = None) -> dict[str, Any]:
     """`describe` for a bundle's config, after verifying every file's sha256 (those unchanged since
     `record` was written are not read again; without it, all)."""
-    from .checkpoint import load_config, verify_bundle
+    from .checkpoint import LLM_DIR, load_config, verify_bundle
+    from .weight_only import read_quantization
 
     manifest = verify_bundle(path, record)
     info = describe(load_config(Path(path)))
     info["bundle"] = {"path": str(path), "files": len(manifest["files"]), "sha256_verified": True,
                       "bytes": sum(e["bytes"] for e in manifest["files"].values()),
-                      "sources": manifest.get("sources", {})}
+                      "sources": manifest.get("sources", {}),
+                      "quantization": (read_quantization(Path(path) / LLM_DIR) or {}).get("mode")}
     return info
 
 
@@ -71,8 +73,18 @@ def format_text(info: dict[str, Any]) -> str:
     if "bundle" in info:
         b = info["bundle"]
         lines += ["", f"bundle {b['path']}: {b['files']} files, {format_bytes(b['bytes'])}, sha256 verified"]
-        lines += [f"  {role}: {src.get('file')} sha256 {src.get('sha256', '')[:16]}..." for role, src in b["sources"].items()]
+        if b.get("quantization"):
+            lines.append(f"  the LLM is stored quantised to {b['quantization']}")
+        lines += [f"  {role}: {_source(src)}" for role, src in b["sources"].items()]
     return "\n".join(lines)
+
+
+def _source(src: Any) -> str:
+    if not isinstance(src, dict):
+        return str(src)
+    if "file" in src:
+        return f"{src['file']} sha256 {src.get('sha256', '')[:16]}..."
+    return ", ".join(f"{k} {str(v)[:64]}" for k, v in src.items())
 
 
 def _millions(n: int) -> str:

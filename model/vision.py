@@ -41,6 +41,6 @@ class LayerNormFP32(nn.LayerNorm):
 
 def encode_patches(vit: Eva, ln_vision: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels -> (B, 1 + (H/p)*(W/p), C_vis) normalised fp32 image tokens."""
-    param = next(vit.parameters())
-    tokens = vit.forward_features(pixels.to(device=param.device, dtype=param.dtype))  # (B, 1+N, C_vis)
+    weight = vit.patch_embed.proj.weight  # the dtype it computes in (see quantization.compute_in_fp32)
+    tokens = vit.forward_features(pixels.to(device=weight.device, dtype=weight.dtype))  # (B, 1+N, C_vis)
     return ln_vision(tokens)

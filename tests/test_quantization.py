@@ -35,7 +35,7 @@ def test_quantised_llm_on_cpu(tiny_bundle, mode, layer_type):
 
 
 def test_half_precision_policy_keeps_ln_vision_fp32(tiny_bundle):
-    loaded = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16"))
+    loaded = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16", encoder_compute="stored"))
     assert loaded.model.vision.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     assert loaded.model.qformer.layernorm.weight.dtype == torch.bfloat16
     assert loaded.model.ln_vision.weight.dtype == torch.float32
@@ -45,7 +45,7 @@ def test_half_precision_policy_keeps_ln_vision_fp32(tiny_bundle):
 
 
 def test_bad_policies_say_what_to_do():
-    with pytest.raises(PolicyError, match="quantize must be one of none, int8, nf4, int8w, int4"):
+    with pytest.raises(PolicyError, match="quantize must be one of auto, none, int8, nf4, int8w, int4"):
         LoadPolicy(quantize="int2")
     with pytest.raises(PolicyError, match="dtype must be auto or one of"):
         LoadPolicy(dtype="fp8")
@@ -101,24 +101,60 @@ def _next_token_logprobs(loaded, question: str):
     return logits[0].float().log_softmax(-1)  # (T, V): the next-token distribution at every position
 
 
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory):
+    """The `small` preset (a 374 M-parameter LLM) with seeded random weights, written as a bundle."""
+    from model.checkpoint import save_model_bundle
+    from model.config import preset
+    from model.fixtures import train_tokenizer
+    from model.llm import load_tokenizer
+    from model.skingpt import build_skingpt
+
+    out = tmp_path_factory.mktemp("small")
+    (out / "tokenizer").mkdir()
+    train_tokenizer(out / "tokenizer", 4000)
+    torch.manual_seed(0)
+    save_model_bundle(out / "bundle", build_skingpt(preset("small")).eval(), load_tokenizer(out / "tokenizer"))
+    return out / "bundle"
+
+
+QUESTIONS = ("Describe the skin condition in this photo.", "What could cause this rash?",
+             "Is this mole dangerous? It bleeds.", "How is psoriasis treated?")
+
+
+def _agreement(bundle, mode: str) -> tuple[float, float]:
+    """Mean KL(fp32 || mode) of the next-token distribution and top-1 agreement over QUESTIONS."""
+    from model.checkpoint import load_bundle
+    from model.quantization import LoadPolicy
+    from model.weight_only import WeightOnlyLinear
+
+    reference = load_bundle(bundle, LoadPolicy(device="cpu", dtype="fp32"))
+    quantised = load_bundle(bundle, LoadPolicy(device="cpu", quantize=mode))
+    assert any(isinstance(m, WeightOnlyLinear) for m in quantised.model.llm.modules())
+    assert not isinstance(quantised.model.llm.lm_head, WeightOnlyLinear)
+    kl, agreement = [], []
+    for question in QUESTIONS:
+        p, q = _next_token_logprobs(reference, question), _next_token_logprobs(quantised, question)
+        kl.append((p.exp() * (p - q)).sum(-1).mean().item())
+        agreement.append((p.argmax(-1) == q.argmax(-1)).float().mean().item())
+    return sum(kl) / len(kl), sum(agreement) / len(agreement)
+
+
 @pytest.mark.parametrize("mode, max_kl, min_agreement", [("int8w", 1e-3, 0.97), ("int4", 1e-2, 0.85)])
 def test_weight_only_quantisation_keeps_the_next_token_distribution(tiny_bundle, mode, max_kl, min_agreement):
     """Against the fp32 model, over a fixed prompt set (measured: int8w KL < 1e-5, top-1 agreement 0.993;
     int4 KL 6e-5, agreement 0.924; bf16 alone agrees 0.971)."""
-    from model.checkpoint import load_bundle
-    from model.quantization import LoadPolicy, WeightOnlyLinear
+    kl, agreement = _agreement(tiny_bundle, mode)
+    assert kl < max_kl and agreement >= min_agreement
 
-    reference = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="fp32"))
-    quantised = load_bundle(tiny_bundle, LoadPolicy(device="cpu", quantize=mode))
-    assert any(isinstance(m, WeightOnlyLinear) for m in quantised.model.llm.modules())
-    assert not isinstance(quantised.model.llm.lm_head, WeightOnlyLinear)
-    kl, agreement = [], []
-    for question in ("Describe the skin condition in this photo.", "What could cause this rash?",
-                     "Is this mole dangerous? It bleeds.", "How is psoriasis treated?"):
-        p, q = _next_token_logprobs(reference, question), _next_token_logprobs(quantised, question)
-        kl.append((p.exp() * (p - q)).sum(-1).mean().item())
-        agreement.append((p.argmax(-1) == q.argmax(-1)).float().mean().item())
-    assert sum(kl) / len(kl) < max_kl and sum(agreement) / len(agreement) >= min_agreement
+
+@pytest.mark.parametrize("mode, max_kl, min_agreement", [("int8w", 2e-3, 0.8), ("int4", 0.1, 0.2)])
+def test_weight_only_quantisation_on_the_small_preset(small_bundle, mode, max_kl, min_agreement):
+    """Random weights of std 0.02 give nearly flat next-token distributions, where any change flips
+    the top token: measured int8w KL 3.4e-4, agreement 0.860; int4 KL 0.038, agreement 0.270; bf16
+    alone agrees 0.911. Round-to-nearest int4 has no trained structure to lean on here."""
+    kl, agreement = _agreement(small_bundle, mode)
+    assert kl < max_kl and agreement >= min_agreement
 
 
 def test_a_weight_only_model_answers_through_the_engine(tiny_bundle):
@@ -138,10 +174,13 @@ def test_a_weight_only_model_answers_through_the_engine(tiny_bundle):
     assert generation.finish_reason == "length" and len(generation.tokens) == 6
 
 
-def test_weight_only_modes_say_where_their_kernels_are_missing(tiny_bundle):
+def test_weight_only_modes_say_where_their_kernels_are_missing(tiny_bundle, monkeypatch):
     from model.checkpoint import load_bundle
-    from model.quantization import LoadPolicy, PolicyError, quantize_weight_only
+    from model.quantization import LoadPolicy, PolicyError
+    from model.weight_only import require_kernels
 
-    llm = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16")).model.llm
-    with pytest.raises(PolicyError, match="CPU weight-only kernels.*--quantize int8 or nf4"):
-        quantize_weight_only(llm, "int4", "cuda")
+    with pytest.raises(PolicyError, match=r"this device \(cuda\).*--quantize int8 or nf4"):
+        require_kernels("int4", "cuda")
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    with pytest.raises(PolicyError, match=r"torch build \(.*\) lacks"):
+        load_bundle(tiny_bundle, LoadPolicy(device="cpu", quantize="int8w"))

@@ -123,7 +123,8 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(cfg.seed)
 
-    base = load_bundle(weights, LoadPolicy(device=device, dtype=precision if amp_dtype else "fp32"), verify=ctx.main)
+    policy = LoadPolicy(device=device, dtype=precision if amp_dtype else "fp32", encoder_compute="stored")
+    base = load_bundle(weights, policy, verify=ctx.main)  # (stored: parameter names stay those it saves)
     model, tokenizer = base.model, base.tokenizer
     _make_trainable(model, cfg)
     if cfg.grad_checkpointing:
