@@ -20,17 +20,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import psutil
 import torch
 from PIL import Image
 
-from .checkpoint import LLM_DIR, LoadedBundle, config_sizing, load_bundle, save_bundle, save_model_bundle
+from .checkpoint import LLM_DIR, LoadedBundle, auto_policy, load_bundle, save_bundle, save_model_bundle
 from .config import SkinGPTConfig
 from .conversation import Conversation, ImageInput
 from .serving.engine import Engine
-from .quantization import WEIGHT_ONLY, LoadPolicy, PolicyError, choose_policy, fast_cpu_encoder, module_bytes
+from .quantization import WEIGHT_ONLY, LoadPolicy, PolicyError, fast_cpu_encoder, module_bytes
 from .skingpt import ENCODER_PARTS, SkinGPT, build_skingpt, tokenize_prompt
-from .weight_only import assemble, entries, from_random, kernel_speeds, write_quantized
+from .weight_only import assemble, entries, from_random, write_quantized
 from .summary import format_bytes
 
 # Peak memory bandwidth (bytes/s) of GPUs we report against; others can be passed in.
@@ -47,7 +46,7 @@ def random_bundle(config: SkinGPTConfig, policy: LoadPolicy, save: Path | None =
     from .fixtures import train_tokenizer
     from .llm import load_tokenizer
 
-    policy, note = choose_policy(policy, config_sizing(config), psutil.virtual_memory().available, kernel_speeds)
+    policy, note = auto_policy(policy, config)
     if save is not None and policy.quantize not in ("none", *WEIGHT_ONLY):
         raise PolicyError(f"--save writes float or weight-only bundles, not bitsandbytes {policy.quantize}")
     device, dtype = policy.resolve_device(), policy.resolve_dtype()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -30,10 +29,10 @@ from .config import ConfigError, SkinGPTConfig
 from .errors import UserFacingError
 from .llm import LLMLoadError, config_from_dir, load_llm, load_tokenizer
 from .quantization import (WEIGHT_ONLY, LoadPolicy, Sizing, bnb_config, choose_policy, fast_cpu_encoder,
-                           module_bytes)
+                           module_bytes, quantized_linear_params)
 from .skingpt import ENCODER_PARTS, SkinGPT
-from .weight_only import (empty_llm, entries, from_float_files, kernel_speeds, load_quantized_llm, quantized_names,
-                          read_quantization, require_kernels, write_quantized, TensorFiles)
+from .weight_only import (entries, from_float_files, kernel_speeds, load_quantized_llm, read_quantization,
+                          require_kernels, write_quantized, TensorFiles)
 
 CONFIG_FILE = "skingpt.yaml"
 ENCODER_FILE = "encoder.safetensors"
@@ -332,32 +331,26 @@ def settle_policy(policy: LoadPolicy, bundle: Path, config: SkinGPTConfig,
         concrete = LoadPolicy(device=policy.device, dtype="bf16", quantize=mode)
         require_kernels(mode, concrete.resolve_device())
         return concrete, f"the bundle's LLM is quantised to {mode} (PyTorch's CPU weight-only kernels)"
+    return auto_policy(policy, config)
+
+
+def auto_policy(policy: LoadPolicy, config: SkinGPTConfig) -> tuple[LoadPolicy, str]:
+    """Resolve quantize=auto for this config against this machine's free memory and kernel speeds."""
     if policy.quantize != "auto":
         return policy, ""
     import psutil
 
-    return choose_policy(policy, bundle_sizing(bundle, config), psutil.virtual_memory().available, kernel_speeds)
+    return choose_policy(policy, config_sizing(config), psutil.virtual_memory().available, kernel_speeds)
 
 
 def config_sizing(config: SkinGPTConfig) -> Sizing:
-    """Parameter counts of a preset, from a skeleton on `meta`."""
+    """Parameter counts of a config, from a skeleton on `meta`: nothing is allocated or read."""
     from .skingpt import build_skingpt
 
     with torch.device("meta"):
         model = build_skingpt(config)
     llm = sum(p.numel() for p in model.llm.parameters())
-    linears = sum(model.llm.get_submodule(name).weight.numel() for name in quantized_names(model.llm))
-    return Sizing(llm, linears, sum(p.numel() for p in model.parameters()) - llm)
-
-
-def bundle_sizing(bundle: Path, config: SkinGPTConfig) -> Sizing:
-    """Parameter counts from the config (a meta skeleton) and the encoder file's header: nothing is read."""
-    skeleton = empty_llm(config.llm)
-    linears = {f"{name}.weight" for name in quantized_names(skeleton)}
-    params = dict((name, p.numel()) for name, p in skeleton.named_parameters())
-    with safe_open(str(bundle / ENCODER_FILE), framework="pt") as handle:
-        encoder = sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
-    return Sizing(sum(params.values()), sum(n for name, n in params.items() if name in linears), encoder)
+    return Sizing(llm, quantized_linear_params(model.llm), sum(p.numel() for p in model.parameters()) - llm)
 
 
 def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype) -> None:

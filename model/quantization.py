@@ -9,7 +9,7 @@ GPU by default), `ln_vision` in fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Callable
 
 import torch
 from torch import nn
@@ -83,10 +83,14 @@ def module_bytes(module: nn.Module | nn.Parameter) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def quantized_names(llm: nn.Module) -> list[str]:
+    """The decoder's linear layers, which every quantised mode shrinks: every nn.Linear but the LM head."""
+    return [name for name, m in llm.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")]
+
+
 def quantized_linear_params(llm: nn.Module) -> int:
-    """Parameters bitsandbytes would quantise: every Linear of the decoder, not the LM head."""
-    return sum(m.weight.numel() for name, m in llm.named_modules()
-               if isinstance(m, nn.Linear) and not name.endswith("lm_head"))
+    """Parameters of those layers."""
+    return sum(llm.get_submodule(name).weight.numel() for name in quantized_names(llm))
 
 
 def estimate_llm_bytes(total_params: int, linear_params: int, mode: str, dtype_bytes: int = 2) -> int:
@@ -133,22 +137,22 @@ CLOSEST_TO_FLOAT = ("bf16", "int8w", "int4")
 
 @dataclass(frozen=True)
 class Sizing:
-    """Parameter counts the choice rests on (from the bundle's config and file headers, not weights)."""
+    """Parameter counts the choice rests on (from the config, on `meta`: no weights are read)."""
     llm_params: int
     linear_params: int  # the LLM's decoder linears: what int8w / int4 shrink
     encoder_params: int
 
 
 def choose_policy(policy: LoadPolicy, sizing: Sizing, available_bytes: int,
-                  speeds_ms: Any) -> tuple[LoadPolicy, str]:
+                  speeds_ms: Callable[[], dict[str, float]]) -> tuple[LoadPolicy, str]:
     """Resolve quantize=auto into a concrete policy, with one line saying which and why. `speeds_ms()`
     times one matrix product per CPU mode (it is only called when the choice needs it)."""
     if policy.quantize != "auto":
         return policy, ""
     device = policy.resolve_device()
     if device != "cpu":
-        return replace(policy, quantize="none"), (f"auto on a GPU: the LLM in {_dtype_name(replace(policy, quantize='none'))}"
-                                                  f" (--quantize nf4 or int8 saves GPU memory)")
+        full = replace(policy, quantize="none")
+        return full, f"auto on a GPU: the LLM in {_name(full.resolve_dtype())} (--quantize nf4 or int8 saves GPU memory)"
     if policy.dtype != "auto":
         return replace(policy, quantize="none"), f"--dtype {policy.dtype} asked for: the LLM is not quantised"
     bf16 = estimate_llm_bytes(sizing.llm_params, sizing.linear_params, "none")
@@ -170,10 +174,6 @@ def choose_policy(policy: LoadPolicy, sizing: Sizing, available_bytes: int,
     concrete = replace(policy, device="cpu", dtype="bf16", quantize="none" if chosen == "bf16" else chosen)
     flag = "--dtype bf16" if chosen == "bf16" else f"--quantize {chosen}"
     return concrete, f"auto on this CPU: {flag}, {why} (one 4096x4096 product: {timing})"
-
-
-def _dtype_name(policy: LoadPolicy) -> str:
-    return _name(policy.resolve_dtype())
 
 
 # -- half-precision weights, fp32 arithmetic: the image encoder on CPUs without native bf16 ------------

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import LLMConfig
 from .llm import LLMLoadError, hf_config
-from .quantization import PolicyError
+from .quantization import PolicyError, quantized_names
 
 QUANT_FILE = "quantization.json"
 QUANT_FORMAT = "skingpt-weight-only/1"
@@ -144,11 +144,6 @@ def empty_llm(cfg: LLMConfig) -> nn.Module:
     config.dtype = torch.bfloat16
     with init_empty_weights(include_buffers=False):
         return LlamaForCausalLM(config)
-
-
-def quantized_names(llm: nn.Module) -> list[str]:
-    """The decoder's linear layers: every nn.Linear but the LM head."""
-    return [name for name, m in llm.named_modules() if isinstance(m, nn.Linear) and not name.endswith("lm_head")]
 
 
 FetchLinear = Callable[[str], Portable]  # module name -> its portable form
