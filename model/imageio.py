@@ -105,7 +105,34 @@ def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
 
 
 def read_image_file(path: str | Path) -> Image.Image:
+    """A photo on disk, decoded exactly as an upload is: every reader of a photo (serving, training,
+    differential fitting, evaluation) comes through here, so the model learns what it is shown."""
     return read_photo_file(path).image
+
+
+def check_photo_file(path: str | Path) -> None:
+    """What `read_photo_file` would refuse before decoding: a missing or oversized file, a format
+    outside the allow-list, a damaged header, too many pixels. Cheap: the pixels are not decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path} does not exist")
+    if path.stat().st_size > MAX_BYTES:
+        raise ImageError(f"{path} is larger than {MAX_BYTES // 2**20} MB; please use a smaller photo")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=FORMATS) as image:
+                if image.size[0] * image.size[1] > MAX_PIXELS:
+                    raise _too_large(str(path), image.size[0] * image.size[1])
+                image.verify()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise _too_large(str(path), 2 * MAX_PIXELS) from err
+    except UnidentifiedImageError as err:
+        raise ImageError(f"{path} is not a photo this app can read ({FORMAT_NAMES})") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"{path} could not be read: it seems damaged or incomplete") from err
 
 
 def read_photo_file(path: str | Path) -> Photo:

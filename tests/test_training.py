@@ -261,3 +261,39 @@ def test_step_configs_are_strict(tmp_path):
     (tmp_path / "s.yaml").write_text("prompts: ['Describe this.']\n")
     with pytest.raises(ConfigError, match="<ImageHere>"):
         StepConfig.from_yaml(tmp_path / "s.yaml")
+
+
+def test_training_sees_a_phone_photo_as_serving_does(tmp_path, tiny_bundle):
+    """An EXIF-rotated, ICC-tagged JPEG: the pixels a training sample carries are the pixels serving
+    feeds the model (upright, in sRGB), not the file's raw sideways numbers."""
+    from model.imageio import decode_photo
+    from model.preprocess import preprocess
+    from test_imageio import _swapped_primaries_profile
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    raw = Image.new("RGB", (64, 32), (220, 30, 30))
+    raw.paste((30, 30, 220), (0, 0, 16, 32))  # a blue band on the stored image's left
+    (tmp_path / "image").mkdir()
+    raw.save(tmp_path / "image" / "phone.jpg", "JPEG", quality=95, exif=exif.tobytes(),
+             icc_profile=_swapped_primaries_profile())
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": "image/phone.jpg", "caption": "A red plaque."}) + "\n")
+    cfg = load_bundle(tiny_bundle).config.preprocess
+    dataset = TrainDataset(load_samples(manifest, None, False, **QUIET), cfg, StepConfig().prompts, seed=0)
+    dataset.transform = lambda image: preprocess(image, cfg)  # the inference transform: no random crop
+    served = preprocess(decode_photo((tmp_path / "image" / "phone.jpg").read_bytes()).image, cfg)
+    assert torch.equal(dataset[0]["pixels"], served)
+    bare = preprocess(Image.open(tmp_path / "image" / "phone.jpg"), cfg)  # what training used to see
+    assert not torch.allclose(bare, served, atol=0.1)
+
+
+def test_training_refuses_a_photo_serving_would_refuse(tmp_path):
+    (tmp_path / "image").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "image" / "scan.eps", "EPS")  # a format that runs Ghostscript
+    Image.new("RGB", (32, 32), (200, 90, 90)).save(tmp_path / "image" / "ok.png")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"image/{n}", "caption": "x"}) + "\n" for n in ("scan.eps", "ok.png")))
+    with pytest.raises(DataError, match=r"scan\.eps cannot be used: .*not a photo this app can read"):
+        load_samples(manifest, None, False, **QUIET)
+    assert [s.record.image for s in load_samples(manifest, None, True, **QUIET)] == ["image/ok.png"]

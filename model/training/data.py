@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ..conversation import Conversation, ImageInput, training_segments
 from ..errors import UserFacingError
+from ..imageio import ImageError, check_photo_file, read_image_file
 from ..preprocess import train_transform
 from ..records import SkinTyped, read_jsonl, validation_message
 from ..skingpt import IMAGE_TOKEN_ID, tokenize_prompt
@@ -134,11 +134,9 @@ def check_images(samples: list[Sample]) -> tuple[list[Sample], list[Problem]]:
             problems.append(Problem(sample.where, f"image {sample.record.image} not found ({sample.image_path})"))
             continue
         try:
-            with Image.open(sample.image_path) as image:
-                image.verify()
-        except Exception as err:  # PIL raises many types for unreadable files
-            problems.append(Problem(sample.where, f"image {sample.record.image} cannot be read "
-                                                  f"({type(err).__name__})"))
+            check_photo_file(sample.image_path)
+        except ImageError as err:
+            problems.append(Problem(sample.where, f"image {sample.record.image} cannot be used: {err}"))
             continue
         good.append(sample)
     return good, problems
@@ -179,8 +177,7 @@ class TrainDataset(torch.utils.data.Dataset):
         key = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % 2**63
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(key)
-            with Image.open(sample.image_path) as image:
-                pixels = self.transform(image)
+            pixels = self.transform(read_image_file(sample.image_path))  # decoded as serving decodes it
         return {"pixels": pixels, "conversation": self._conversation(sample.record, random.Random(key))}
 
     def _conversation(self, record: Record, rng: random.Random) -> Conversation:

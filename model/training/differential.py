@@ -14,6 +14,7 @@ import torch
 from ..checkpoint import MANIFEST_FILE, load_bundle, read_manifest, write_manifest
 from ..differential import FEATURES, DifferentialError, DifferentialHead, image_features, reliability_plot, \
     top_confidence, train_differential
+from ..imageio import read_image_file
 from ..preprocess import preprocess
 from ..quantization import LoadPolicy
 from .data import load_samples
@@ -31,7 +32,6 @@ def _split_of(split: str | None) -> str | None:
 def build(data: str | Path, weights: str | Path, out: str | Path, *, labels: str | Path | None = None,
           feature: str = "auto", val_fraction: float = 0.2, target_precision: float = 0.9, seed: int = 0,
           batch_size: int = 32, say: Callable[[str], None] = print) -> tuple[Path, DifferentialHead]:
-    from PIL import Image
     from tqdm.auto import tqdm
 
     if feature != "auto" and feature not in FEATURES:
@@ -56,8 +56,7 @@ def build(data: str | Path, weights: str | Path, out: str | Path, *, labels: str
         batch = samples[start:start + batch_size]
         pixels = []
         for sample in batch:
-            with Image.open(sample.image_path) as image:
-                pixels.append(preprocess(image.convert("RGB"), config.preprocess))
+            pixels.append(preprocess(read_image_file(sample.image_path), config.preprocess))  # as serving sees it
         pixels = torch.stack(pixels).to(loaded.device)
         for kind in kinds:
             feats[kind].append(image_features(model, pixels, kind))
