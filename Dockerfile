@@ -31,6 +31,7 @@ WORKDIR /opt/skingpt
 COPY requirements.txt .
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.txt
 COPY model/ model/
+COPY tools/ tools/
 COPY app/ app/
 COPY launch.py .
 

@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from model.config import preset
-    from model.summary import describe, describe_bundle, format_text
+    from model.nn.config import preset
+    from model.weights.summary import describe, describe_bundle, format_text
 
     info = describe_bundle(args.weights, None if args.verify else _record(args.weights)) if args.weights \
         else describe(preset(args.preset))
@@ -33,7 +33,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from model.convert import Sources, convert
+    from model.weights.convert import Sources, convert
 
     sources = Sources(llm_dir=Path(args.llm), vit=_path(args.vit), blip2=_path(args.blip2),
                       hf_blip2=_path(args.hf_blip2), finetune=_path(args.finetune))
@@ -47,7 +47,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from model.checkpoint import quantize_bundle
+    from model.weights.bundle import quantize_bundle
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -58,7 +58,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_fixtures(args: argparse.Namespace) -> int:
-    from model.fixtures import write_demo_bundle, write_sources
+    from tools.fixtures import write_demo_bundle, write_sources
 
     if args.bundle:
         print(f"demo bundle written to {write_demo_bundle(args.out, args.size)}")
@@ -95,7 +95,7 @@ def _bundle_path(args: argparse.Namespace) -> Path:
     if args.weights:
         return Path(args.weights)
     if not (DEMO_BUNDLE / "manifest.json").is_file():
-        from model.fixtures import write_demo_bundle
+        from tools.fixtures import write_demo_bundle
 
         print(f"No --weights given and no demo bundle yet: generating one at {DEMO_BUNDLE} ...", file=sys.stderr)
         write_demo_bundle(DEMO_BUNDLE)
@@ -105,7 +105,7 @@ def _bundle_path(args: argparse.Namespace) -> Path:
 
 
 def _policy(args: argparse.Namespace):
-    from model.quantization import LoadPolicy
+    from model.weights.policy import LoadPolicy
 
     return LoadPolicy(device=args.device, dtype=args.dtype, quantize=args.quantize)
 
@@ -113,16 +113,16 @@ def _policy(args: argparse.Namespace):
 def _record(bundle: str | Path) -> Path:
     """Where this user's record of which bundle files already passed their sha256 check lives."""
     from app.settings import default_cache_dir
-    from model.checkpoint import verification_record
+    from model.weights.bundle import verification_record
 
     return verification_record(default_cache_dir(), bundle)
 
 
 def _engine(args: argparse.Namespace):
-    from model.checkpoint import load_bundle
+    from model.weights.bundle import load_bundle
     from model.serving.engine import Engine
 
-    from model.quantization import cpu_advice
+    from model.weights.policy import cpu_advice
 
     bundle, policy = _bundle_path(args), _policy(args)
     if (advice := cpu_advice(policy)) and bundle != DEMO_BUNDLE:
@@ -143,16 +143,16 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def _language(args: argparse.Namespace) -> str:
     """--lang, or the terminal's locale (LC_ALL, LC_MESSAGES, LANG)."""
-    from model.i18n import pick
+    from model.i18n.catalog import pick
 
     return args.lang or pick(os.environ.get("LC_ALL"), os.environ.get("LC_MESSAGES"), os.environ.get("LANG"))
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from model.consultation import ask_in
-    from model.conversation import Conversation, ImageInput
-    from model.i18n import text
-    from model.imageio import read_photo_file
+    from model.clinical.consultation import ask_in
+    from model.clinical.conversation import Conversation, ImageInput
+    from model.i18n.catalog import text
+    from model.images.decode import read_photo_file
 
     lang = _language(args)
     if args.pdf and not args.report:
@@ -163,7 +163,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     image = ImageInput.of(photo.image)
     engine = _engine(args)
     if args.report:
-        from model.consultation import consult
+        from model.clinical.consultation import consult
 
         report = consult(lambda conv: engine.answer(conv, session="ask", seed=args.seed, **_settings(args)), image,
                          lang=lang)
@@ -171,7 +171,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             report.differential, report.differential_uncertain = ranking.conditions, ranking.uncertain
         print(report.model_dump_json(indent=2) if args.json else report.markdown())
         if args.pdf:
-            from app.export import report_pdf
+            from model.clinical.report_pdf import report_pdf
 
             Path(args.pdf).write_bytes(report_pdf(report))
             print(f"PDF report written to {args.pdf}", file=sys.stderr)
@@ -201,7 +201,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_train_differential(args: argparse.Namespace) -> int:
-    from model.training.differential import build
+    from model.training.fit_differential import build
 
     out, head = build(args.data, args.weights, args.out, labels=args.labels, feature=args.features,
                       val_fraction=args.val_fraction, target_precision=args.target_precision, seed=args.seed,
@@ -226,12 +226,12 @@ CHAT_HELP = "Commands: /image PATH adds a photo, /new starts a new consultation,
 def cmd_chat(args: argparse.Namespace) -> int:
     import threading
 
-    from model.conversation import Conversation, ImageInput
+    from model.clinical.conversation import Conversation, ImageInput
     from model.errors import UserFacingError
-    from model.imageio import read_image_file
-    from model.consultation import ask_in
-    from model.i18n import text
-    from model.safety import red_flags
+    from model.images.decode import read_image_file
+    from model.clinical.consultation import ask_in
+    from model.i18n.catalog import text
+    from model.clinical.safety import red_flags
 
     lang = _language(args)
     engine = _engine(args)
@@ -284,7 +284,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from model.benchmark import format_concurrency, format_table, load_for_bench, run, run_concurrency
+    from tools.bench import format_concurrency, format_table, load_for_bench, run, run_concurrency
 
     if not args.random_init and not args.weights:
         raise SystemExit("error: pass --preset NAME --random-init, or --weights DIR")
@@ -301,7 +301,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if loaded.note:
         print(loaded.note, file=sys.stderr)
     result = run(loaded, load_s, turns=args.turns, new_tokens=args.new_tokens)
-    from app.openai_api import followup_ttft
+    from app.api.chat import followup_ttft
     from model.serving.engine import Engine
 
     result["api_followups"] = followup_ttft(Engine(loaded), args.turns, args.new_tokens)
@@ -366,8 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else review_markdown(result))
     elif args.eval_command == "consistency":
         from model.evaluation.predict import consistency, read_cases
-        from model.conversation import Conversation
-        from model.consultation import DEFAULT_FLOW
+        from model.clinical.conversation import Conversation
+        from model.clinical.consultation import DEFAULT_FLOW
 
         engine = _engine(args)
         settings = {"do_sample": True, **_settings(args)}

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .settings import AppSettings
+from app.settings import AppSettings
 
 
 def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None] = print,
           block: bool = True):
     settings.check_safe()  # before anything is loaded or bound
-    from .privacy import private_root
+    from app.privacy import private_root
 
     root = private_root()  # before Gradio creates its app, so uploads land in it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -22,13 +22,13 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
 
     import torch
 
-    from model.checkpoint import load_bundle, verification_record
+    from model.weights.bundle import load_bundle, verification_record
 
-    from .settings import default_cache_dir
+    from app.settings import default_cache_dir
     from model.serving.engine import Engine
-    from model.quantization import LoadPolicy
+    from model.weights.policy import LoadPolicy
 
-    from model.quantization import cpu_advice
+    from model.weights.policy import cpu_advice
 
     policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
     if (advice := cpu_advice(policy)) and not demo_mode:
@@ -40,8 +40,8 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
         say(f"      {loaded.note}")
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
 
-    from .handlers import Handlers, SessionStore
-    from .ui import CSS, JS, THEME, build
+    from app.web.handlers import Handlers, SessionStore
+    from app.web.ui import CSS, JS, THEME, build
 
     store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
     kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
@@ -61,7 +61,7 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
                run_history=False,  # Gradio would otherwise keep every photo and answer in the browser's storage
                footer_links=["api", "settings"])
     if not settings.no_api:
-        from .openai_api import ChatAPI, mount
+        from app.api.chat import ChatAPI, mount
 
         mount(app.app, ChatAPI(engine, loaded.config.name), settings.api_key)
         say(f"OpenAI-compatible API at /v1 (model {loaded.config.name!r}"

@@ -31,14 +31,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory):
-    from model.fixtures import write_sources
+    from tools.fixtures import write_sources
 
     return write_sources(tmp_path_factory.mktemp("sources"), "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(sources, tmp_path_factory) -> Path:
-    from model.convert import Sources, convert
+    from model.weights.convert import Sources, convert
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     convert(Sources(llm_dir=sources.llm, vit=sources.vit, blip2=sources.blip2, finetune=sources.finetune),

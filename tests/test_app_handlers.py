@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.handlers import QUICK_PROMPTS, Handlers, SessionStore
-from model.conversation import ConversationError
+from app.web.handlers import QUICK_PROMPTS, Handlers, SessionStore
+from model.clinical.conversation import ConversationError
 
 
 class FakeGeneration:
@@ -248,7 +248,7 @@ def test_engine_errors_are_messages(app):
 
 
 def test_report_writes_markdown_and_pdf(app):
-    from app.export import report_pdf
+    from model.clinical.report_pdf import report_pdf
 
     handlers, engine, root = app
     markdown, files = handlers.report("x")
@@ -426,7 +426,7 @@ def test_a_hostile_attached_path_outside_the_uploads_is_never_deleted(app, tmp_p
 
 
 def test_photos_per_consultation_and_in_memory_are_bounded(app):
-    from app.session import MAX_PHOTOS
+    from app.web.session import MAX_PHOTOS
 
     handlers, engine, root = app
     for i in range(MAX_PHOTOS):

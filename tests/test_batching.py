@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.checkpoint import load_bundle
-from model.conversation import Conversation, ImageInput
+from model.weights.bundle import load_bundle
+from model.clinical.conversation import Conversation, ImageInput
 from model.serving.engine import Engine
 
 QUESTIONS = ["What is it?", "Please describe the skin condition in this photo in detail, with its colour and border.",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import BundleError, load_bundle, verify_bundle, write_manifest
+from model.weights.bundle import BundleError, load_bundle, verify_bundle, write_manifest
 
 
 @pytest.fixture
@@ -114,8 +114,8 @@ def test_start_up_verifies_once_then_only_what_changed(bundle, tmp_path, monkeyp
     """A 13B bundle is 28 GB to hash: a second start reads no file that is unchanged since it passed."""
     import os
 
-    from model import checkpoint
-    from model.checkpoint import verification_record
+    from model.weights import bundle as checkpoint
+    from model.weights.bundle import verification_record
 
     hashed = []
     real = checkpoint.sha256_file

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from model.consultation import DEFAULT_FLOW, ConsultStep, build_report, consult, extract_diagnosis
-from model.conversation import ImageInput
-from model.safety import DISCLAIMER, red_flags
+from model.clinical.consultation import DEFAULT_FLOW, ConsultStep, build_report, consult, extract_diagnosis
+from model.clinical.conversation import ImageInput
+from model.clinical.safety import DISCLAIMER, red_flags
 
 
 def test_extract_diagnosis_and_differentials():

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from model.checkpoint import load_bundle
-from model.config import preset
-from model.convert import ConvertError, Sources, convert
-from model.skingpt import IMAGE_TOKEN_ID
+from model.weights.bundle import load_bundle
+from model.nn.config import preset
+from model.weights.convert import ConvertError, Sources, convert
+from model.nn.skingpt import IMAGE_TOKEN_ID
 from reference_forward import image_embeddings
 
 CFG = preset("tiny")

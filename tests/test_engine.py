@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import model.serving.engine as engine_module
-from model.checkpoint import load_bundle
-from model.conversation import Conversation, ImageInput, render
+from model.weights.bundle import load_bundle
+from model.clinical.conversation import Conversation, ImageInput, render
 from model.serving.engine import Engine
 from model.serving.scheduler import _visible
-from model.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
+from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
 
 def _photo(seed: int) -> ImageInput:
@@ -252,7 +252,7 @@ def test_budget_drops_oldest_text_keeps_images_and_question(engine):
 
 
 def test_question_too_long_for_context_is_a_clear_error(engine):
-    from model.conversation import ConversationError
+    from model.clinical.conversation import ConversationError
 
     conversation = Conversation().ask("word " * 400, [_photo(6)])
     with pytest.raises(ConversationError, match="context positions but only"):
@@ -306,7 +306,7 @@ def test_image_placeholder_ids_are_never_real_tokens(engine):
 
 def test_skingpt4_prompt_is_the_reference_demo_prompt_exactly():
     """Converted SkinGPT-4 weights were trained and demoed with this exact text (shared REFERENCE.md)."""
-    from model.conversation import TEMPLATES
+    from model.clinical.conversation import TEMPLATES
 
     first = Conversation().ask("What's wrong with my skin?", [_photo(0)])
     assert render(TEMPLATES["skingpt4"], first) == (

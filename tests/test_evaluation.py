@@ -18,7 +18,7 @@ from model.evaluation.metrics import Case, accuracy, balanced_accuracy, confusio
 from model.evaluation.predict import EvalError, consistency, predict, read_cases
 from model.evaluation.report import score
 from model.evaluation.review import STATEMENTS, review_packet, review_score
-from model.fixtures import write_training_data
+from tools.fixtures import write_training_data
 
 # Six cases whose metrics are worked out by hand below.
 HAND = [Case("A", ("A",), 1), Case("A", ("B", "A"), 2), Case("B", ("B",), 3), Case("B", ("B",), 4),
@@ -160,7 +160,7 @@ class _Interrupting:
 
 
 def test_predict_on_the_tiny_bundle_resumes(tiny_bundle, cases_manifest, tmp_path):
-    from model.checkpoint import load_bundle
+    from model.weights.bundle import load_bundle
     from model.serving.engine import Engine
 
     engine = Engine(load_bundle(tiny_bundle))
@@ -187,7 +187,7 @@ def test_predict_on_the_tiny_bundle_resumes(tiny_bundle, cases_manifest, tmp_pat
 
 
 def test_predict_with_reports_then_score_and_packet(tiny_bundle, cases_manifest, tmp_path):
-    from model.checkpoint import load_bundle
+    from model.weights.bundle import load_bundle
     from model.serving.engine import Engine
 
     out = tmp_path / "run"

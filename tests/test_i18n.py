@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from model.consultation import build_report, extract_diagnosis, flow
-from model.i18n import LANGUAGES, pick, strings, text
-from model.safety import red_flags
+from model.clinical.consultation import build_report, extract_diagnosis, flow
+from model.i18n.catalog import LANGUAGES, pick, strings, text
+from model.clinical.safety import red_flags
 
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:
@@ -52,7 +52,7 @@ def test_chinese_warning_signs_raise_the_notice(phrase, reason):
 
 
 def test_the_chinese_instruction_is_in_the_prompt_only_when_chinese_is_chosen(tmp_path):
-    from app.handlers import Handlers, SessionStore
+    from app.web.handlers import Handlers, SessionStore
     from test_app_handlers import FakeEngine, _upload
 
     engine = FakeEngine()
@@ -83,7 +83,7 @@ def test_chinese_answers_give_a_typed_report():
 def test_a_chinese_pdf_report_holds_its_headings_as_text():
     from pypdf import PdfReader
 
-    from app.export import report_pdf
+    from model.clinical.report_pdf import report_pdf
 
     answers = {k: "可能是湿疹。" for k in ("describe", "features", "causes", "treatment", "see_doctor")}
     report = build_report(answers, {k: text("zh", f"flow.{k}") for k in answers}, "zh")
@@ -95,8 +95,8 @@ def test_a_chinese_pdf_report_holds_its_headings_as_text():
 
 
 def test_without_a_cjk_font_the_pdf_says_what_to_install_and_the_markdown_stays(tmp_path, monkeypatch):
-    from app import export
-    from app.handlers import Handlers, SessionStore
+    from model.clinical import report_pdf as export
+    from app.web.handlers import Handlers, SessionStore
     from test_app_handlers import FakeEngine, _upload
 
     monkeypatch.setattr(export, "CJK_FONTS", (tmp_path / "no-such-font.ttc",))

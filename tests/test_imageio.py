@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.imageio import ImageError, decode_photo, open_image
+from model.images.decode import ImageError, decode_photo, open_image
 
 
 def _jpeg(image: Image.Image, **kwargs) -> bytes:

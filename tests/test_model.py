@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.config import PRESETS, ConfigError, SkinGPTConfig, preset
-from model.skingpt import IMAGE_TOKEN_ID, PlaceholderError, build_skingpt, tokenize_prompt
-from model.summary import describe
+from model.nn.config import PRESETS, ConfigError, SkinGPTConfig, preset
+from model.nn.skingpt import IMAGE_TOKEN_ID, PlaceholderError, build_skingpt, tokenize_prompt
+from model.weights.summary import describe
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -96,7 +96,7 @@ def test_splice_puts_each_image_in_its_slot(tiny_model):
 
 
 def test_tokenize_prompt_places_runs_and_one_bos(tiny_bundle):
-    from model.llm import load_tokenizer
+    from model.nn.llm import load_tokenizer
 
     tok = load_tokenizer(tiny_bundle / "llm")
     ids = tokenize_prompt(tok, "###Human: <Img><ImageHere></Img> Describe it. ###Assistant:", "<ImageHere>", 32)

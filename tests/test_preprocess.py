@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from model.config import PreprocessConfig
-from model.preprocess import preprocess, to_rgb, train_transform
+from model.nn.config import PreprocessConfig
+from model.images.preprocess import preprocess, to_rgb, train_transform
 
 CFG = PreprocessConfig()
 

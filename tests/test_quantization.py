@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.checkpoint import load_bundle
-from model.quantization import LoadPolicy, PolicyError
-from model.skingpt import IMAGE_TOKEN_ID
+from model.weights.bundle import load_bundle
+from model.weights.policy import LoadPolicy, PolicyError
+from model.nn.skingpt import IMAGE_TOKEN_ID
 
 
 def _logits(loaded):
@@ -71,7 +71,7 @@ def _logits_on(loaded, device):
 
 
 def test_slow_modes_on_a_cpu_are_warned_about_with_the_measured_figures():
-    from model.quantization import LoadPolicy, cpu_advice
+    from model.weights.policy import LoadPolicy, cpu_advice
 
     nf4 = cpu_advice(LoadPolicy(device="cpu", quantize="nf4"))
     assert nf4 and "3.2x slower than bf16" in nf4 and "--quantize int8w" in nf4
@@ -88,9 +88,9 @@ def _next_token_logprobs(loaded, question: str):
     import torch
     from PIL import Image
 
-    from model.conversation import Conversation, ImageInput, render, template
-    from model.preprocess import preprocess
-    from model.skingpt import tokenize_prompt
+    from model.clinical.conversation import Conversation, ImageInput, render, template
+    from model.images.preprocess import preprocess
+    from model.nn.skingpt import tokenize_prompt
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
     text = render(template(loaded.config.prompt_template), Conversation().ask(question, [ImageInput.of(image)]))
@@ -104,11 +104,11 @@ def _next_token_logprobs(loaded, question: str):
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
     """The `small` preset (a 374 M-parameter LLM) with seeded random weights, written as a bundle."""
-    from model.checkpoint import save_model_bundle
-    from model.config import preset
-    from model.fixtures import train_tokenizer
-    from model.llm import load_tokenizer
-    from model.skingpt import build_skingpt
+    from model.weights.bundle import save_model_bundle
+    from model.nn.config import preset
+    from tools.fixtures import train_tokenizer
+    from model.nn.llm import load_tokenizer
+    from model.nn.skingpt import build_skingpt
 
     out = tmp_path_factory.mktemp("small")
     (out / "tokenizer").mkdir()
@@ -124,9 +124,9 @@ QUESTIONS = ("Describe the skin condition in this photo.", "What could cause thi
 
 def _agreement(bundle, mode: str) -> tuple[float, float]:
     """Mean KL(fp32 || mode) of the next-token distribution and top-1 agreement over QUESTIONS."""
-    from model.checkpoint import load_bundle
-    from model.quantization import LoadPolicy
-    from model.weight_only import WeightOnlyLinear
+    from model.weights.bundle import load_bundle
+    from model.weights.policy import LoadPolicy
+    from model.weights.weight_only import WeightOnlyLinear
 
     reference = load_bundle(bundle, LoadPolicy(device="cpu", dtype="fp32"))
     quantised = load_bundle(bundle, LoadPolicy(device="cpu", quantize=mode))
@@ -161,9 +161,9 @@ def test_a_weight_only_model_answers_through_the_engine(tiny_bundle):
     import numpy as np
     from PIL import Image
 
-    from model.checkpoint import load_bundle
-    from model.conversation import Conversation, ImageInput
-    from model.quantization import LoadPolicy
+    from model.weights.bundle import load_bundle
+    from model.clinical.conversation import Conversation, ImageInput
+    from model.weights.policy import LoadPolicy
     from model.serving.engine import Engine
 
     engine = Engine(load_bundle(tiny_bundle, LoadPolicy(device="cpu", quantize="int4")))
@@ -175,9 +175,9 @@ def test_a_weight_only_model_answers_through_the_engine(tiny_bundle):
 
 
 def test_weight_only_modes_say_where_their_kernels_are_missing(tiny_bundle, monkeypatch):
-    from model.checkpoint import load_bundle
-    from model.quantization import LoadPolicy, PolicyError
-    from model.weight_only import require_kernels
+    from model.weights.bundle import load_bundle
+    from model.weights.policy import LoadPolicy, PolicyError
+    from model.weights.weight_only import require_kernels
 
     with pytest.raises(PolicyError, match=r"this device \(cuda\).*--quantize int8 or nf4"):
         require_kernels("int4", "cuda")

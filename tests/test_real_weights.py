@@ -24,14 +24,14 @@ def bundle() -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(bundle):
-    from model.checkpoint import load_bundle
-    from model.quantization import LoadPolicy
+    from model.weights.bundle import load_bundle
+    from model.weights.policy import LoadPolicy
 
     return load_bundle(bundle, LoadPolicy(), verify=False)  # the hashes have their own test
 
 
 def test_every_file_passes_its_sha256(bundle):
-    from model.checkpoint import verify_bundle
+    from model.weights.bundle import verify_bundle
 
     manifest = verify_bundle(bundle)  # no record: every byte is read
     assert {"skingpt.yaml", "encoder.safetensors", "llm/config.json"} <= set(manifest["files"])
@@ -59,7 +59,7 @@ def _skin_photo() -> Image.Image:
 
 
 def test_one_greedy_answer_reads_as_text(loaded):
-    from model.conversation import Conversation, ImageInput
+    from model.clinical.conversation import Conversation, ImageInput
     from model.serving.engine import Engine
 
     engine = Engine(loaded)

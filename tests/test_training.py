@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import ROOT, _free_port
-from model.checkpoint import load_bundle
-from model.conversation import TEMPLATES, Conversation, ImageInput, render, template, training_segments
-from model.fixtures import write_training_data
+from model.weights.bundle import load_bundle
+from model.clinical.conversation import TEMPLATES, Conversation, ImageInput, render, template, training_segments
+from tools.fixtures import write_training_data
 from model.training.config import StepConfig
 from model.training.data import Collator, DataError, TrainDataset, load_samples, read_records
 from model.training.loop import train
@@ -250,7 +250,7 @@ def test_step_configs_are_strict(tmp_path):
     assert StepConfig.from_yaml(ROOT / "configs" / "step2.yaml").weights == "runs/step1/bundle"
     defaults = StepConfig()
     assert (defaults.epochs, defaults.batch_size, defaults.lr, defaults.weight_decay) == (20, 2, 1e-4, 0.05)
-    from model.config import ConfigError
+    from model.nn.config import ConfigError
 
     (tmp_path / "s.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) 'learning_rate' in step"):
@@ -266,8 +266,8 @@ def test_step_configs_are_strict(tmp_path):
 def test_training_sees_a_phone_photo_as_serving_does(tmp_path, tiny_bundle):
     """An EXIF-rotated, ICC-tagged JPEG: the pixels a training sample carries are the pixels serving
     feeds the model (upright, in sRGB), not the file's raw sideways numbers."""
-    from model.imageio import decode_photo
-    from model.preprocess import preprocess
+    from model.images.decode import decode_photo
+    from model.images.preprocess import preprocess
     from test_imageio import _swapped_primaries_profile
 
     exif = Image.Exif()

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, start_server
-from model.checkpoint import BundleError, load_bundle, quantize_bundle, verify_bundle
-from model.quantization import LoadPolicy, PolicyError, Sizing, choose_policy
-from model.skingpt import IMAGE_TOKEN_ID
-from model.weight_only import WeightOnlyLinear, dequantize, kernel_speeds, quantize_tensor
+from model.weights.bundle import BundleError, load_bundle, quantize_bundle, verify_bundle
+from model.weights.policy import LoadPolicy, PolicyError, Sizing, choose_policy
+from model.nn.skingpt import IMAGE_TOKEN_ID
+from model.weights.weight_only import WeightOnlyLinear, dequantize, kernel_speeds, quantize_tensor
 
 CPU = LoadPolicy(device="cpu", quantize="auto")
 
@@ -90,8 +90,8 @@ def test_the_portable_int4_form_is_the_documented_one_and_the_kernel_agrees_with
 
 
 def test_a_random_preset_is_built_layer_by_layer_and_its_saved_bundle_loads_the_same(tmp_path):
-    from model.benchmark import random_bundle
-    from model.config import preset
+    from tools.bench import random_bundle
+    from model.nn.config import preset
 
     config = preset("tiny")
     config = replace(config, generation=replace(config.generation, do_sample=False))
@@ -104,7 +104,7 @@ def test_a_random_preset_is_built_layer_by_layer_and_its_saved_bundle_loads_the_
 
 
 def test_a_quantised_bundle_answers_through_the_engine_and_the_cli(int4_bundle, tmp_path):
-    from model.conversation import Conversation, ImageInput
+    from model.clinical.conversation import Conversation, ImageInput
     from model.serving.engine import Engine
 
     engine = Engine(load_bundle(int4_bundle))
@@ -218,8 +218,8 @@ def test_auto_times_this_cpu_for_real():
 
 
 def test_a_half_precision_encoder_can_compute_in_fp32_and_keeps_its_memory(tiny_bundle, monkeypatch):
-    from model import quantization
-    from model.quantization import compute_in_fp32
+    from model.weights import policy as quantization
+    from model.weights.policy import compute_in_fp32
 
     def weight_bytes(module):
         return sum(p.numel() * p.element_size() for p in module.parameters())

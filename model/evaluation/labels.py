@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from ..consultation import extract_diagnosis
-from ..errors import UserFacingError
+from model.clinical.consultation import extract_diagnosis
+from model.errors import UserFacingError
 
 
 class LabelError(UserFacingError, ValueError):

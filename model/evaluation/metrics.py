@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..fitzpatrick import GROUPS as SKIN_TONE_GROUPS
-from ..fitzpatrick import group as skin_tone_group
+from model.clinical.fitzpatrick import GROUPS as SKIN_TONE_GROUPS
+from model.clinical.fitzpatrick import group as skin_tone_group
 
 
 

@@ -12,12 +12,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from ..consultation import DEFAULT_FLOW, consult
-from ..conversation import Conversation, ImageInput
-from ..errors import UserFacingError
-from ..imageio import ImageError, read_image_file
-from ..records import SkinTyped, read_jsonl
-from .labels import LabelError, LabelSet
+from model.clinical.consultation import DEFAULT_FLOW, consult
+from model.clinical.conversation import Conversation, ImageInput
+from model.errors import UserFacingError
+from model.images.decode import ImageError, read_image_file
+from model.clinical.records import SkinTyped, read_jsonl
+from model.evaluation.labels import LabelError, LabelSet
 
 PREDICTIONS = "predictions.jsonl"
 

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .labels import LabelSet, _norm
-from .metrics import Case, summary
-from .predict import EvalError, read_predictions
+from model.evaluation.labels import LabelSet, _norm
+from model.evaluation.metrics import Case, summary
+from model.evaluation.predict import EvalError, read_predictions
 
 
 def cases_from_run(rows: list[dict], labels: LabelSet) -> tuple[list[Case], dict[str, int]]:
@@ -52,7 +52,7 @@ def differential_score(rows: list[dict], labels: LabelSet, n_boot: int, seed: in
     calibration (ECE before and after temperature scaling, a reliability plot)."""
     import torch
 
-    from ..differential import calibration_error, reliability_plot
+    from model.clinical.differential import calibration_error, reliability_plot
 
     scored = [r for r in rows if r.get("differential") and r.get("label") is not None and not r.get("error")]
     if not scored:

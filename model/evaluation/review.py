@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserFacingError
-from ..i18n import LANGUAGES, text
-from .metrics import bootstrap_ci, fleiss_kappa
-from .predict import read_predictions
+from model.errors import UserFacingError
+from model.i18n.catalog import LANGUAGES, text
+from model.evaluation.metrics import bootstrap_ci, fleiss_kappa
+from model.evaluation.predict import read_predictions
 
 STATEMENTS = text("en", "review.statements")  # key -> statement; the sheets' columns are the keys
 SCALE = ("strongly agree", "agree", "neutral", "disagree", "strongly disagree")
@@ -35,7 +35,7 @@ class ReviewError(UserFacingError, ValueError):
 
 def _thumbnail(path: Path, size: int = 320) -> str:
     """The case photo as an inline JPEG data URI, so the packet is one self-contained file."""
-    from ..imageio import read_image_file
+    from model.images.decode import read_image_file
 
     image = read_image_file(path)
     image.thumbnail((size, size))

@@ -24,13 +24,13 @@ from typing import Iterator, Union
 
 import torch
 
-from ..checkpoint import LoadedBundle
-from ..config import GenerationConfig
-from ..conversation import Conversation, ConversationError, ImageInput, Template, render, template
-from ..preprocess import preprocess
-from ..skingpt import IMAGE_TOKEN_ID, tokenize_prompt
-from .kv_cache import KVCache, new_cache
-from .scheduler import DONE, Request, Scheduler
+from model.weights.bundle import LoadedBundle
+from model.nn.config import GenerationConfig
+from model.clinical.conversation import Conversation, ConversationError, ImageInput, Template, render, template
+from model.images.preprocess import preprocess
+from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
+from model.serving.kv_cache import KVCache, new_cache
+from model.serving.scheduler import DONE, Request, Scheduler
 
 Slot = Union[int, str]  # a token id, or "<image key>:<j>" for an image's j-th query position
 
@@ -183,7 +183,7 @@ class Engine:
         head = self.loaded.differential
         if head is None:
             return None
-        from ..differential import image_features
+        from model.clinical.differential import image_features
 
         pixels = torch.stack([preprocess(image.image, self.config.preprocess) for image in images])  # (N, 3, S, S)
         with self.device_lock:

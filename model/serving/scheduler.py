@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..skingpt import IMAGE_TOKEN_ID
-from .detokenize import IncrementalDecoder
-from .kv_cache import Batch, new_cache, trim_cache
+from model.nn.skingpt import IMAGE_TOKEN_ID
+from model.serving.detokenize import IncrementalDecoder
+from model.serving.kv_cache import Batch, new_cache, trim_cache
 
 if TYPE_CHECKING:
-    from .engine import Engine, Generation, Slot, _Sampler, _Session
+    from model.serving.engine import Engine, Generation, Slot, _Sampler, _Session
 
 log = logging.getLogger("skingpt.engine")
 DONE = object()  # the last item of a request's output queue

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import dataclass_from_yaml, require, to_plain
+from model.nn.config import dataclass_from_yaml, require, to_plain
 
 TRAINABLE = ("proj", "query_tokens", "qformer", "lora")
 

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from ..conversation import Conversation, ImageInput, training_segments
-from ..errors import UserFacingError
-from ..imageio import ImageError, check_photo_file, read_image_file
-from ..preprocess import train_transform
-from ..records import SkinTyped, read_jsonl, validation_message
-from ..skingpt import IMAGE_TOKEN_ID, tokenize_prompt
+from model.clinical.conversation import Conversation, ImageInput, training_segments
+from model.errors import UserFacingError
+from model.images.decode import ImageError, check_photo_file, read_image_file
+from model.images.preprocess import train_transform
+from model.clinical.records import SkinTyped, read_jsonl, validation_message
+from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
 IMAGE_MARKER = "<Img><ImageHere></Img>"
 

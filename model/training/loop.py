@@ -22,12 +22,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import load_bundle, save_model_bundle
-from ..conversation import template
-from ..errors import UserFacingError
-from ..quantization import LoadPolicy
-from .config import StepConfig
-from .data import Collator, TrainDataset, load_samples
+from model.weights.bundle import load_bundle, save_model_bundle
+from model.clinical.conversation import template
+from model.errors import UserFacingError
+from model.weights.policy import LoadPolicy
+from model.training.config import StepConfig
+from model.training.data import Collator, TrainDataset, load_samples
 
 
 class TrainingError(UserFacingError, RuntimeError):

@@ -1,0 +1,402 @@
+"""An OpenAI-compatible chat API on the app's own server: GET /v1/models, POST /v1/chat/completions.
+
+Browser users and API callers share one engine and one batch. The protocol is stateless (every
+request carries the whole history); the engine matches it against cached sessions by prefix
+(`prefix_cache`), so a follow-up prefills only its new tail; `usage.prompt_tokens_details.
+cached_tokens` says how much was reused. Images come only inline (`data:image/...;base64,`): the
+server never fetches a URL. They go through the app's own photo pipeline, in memory: nothing is
+written to disk, and the log records events and timings, never text or pixels.
+
+`ChatAPI` is plain Python (the bench drives it in-process); `mount` puts it on a FastAPI app.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+from fastapi import Request  # at module level: FastAPI reads the routes' annotations by name
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model.clinical.conversation import Conversation, ConversationError, ImageInput
+from model.errors import UserFacingError
+from model.images.decode import MAX_BYTES, ImageError, ImageTooLarge, decode_photo
+
+from app.web.session import MAX_PHOTOS
+
+log = logging.getLogger("skingpt.api")
+
+MAX_BODY_BYTES = 4 * MAX_BYTES  # a few photos in base64 (4/3 of their size) and the text
+MAX_TEXT_CHARS = 8000  # one message
+_DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,(.*)", re.DOTALL)
+_FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length"}
+
+
+class APIError(Exception):
+    """An error in the API's own format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class _Part(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: _ImageURL | None = None
+
+
+class _Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_Part] | None = None
+
+
+class _StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we need not act on (user, metadata, ...)
+
+    model: str
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+
+
+@dataclass
+class Prepared:
+    conversation: Conversation
+    settings: dict[str, Any]
+    stream: bool
+    prompt_images: int
+
+
+class ChatAPI:
+    def __init__(self, engine, model_id: str, max_queue: int | None = None) -> None:
+        self.engine, self.model_id = engine, model_id
+        self.max_queue = max_queue if max_queue is not None else 4 * engine.max_batch
+        self.created = int(time.time())
+
+    # -- GET /v1/models ------------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        config = self.engine.config
+        return {"object": "list", "data": [{
+            "id": self.model_id, "object": "model", "created": self.created, "owned_by": "local",
+            "preset": config.name, "prompt_template": config.prompt_template,
+            "max_context": config.generation.max_context}]}
+
+    # -- POST /v1/chat/completions ----------------------------------------------------------------
+    def prepare(self, body: Any) -> Prepared:
+        """Validate a request body into a conversation and settings, or raise APIError."""
+        try:
+            request = ChatRequest.model_validate(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise APIError(400, f"invalid request: {param}: {first['msg']}", "invalid_value", param) from None
+        if request.model != self.model_id:
+            raise APIError(404, f"the model {request.model!r} does not exist here; this server has "
+                                f"{self.model_id!r} (GET /v1/models)", "model_not_found", "model")
+        if request.n not in (None, 1):
+            raise APIError(400, "only n=1 is supported: ask again for another answer", "unsupported_value", "n")
+        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes up to 4 non-empty strings", "invalid_value", "stop")
+        conversation, images = self._conversation(request.messages)
+        settings: dict[str, Any] = {"stop": tuple(stops)}
+        max_new = request.max_completion_tokens or request.max_tokens
+        if max_new is not None:
+            if max_new >= self.engine.config.generation.max_context:
+                raise APIError(400, f"max_tokens must be below the context of "
+                                    f"{self.engine.config.generation.max_context}", "invalid_value", "max_tokens")
+            settings["max_new_tokens"] = max_new
+        if request.temperature is not None:
+            settings["do_sample"] = request.temperature > 0
+            if request.temperature > 0:
+                settings["temperature"] = request.temperature
+        if request.top_p is not None:
+            settings["top_p"] = request.top_p
+        if request.seed is not None:
+            settings["seed"] = request.seed
+        return Prepared(conversation, settings, request.stream, images)
+
+    def _conversation(self, messages: list[_Message]) -> tuple[Conversation, int]:
+        system = "\n".join(_text(m, i) for i, m in enumerate(messages) if m.role in ("system", "developer"))
+        turns: list[list] = []  # [question parts, images, answer or None]
+        for i, message in enumerate(m for m in messages if m.role not in ("system", "developer")):
+            if message.role == "user":
+                if not turns or turns[-1][2] is not None:
+                    turns.append([[], [], None])
+                text, images = self._user_content(message, i)
+                turns[-1][0].append(text)
+                turns[-1][1].extend(images)
+            else:
+                if not turns or turns[-1][2] is not None:
+                    raise APIError(400, "an assistant message must follow a user message", "invalid_value",
+                                   f"messages[{i}]")
+                turns[-1][2] = _text(message, i)
+        if not turns or turns[-1][2] is not None:
+            raise APIError(400, "the last message must be the user's question", "invalid_value", "messages")
+        count = sum(len(t[1]) for t in turns)
+        if count == 0:
+            raise APIError(400, "SkinGPT answers about a photo of the skin: add one to a user message as an "
+                                "image_url part with a data:image/...;base64 URL", "image_required", "messages")
+        if count > MAX_PHOTOS:
+            raise APIError(400, f"at most {MAX_PHOTOS} photos per conversation", "too_many_images", "messages")
+        conversation = Conversation()
+        for n, (parts, images, answer) in enumerate(turns):
+            question = " ".join(p for p in parts if p).strip()
+            if n == 0 and system:
+                question = f"{system}\n\n{question}".strip()
+            conversation = conversation.ask(question or "Please describe the skin in this photo.", images)
+            if answer is not None:
+                conversation = conversation.answer(answer)
+        return conversation, count
+
+    def _user_content(self, message: _Message, index: int) -> tuple[str, list[ImageInput]]:
+        if isinstance(message.content, str) or message.content is None:
+            return _checked(message.content or "", index), []
+        texts, images = [], []
+        for j, part in enumerate(message.content):
+            where = f"messages[{index}].content[{j}]"
+            if part.type == "text":
+                texts.append(_checked(part.text or "", index))
+            elif part.image_url is None:
+                raise APIError(400, "an image_url part needs image_url.url", "invalid_value", where)
+            else:
+                images.append(self._image(part.image_url.url, where))
+        return " ".join(texts), images
+
+    @staticmethod
+    def _image(url: str, where: str) -> ImageInput:
+        if url.startswith(("http://", "https://")):
+            raise APIError(400, "this server never fetches URLs: send the photo inline as a "
+                                "data:image/jpeg;base64,... URL", "image_url_not_allowed", where)
+        match = _DATA_URL.fullmatch(url.strip())
+        if match is None:
+            raise APIError(400, "an image must be a data:image/...;base64,... URL", "invalid_image_url", where)
+        if len(match.group(2)) * 3 // 4 > MAX_BYTES:
+            raise APIError(413, f"the photo is over {MAX_BYTES // 2**20} MB; please send a smaller one",
+                           "image_too_large", where)
+        try:
+            data = base64.b64decode(match.group(2), validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "the photo's base64 data is not valid", "invalid_base64", where) from None
+        try:
+            return ImageInput.of(decode_photo(data, name="The photo").image)
+        except ImageTooLarge as err:
+            raise APIError(413, str(err), "image_too_large", where) from None
+        except ImageError as err:
+            raise APIError(400, str(err), "invalid_image", where) from None
+
+    def start(self, prepared: Prepared):
+        """Hand the request to the engine (or refuse it when the queue is full)."""
+        if self.engine.scheduler.queued >= self.max_queue:
+            raise APIError(503, "the server is busy; try again in a few seconds", "server_busy", kind="server_error",
+                           headers={"Retry-After": "5"})
+        return self.engine.stream(prepared.conversation, prefix_cache="api:", **prepared.settings)
+
+    def complete(self, prepared: Prepared) -> dict[str, Any]:
+        """A whole (non-streamed) answer."""
+        started = time.perf_counter()
+        generation = self.start(prepared)
+        text = _run(lambda: "".join(generation))
+        _log(generation, started)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_id, "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": text.strip()},
+                    "finish_reason": _FINISH.get(generation.finish_reason, "stop")}],
+                "usage": _usage(generation)}
+
+    def chunks(self, prepared: Prepared, generation) -> Iterator[dict[str, Any]]:
+        """Chunk objects of a streamed answer; the last carries finish_reason and usage."""
+        started = time.perf_counter()
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra) -> dict[str, Any]:
+            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+        yield chunk({"role": "assistant", "content": ""})
+        first = True
+        pieces = iter(generation)
+        while (piece := _run(lambda: next(pieces, None))) is not None:
+            piece, first = (piece.lstrip() if first else piece), False  # the answer starts after "Assistant:"
+            if piece:
+                yield chunk({"content": piece})
+        _log(generation, started)
+        yield chunk({}, _FINISH.get(generation.finish_reason, "stop"), usage=_usage(generation))
+
+
+def _run(call):
+    """Engine errors a client should see (context too long, ...) as API errors."""
+    try:
+        return call()
+    except ConversationError as err:
+        raise APIError(400, str(err), "context_length_exceeded") from None
+    except UserFacingError as err:
+        raise APIError(400, str(err), "invalid_request") from None
+
+
+def _text(message: _Message, index: int) -> str:
+    if isinstance(message.content, list):
+        if any(p.type != "text" for p in message.content):
+            raise APIError(400, f"{message.role} messages take text only", "invalid_value", f"messages[{index}]")
+        return _checked(" ".join(p.text or "" for p in message.content), index)
+    return _checked(message.content or "", index)
+
+
+def _checked(text: str, index: int) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise APIError(413, f"message {index} is {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
+                       "message_too_long", f"messages[{index}]")
+    return text
+
+
+def _usage(generation) -> dict[str, Any]:
+    stats = generation.stats
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
+
+
+def _log(generation, started: float) -> None:
+    stats = generation.stats
+    log.info("api answer prompt=%d reused=%d tokens=%d seconds=%.2f finish=%s", stats.prompt_tokens,
+             stats.reused_tokens, stats.new_tokens, time.perf_counter() - started, generation.finish_reason)
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+def mount(fastapi_app, api: ChatAPI, api_key: str | None) -> None:
+    """Put /v1/models and /v1/chat/completions in front of the app's own routes."""
+    import anyio
+    from fastapi import APIRouter
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    router = APIRouter()
+
+    def error(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise APIError(401, "a valid API key is required: send Authorization: Bearer KEY", "invalid_api_key",
+                           kind="authentication_error")
+
+    async def body_of(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            raise APIError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB", "request_too_large")
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > MAX_BODY_BYTES:
+                raise APIError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB", "request_too_large")
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise APIError(400, "the body is not valid JSON", "invalid_json") from None
+
+    @router.get("/v1/models")
+    async def models(request: Request):
+        try:
+            check_key(request)
+        except APIError as err:
+            return error(err)
+        return api.models()
+
+    @router.post("/v1/chat/completions")
+    async def completions(request: Request):
+        try:
+            check_key(request)
+            prepared = await anyio.to_thread.run_sync(api.prepare, await body_of(request))
+            if not prepared.stream:
+                return await anyio.to_thread.run_sync(api.complete, prepared)
+            generation = api.start(prepared)
+        except APIError as err:
+            return error(err)
+        except Exception as err:  # noqa: BLE001 - never a stack trace to the client; the log names the type
+            log.exception("api request failed reason=%s", type(err).__name__)
+            return error(APIError(500, "something went wrong on the server; please try again", "internal_error",
+                                  kind="server_error"))
+        return StreamingResponse(_sse(api, prepared, generation), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def _sse(api: ChatAPI, prepared: Prepared, generation):
+        chunks, done = api.chunks(prepared, generation), False
+        try:
+            while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+            done = True
+        except APIError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            if not done:
+                generation.close()  # a client that went away frees its batch slot at the next step
+                log.info("api stream closed by the client after tokens=%d", len(generation.tokens))
+
+    before = len(fastapi_app.router.routes)
+    fastapi_app.include_router(router)
+    added = fastapi_app.router.routes[before:]
+    del fastapi_app.router.routes[before:]
+    fastapi_app.router.routes[0:0] = added  # ahead of Gradio's own routes
+
+
+def followup_ttft(engine, turns: int, new_tokens: int) -> list[dict[str, Any]]:
+    """For the bench: one conversation through the API's path (parsing, inline photo, prefix match),
+    each request carrying the whole history as a client sends it; time to first token per turn."""
+    import io
+
+    from tools.bench import QUESTIONS, bench_photo
+
+    api = ChatAPI(engine, engine.config.name)
+    buffer = io.BytesIO()
+    bench_photo(0).image.save(buffer, "JPEG")
+    photo = f"data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [
+        {"type": "text", "text": "Please describe the skin condition in this photo."},
+        {"type": "image_url", "image_url": {"url": photo}}]}]
+    rows = []
+    for turn in range(turns + 1):
+        body = {"model": api.model_id, "messages": messages, "max_tokens": new_tokens, "temperature": 0}
+        generation = api.start(api.prepare(body))
+        text = "".join(generation).strip() or "(no text)"
+        if turn:  # turn 0 is the first question; follow-ups are what the table is about
+            stats = generation.stats
+            rows.append({"turn": turn, "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.reused_tokens,
+                         "ttft_ms": stats.time_to_first_token_s * 1000})
+        messages += [{"role": "assistant", "content": text},
+                     {"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]}]
+    return rows

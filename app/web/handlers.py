@@ -1,0 +1,320 @@
+"""What the buttons do, as plain functions over a session store and an engine (no Gradio here).
+
+Each handler returns, or yields while streaming, the whole chat history as Gradio's message
+dicts, plus the red-flag notice. The server keeps the consultation; the page only displays it.
+Logs carry events and timings, never message text or image data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from model.clinical.conversation import Conversation, ImageInput
+from model.errors import UserFacingError
+from model.images.decode import ImageError, decode_photo
+from model.clinical.consultation import ask_in, extract_diagnosis
+from model.i18n.catalog import LANGUAGES
+
+from app.privacy import remove_upload, sweep_uploads
+from app.web.session import MAX_PHOTOS, Consultation, Message, SessionStore, Wiped
+
+log = logging.getLogger("skingpt.app")
+
+QUICK_PROMPTS = ("quick_what", "quick_causes", "quick_treatment", "quick_doctor")  # keys of ui.* and prompts.*
+
+Update = tuple[list[Message], str]  # (chat history, red-flag notice markdown)
+
+
+@dataclass
+class Handlers:
+    engine: Any  # model.serving.engine.Engine, or a stand-in with the same stream/answer/forget methods
+    store: SessionStore
+    max_message_chars: int = 2000
+    out_of_memory: tuple[type[BaseException], ...] = ()
+    upload_ttl_s: float = 15 * 60
+
+    # -- submitting a message (photos and/or text) --------------------------------------------------
+    def submit(self, session: str, message: dict | str | None, settings: dict | None = None) -> Iterator[Update]:
+        state = self.store.get(session)
+        state.settle()
+        text, files = _split_message(message)
+        refusals = [why for why in (self._accept_photo(state, Path(path)) for path in files) if why]
+        if refusals:  # one message per refused photo, and the question waits for a usable one
+            if text.strip():
+                refusals[-1] += " " + state.t("messages.not_sent")
+            for why in refusals:
+                state.error(why)
+            yield state.messages, self._notice(state)
+            return
+        if not text.strip():
+            if files:
+                yield state.messages, self._notice(state)
+                return
+            yield state.error(state.t("messages.type_question")), self._notice(state)
+            return
+        if len(text) > self.max_message_chars:
+            yield state.error(state.t("messages.too_long", length=len(text), limit=self.max_message_chars)), \
+                self._notice(state)
+            return
+        if not state.conversation.images and not state.pending:
+            yield state.error(state.t("messages.photo_first")), self._notice(state)
+            return
+        with state.lock:  # the question is shown as typed; the model is asked it in the page's language
+            state.messages.append({"role": "user", "content": text.strip()})
+            state.conversation = state.conversation.ask(ask_in(state.lang, text.strip()), state.pending)
+            state.pending = []
+        yield from self._answer(state, settings or {})
+
+    def attached(self, session: str, message: dict | None) -> None:
+        """Photos attached in the browser but not sent yet: deleted with the consultation if never sent."""
+        state = self.store.get(session)
+        _, files = _split_message(message)
+        with state.lock:
+            state.uploads.update(Path(f) for f in files)
+
+    def _accept_photo(self, state: Consultation, path: Path) -> str | None:
+        """Decode, clean and keep one uploaded photo; the reason when it is refused."""
+        started = time.perf_counter()
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        finally:
+            remove_upload(path, self.store.root)  # the original may carry GPS tags: gone at once
+            with state.lock:
+                state.uploads.discard(path)
+        try:
+            photo = decode_photo(data, name="That file")
+            self._check_room(state, photo.image)
+        except ImageError as err:
+            log.info("photo rejected session=%s reason=%s", state.id[:8], type(err).__name__)
+            return str(err)
+        buffer = io.BytesIO()
+        photo.image.save(buffer, "JPEG", quality=92)  # re-encoded from pixels alone: no EXIF, GPS or ICC
+        with state.lock:
+            state.photos += 1
+            try:
+                clean = state.write_file(f"photo-{state.photos}.jpg", buffer.getvalue())
+            except Wiped:
+                return "This consultation was cleared; please attach the photo again."
+            state.photo_bytes += _pixel_bytes(photo.image)
+            state.pending.append(ImageInput.of(photo.image))
+            state.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
+            for note in photo.notes:
+                state.messages.append({"role": "assistant", "content": note, "metadata": {"title": "Note"}})
+        log.info("photo accepted session=%s size=%dx%d ms=%.0f", state.id[:8], *photo.image.size,
+                 (time.perf_counter() - started) * 1000)
+        return None
+
+    def _check_room(self, state: Consultation, image) -> None:
+        """Decoded photos are held in memory: bounded per consultation and for the whole server."""
+        if len(state.conversation.images) + len(state.pending) >= MAX_PHOTOS:
+            raise ImageError(f"This consultation already has {MAX_PHOTOS} photos, the most one consultation holds. "
+                             f"Ask about the photos you sent, or press New patient to start again.")
+        if self.store.photo_bytes() + _pixel_bytes(image) > self.store.max_photo_bytes:
+            raise ImageError(f"The server is holding as many photos as it can right now "
+                             f"({self.store.max_photo_bytes // 2**20} MB for all consultations). Please try again "
+                             f"in a few minutes, or send a smaller photo.")
+
+    # -- answering ----------------------------------------------------------------------------------
+    def _answer(self, state: Consultation, settings: dict) -> Iterator[Update]:
+        answer = state.begin_answer()
+        started = time.perf_counter()
+        generation = None
+        try:
+            generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel, **settings)
+            for kind, value in generation.events():
+                if kind == "queued":  # every batch slot is busy: say where this answer stands (shown, not kept)
+                    yield state.messages + [_waiting(state, value)], self._notice(state)
+                    continue
+                if not state.add_piece(answer, value):
+                    break  # settled meanwhile (a newer question, a wipe): this stream is no longer shown
+                yield state.messages, self._notice(state)
+            state.finish(answer, answer.reply["content"], stopped=generation.finish_reason == "cancelled",
+                         notices=generation.notices)
+        except self.out_of_memory:
+            state.fail(answer, state.t("messages.out_of_memory"))
+            log.warning("answer failed session=%s reason=out-of-memory", state.id[:8])
+            yield state.messages, self._notice(state)
+            return
+        except UserFacingError as err:
+            state.fail(answer, str(err))
+            yield state.messages, self._notice(state)
+            return
+        except Exception as err:  # keep the app alive; the log names the type, never the content
+            state.fail(answer, state.t("messages.went_wrong"))
+            log.exception("answer failed session=%s reason=%s", state.id[:8], type(err).__name__)
+            yield state.messages, self._notice(state)
+            return
+        finally:
+            if generation is not None and hasattr(generation, "close"):
+                generation.close()
+            # closed by its consumer (Stop, a cancelled request, a closed tab): keep what was said, as stopped
+            state.finish(answer, answer.reply["content"], stopped=True)
+        log.info("answer session=%s tokens=%d seconds=%.2f finish=%s", state.id[:8],
+                 len(getattr(generation, "tokens", [])), time.perf_counter() - started, generation.finish_reason)
+        yield state.messages, self._notice(state)
+
+    def stop(self, session: str) -> None:
+        self.store.get(session).stop()
+
+    def regenerate(self, session: str, settings: dict | None = None) -> Iterator[Update]:
+        state = self.store.get(session)
+        state.settle()
+        with state.lock:  # never held across a yield: the next piece may be asked for from another thread
+            turns = state.conversation.turns
+            last = turns[-1] if turns and turns[-1].answer is not None else None
+            if last is not None:
+                state.conversation = state.conversation.drop_last().ask(last.question, last.images)
+                while state.messages and state.messages[-1]["role"] == "assistant":
+                    state.messages.pop()  # the old answer and its notes
+        if last is None:
+            yield state.error(state.t("messages.no_answer_yet")), self._notice(state)
+            return
+        yield from self._answer(state, settings or {})
+
+    def ask_quick(self, session: str, key: str, settings: dict | None = None) -> Iterator[Update]:
+        """One of the quick questions (a key of QUICK_PROMPTS), in the consultation's language."""
+        state = self.store.get(session)
+        yield from self.submit(session, {"text": state.t(f"prompts.{key}"), "files": []}, settings)
+
+    def set_language(self, session: str, lang: str) -> None:
+        self.store.get(session).lang = lang if lang in LANGUAGES else "en"
+
+    # -- new patient, session end, report -------------------------------------------------------------
+    def new_patient(self, session: str) -> Update:
+        wiped = self.store.wipe(session)
+        self._forget(wiped)
+        if wiped is not None:
+            self.store.get(session).lang = wiped.lang  # the page keeps its language
+        return [], ""
+
+    def end_session(self, session: str) -> None:
+        self.new_patient(session)
+
+    def _forget(self, state: Consultation | None) -> None:
+        if state is None:
+            return
+        self.engine.forget(state.id)
+        self.engine.forget(f"{state.id}:report")
+        if hasattr(self.engine, "forget_images"):
+            self.engine.forget_images([img.key for img in state.conversation.images] + [img.key for img in state.pending])
+        log.info("session wiped session=%s", state.id[:8])
+
+    def sweep(self) -> int:
+        """Wipe consultations idle for longer than the store's time to live, and delete photos that
+        were attached but never sent."""
+        expired = self.store.expired()
+        for key in expired:
+            self._forget(self.store.remove(key))
+        sweep_uploads(self.store.root, self.upload_ttl_s)
+        return len(expired)
+
+    def report(self, session: str, settings: dict | None = None, render_pdf: Callable[[Any], bytes] | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[str]]:
+        """The structured consultation over the consultation's first photo: Markdown + files.
+        `on_step(done, total)` is told before each question (a progress bar). New patient (or the
+        tab closing) stops it, and nothing is written into a wiped consultation."""
+        from model.clinical.consultation import STEPS, consult
+
+        state = self.store.get(session)
+        images = list(state.conversation.images) + state.pending
+        if not images:
+            return state.t("messages.report_needs_photo"), []
+        name = f"{state.id}:report"
+        self.engine.forget(name)
+
+        def ask(conversation: Conversation) -> str:
+            if state.closed.is_set():
+                raise Wiped("the consultation was cleared")
+            if on_step is not None:
+                on_step(len(conversation.turns) - 1, len(STEPS))
+            return self.engine.answer(conversation, session=name, cancel=state.closed, **(settings or {}))
+
+        try:
+            report = consult(ask, images[0], lang=state.lang)
+            rank = getattr(self.engine, "rank", None)
+            if rank is not None and (ranking := rank(images[-3:])) is not None:
+                report.differential, report.differential_uncertain = ranking.conditions, ranking.uncertain
+            markdown = report.markdown()
+            files = [str(state.write_file("skin-report.md", markdown.encode()))]
+            if render_pdf is not None:
+                try:
+                    files.append(str(state.write_file("skin-report.pdf", render_pdf(report))))
+                except UserFacingError as err:  # no font for it: the Markdown still stands
+                    markdown += f"\n\n*PDF: {err}*"
+        except Wiped:
+            self.engine.forget(name)
+            return state.t("messages.report_cleared"), []
+        except self.out_of_memory:
+            return state.t("messages.out_of_memory"), []
+        except UserFacingError as err:
+            return str(err), []
+        log.info("report session=%s", state.id[:8])
+        return markdown, files
+
+    def differential(self, session: str) -> str:
+        """The bundle's calibrated ranking for the consultation's last (up to 3) photos, as HTML with
+        bars, and a warning when the chat's named condition is not in its top 3. '' without a head."""
+        rank = getattr(self.engine, "rank", None)
+        state = self.store.get(session)
+        photos = (list(state.conversation.images) + state.pending)[-3:]
+        if rank is None or not photos:
+            return ""
+        keys = tuple(p.key for p in photos)
+        if state.ranking is None or state.ranking[0] != keys:
+            state.ranking = (keys, rank(photos))
+        ranking = state.ranking[1]
+        if ranking is None:
+            return ""
+        answers = [t.answer for t in state.conversation.turns if t.answer]
+        named = extract_diagnosis(answers[-1])[0] if answers else None
+        return _ranking_html(state, ranking, named)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _notice(state: Consultation) -> str:
+        if not state.flags:
+            return ""
+        return f"**{state.t('messages.warning_signs')}: {', '.join(state.flags)}.** {state.t('urgent_advice')}"
+
+
+def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
+    if message is None:
+        return "", []
+    if isinstance(message, str):
+        return message, []
+    files = [f if isinstance(f, str) else f.get("path", "") for f in message.get("files") or []]
+    return message.get("text") or "", [f for f in files if f]
+
+
+def _ranking_html(state: Consultation, ranking, named: str | None) -> str:
+    import html
+
+    rows = "".join(
+        f"<li><span class='name'>{html.escape(c['condition'])}</span>"
+        f"<span class='bar' role='presentation'><span style='width:{100 * c['probability']:.0f}%'></span></span>"
+        f"<span class='pct'>{100 * c['probability']:.0f}%</span></li>" for c in ranking.conditions)
+    notes = []
+    if ranking.uncertain:
+        notes.append(f"<p class='uncertain'>{html.escape(state.t('report.uncertain'))}</p>")
+    top = [c.lower() for c in ranking.top(3)]
+    if named and not any(c in named.lower() or named.lower() in c for c in top):
+        notes.append(f"<p class='disagree' role='alert'>{html.escape(state.t('messages.disagree'))}</p>")
+    return (f"<section id='differential' aria-label='{html.escape(state.t('report.ranked'))}'>"
+            f"<h2>{html.escape(state.t('report.ranked'))}</h2><ol>{rows}</ol>{''.join(notes)}</section>")
+
+
+def _waiting(state: Consultation, place: int) -> Message:
+    ahead = place - 1
+    text = state.t("messages.queue_next") if ahead == 0 else state.t("messages.queue_ahead", ahead=ahead)
+    return {"role": "assistant", "content": text, "metadata": {"title": "In the queue"}}
+
+
+def _pixel_bytes(image) -> int:
+    return image.size[0] * image.size[1] * len(image.getbands())

@@ -1,0 +1,209 @@
+"""One consultation's state and every change to it, in one small object (no Gradio here).
+
+The client names its session (Gradio's `session_hash`), and the client is not trusted: that string
+is only ever a dictionary key, hashed. Everything that touches the disk or the log uses the
+consultation's own `id`, drawn by the server.
+
+An answer can end in more ways than finishing: Stop, a cancelled request, a closed tab, a new
+patient, or a consumer that simply never asks for the next piece. Each of those paths ends in
+`finish` (the partial answer kept as the answer, marked stopped) or `fail` (the question dropped
+for a retry); and a new question first `settle`s an answer that was left open, so a consultation
+can never get stuck with a question that has no answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.clinical.conversation import Conversation, ImageInput
+from model.i18n.catalog import text
+from model.clinical.safety import red_flags
+
+from app.privacy import remove_upload, session_dir
+
+Message = dict[str, Any]
+MAX_PHOTOS = 8  # photos one consultation may hold
+
+
+class Wiped(RuntimeError):
+    """The consultation was cleared (new patient, tab closed, idle) while a job still ran for it."""
+
+
+@dataclass(eq=False)
+class Answer:
+    """One answer in progress: the chat message it streams into and the event that stops it."""
+
+    reply: Message
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class Consultation:
+    """Everything the server holds for one browser session; wiped as a whole."""
+
+    root: Path
+    id: str = field(default_factory=lambda: secrets.token_hex(16))  # the only name on disk and in logs
+    conversation: Conversation = field(default_factory=Conversation)
+    pending: list[ImageInput] = field(default_factory=list)  # photos not yet asked about
+    messages: list[Message] = field(default_factory=list)  # what the chat shows
+    flags: list[str] = field(default_factory=list)
+    photos: int = 0
+    photo_bytes: int = 0  # decoded pixels held in memory
+    uploads: set[Path] = field(default_factory=set)  # attached in the browser, not sent yet
+    answering: Answer | None = None
+    closed: threading.Event = field(default_factory=threading.Event)
+    last_seen: float = field(default_factory=time.monotonic)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    lang: str = "en"  # of the page: messages, notices, quick questions, answers, reports
+    ranking: tuple | None = None  # (photo keys, the differential for them): computed once per set of photos
+
+    def t(self, key: str, **fields) -> str:
+        """A message in this consultation's language."""
+        return text(self.lang, key, **fields)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / "sessions" / self.id
+
+    # -- answers ------------------------------------------------------------------------------
+    def begin_answer(self) -> Answer:
+        with self.lock:
+            if self.closed.is_set():
+                raise Wiped("the consultation was cleared")
+            answer = Answer({"role": "assistant", "content": ""})
+            self.messages.append(answer.reply)
+            self.answering = answer
+            return answer
+
+    def add_piece(self, answer: Answer, piece: str) -> bool:
+        """Append streamed text; False once the answer is no longer this consultation's open one."""
+        with self.lock:
+            if self.answering is not answer:
+                return False
+            answer.reply["content"] += piece
+            return True
+
+    def finish(self, answer: Answer, answer_text: str, stopped: bool = False,
+               notices: tuple[str, ...] | list[str] = ()) -> None:
+        """The answer ends (completely, or stopped with what it had): it becomes the turn's answer."""
+        with self.lock:
+            if self.answering is not answer:
+                return
+            self.answering = None
+            answer_text = answer_text.strip()
+            shown = answer_text or "(no answer)"
+            answer.reply["content"] = shown + (f"\n\n*{self.t('messages.stopped')}*" if stopped else "")
+            if self.conversation.pending is not None:
+                self.conversation = self.conversation.answer(answer_text)
+            for notice in notices:
+                self.messages.append({"role": "assistant", "content": notice, "metadata": {"title": "Note"}})
+            self.flags = red_flags(*(t.question for t in self.conversation.turns),
+                                   *(t.answer or "" for t in self.conversation.turns), lang=self.lang)
+
+    def fail(self, answer: Answer, message: str) -> None:
+        """The answer broke off: drop the open question (its photos wait for the retry) and say why."""
+        with self.lock:
+            if self.answering is not answer:
+                return
+            self.answering = None
+            if self.messages and self.messages[-1] is answer.reply:
+                self.messages.pop()
+            if self.conversation.pending is not None:
+                self.pending = list(self.conversation.pending.images) + self.pending
+                self.conversation = self.conversation.drop_last()
+            self.error(message)
+
+    def settle(self) -> None:
+        """An answer left open (its consumer went away without closing it) ends now, as stopped."""
+        with self.lock:
+            answer = self.answering
+            if answer is not None:
+                answer.cancel.set()
+                self.finish(answer, answer.reply["content"], stopped=True)
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.answering is not None:
+                self.answering.cancel.set()
+
+    def error(self, message: str) -> list[Message]:
+        with self.lock:
+            self.messages.append({"role": "assistant", "content": message, "metadata": {"title": "Cannot do that"}})
+            return self.messages
+
+    # -- files --------------------------------------------------------------------------------
+    def write_file(self, name: str, data: bytes) -> Path:
+        """Write into this consultation's private folder (mode 0600), never after it was wiped."""
+        with self.lock:
+            if self.closed.is_set():
+                raise Wiped("the consultation was cleared")
+            path = session_dir(self.root, self.id) / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return path
+
+    def close(self) -> None:
+        """Stop every job of this consultation and delete everything of it on disk."""
+        with self.lock:
+            self.closed.set()
+            if self.answering is not None:
+                self.answering.cancel.set()
+            uploads, self.uploads = self.uploads, set()
+            shutil.rmtree(self.folder, ignore_errors=True)
+        for path in uploads:
+            remove_upload(path, self.root)
+
+
+def client_key(session: str | None) -> str:
+    """A client-chosen session name as a bounded dictionary key (it is never a path)."""
+    return hashlib.sha256(str(session).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class SessionStore:
+    def __init__(self, root: Path, ttl_s: float = 4 * 3600, max_photo_bytes: int = 2**30) -> None:
+        self.root = root
+        self.ttl_s = ttl_s
+        self.max_photo_bytes = max_photo_bytes
+        self._items: dict[str, Consultation] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session: str | None) -> Consultation:
+        key = client_key(session)
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                item = self._items[key] = Consultation(self.root)
+            item.last_seen = time.monotonic()
+            return item
+
+    def wipe(self, session: str | None) -> Consultation | None:
+        return self.remove(client_key(session))
+
+    def remove(self, key: str) -> Consultation | None:
+        with self._lock:
+            item = self._items.pop(key, None)
+        if item is not None:
+            item.close()
+        return item
+
+    def expired(self) -> list[str]:
+        """Keys of consultations idle for longer than the time to live."""
+        now = time.monotonic()
+        with self._lock:
+            return [key for key, c in self._items.items() if now - c.last_seen > self.ttl_s]
+
+    def photo_bytes(self) -> int:
+        with self._lock:
+            return sum(c.photo_bytes for c in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,150 @@
+"""The structured consultation: the paper's interactive flow, turned into a typed report.
+
+The paper's clinicians asked four questions in order (describe the condition; further features;
+likely cause; treatment and medication). We add a fifth (whether and when to see a doctor). The
+wording is ours and lives here only; a caller may pass another flow.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import BaseModel
+
+from model.clinical.conversation import Conversation, ImageInput
+from model.i18n.catalog import text
+from model.clinical.safety import DISCLAIMER, red_flags
+
+
+@dataclass(frozen=True)
+class ConsultStep:
+    key: str  # describe | features | causes | treatment | see_doctor, or any key of a custom flow
+    question: str
+
+
+STEPS = ("describe", "features", "causes", "treatment", "see_doctor")
+
+
+def ask_in(lang: str, question: str) -> str:
+    """A question as the model is asked it: in Chinese, with the instruction to answer in Chinese
+    appended (English questions stay exactly as the reference asks them)."""
+    instruction = text(lang, "answer_instruction")
+    return f"{question} {instruction}" if instruction else question
+
+
+def flow(lang: str = "en") -> tuple[ConsultStep, ...]:
+    """The consultation's questions in a language."""
+    return tuple(ConsultStep(key, ask_in(lang, text(lang, f"flow.{key}"))) for key in STEPS)
+
+
+DEFAULT_FLOW: tuple[ConsultStep, ...] = flow("en")
+DEFAULT_SEE_DOCTOR = text("en", "report.default_see_doctor")
+
+
+class ConsultationReport(BaseModel):
+    visible_features: list[str]
+    diagnosis: str | None  # None when no answer named a condition
+    differentials: list[str]
+    causes: str
+    treatment: str
+    see_doctor: str
+    red_flags: list[str]
+    disclaimer: str = DISCLAIMER
+    answers: dict[str, str]  # step key -> the model's full answer
+    questions: dict[str, str]  # step key -> the question asked
+    full_text: str
+    lang: str = "en"  # of the headings, the disclaimer and the warning signs
+    differential: list[dict] | None = None  # the bundle's calibrated ranking, when it has a head
+    differential_uncertain: bool = False
+
+    def heading(self, key: str) -> str:
+        return text(self.lang, f"report.{key}")
+
+    def differential_lines(self) -> list[str]:
+        lines = [f"- {c['condition']}: {100 * c['probability']:.0f}%" for c in self.differential or []]
+        return lines + ([f"*{self.heading('uncertain')}*"] if self.differential_uncertain else [])
+
+    def markdown(self) -> str:
+        h = self.heading
+        lines = [f"# {h('title')}", "", f"> {self.disclaimer}", ""]
+        if self.red_flags:
+            lines += [f"**{h('warning_signs')}:** {', '.join(self.red_flags)}. {text(self.lang, 'urgent_advice')}", ""]
+        lines += [f"## {h('most_likely')}", self.diagnosis or h("none_named"), ""]
+        if self.differential:
+            lines += [f"## {h('ranked')}"] + self.differential_lines() + [""]
+        if self.differentials:
+            lines += [f"## {h('other')}"] + [f"- {d}" for d in self.differentials] + [""]
+        lines += [f"## {h('features')}"] + [f"- {f}" for f in self.visible_features] + [""]
+        lines += [f"## {h('causes')}", self.causes, "", f"## {h('treatment')}", self.treatment, "",
+                  f"## {h('see_doctor')}", self.see_doctor, "", f"## {h('full')}"]
+        for key, question in self.questions.items():
+            lines += [f"**Q:** {question}", "", f"**A:** {self.answers[key]}", ""]
+        return "\n".join(lines)
+
+
+def consult(ask: Callable[[Conversation], str], image: ImageInput,
+            steps: tuple[ConsultStep, ...] | None = None, lang: str = "en") -> ConsultationReport:
+    """Walk the flow (by default the language's) over one photo; `ask(conversation)` returns the
+    answer to its pending question (an engine's `answer`, bound to a session so that each step
+    reuses the cache)."""
+    conversation = Conversation()
+    answers: dict[str, str] = {}
+    steps = steps or flow(lang)
+    for n, step in enumerate(steps):
+        conversation = conversation.ask(step.question, [image] if n == 0 else [])
+        answers[step.key] = ask(conversation).strip()
+        conversation = conversation.answer(answers[step.key])
+    return build_report(answers, {s.key: s.question for s in steps}, lang)
+
+
+# -- reading a report out of free text ------------------------------------------------------------
+
+_NAMING = re.compile(
+    r"\b(?:most likely|likely|probably|possibly|consistent with|suggestive of|suggests?|appears to be|looks like|"
+    r"could be|may be|might be|diagnosis (?:is|of)|diagnosed as)\s+(?:an?\s+|the\s+)?([^.;:\n]+)"
+    r"|(?:最可能是|很可能是|可能是|考虑为|考虑是|诊断为|诊断是|符合|提示为|疑似|看起来像|像是)\s*([^。；;：:，,\n]+)",
+    re.IGNORECASE)
+_DIFFERENTIAL = re.compile(r"\bdifferentials?(?: diagnos[ie]s)?(?: include| are| is)?:?\s+([^.\n]+)"
+                           r"|鉴别诊断(?:包括|有|为)?[:：]?\s*([^。\n]+)", re.IGNORECASE)
+_SPLIT = re.compile(r",\s*|\s+or\s+|\s+and\s+|[、，]|或者?|以及|和")
+
+
+def _clean(phrase: str) -> str:
+    phrase = re.split(r"\b(?:which|that|because|with|due to|caused by)\b|因为|由于|伴有", phrase, maxsplit=1)[0]
+    return phrase.strip(" ,.-，。").strip()
+
+
+def extract_diagnosis(text: str) -> tuple[str | None, list[str]]:
+    """The first condition a text names, and the others it offers as alternatives."""
+    names = [_clean(m.group(1) or m.group(2)) for m in _NAMING.finditer(text)]
+    names = [n for n in names if n and len(n) <= 80]
+    differentials: list[str] = []
+    for m in _DIFFERENTIAL.finditer(text):
+        differentials += [_clean(p) for p in _SPLIT.split(m.group(1) or m.group(2)) if _clean(p)]
+    if not names and differentials:
+        names = [differentials.pop(0)]
+    diagnosis = names[0] if names else None
+    if diagnosis and " or " in diagnosis:
+        first, *rest = [_clean(p) for p in diagnosis.split(" or ")]
+        diagnosis, differentials = first, rest + differentials
+    others = [n for n in names[1:] + differentials if n.lower() != (diagnosis or "").lower()]
+    return diagnosis, list(dict.fromkeys(others))
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|(?<=[。！？])|\n+", text) if len(s.strip()) > 2]
+
+
+def build_report(answers: dict[str, str], questions: dict[str, str], lang: str = "en") -> ConsultationReport:
+    description = " ".join(answers.get(k, "") for k in ("describe", "features"))
+    diagnosis, differentials = extract_diagnosis(answers.get("describe", "") or description)
+    features = [s for s in _sentences(description) if not _NAMING.search(s)]
+    full = "\n\n".join(f"Q: {questions[k]}\nA: {answers[k]}" for k in answers)
+    return ConsultationReport(
+        visible_features=features, diagnosis=diagnosis, differentials=differentials,
+        causes=answers.get("causes", ""), treatment=answers.get("treatment", ""),
+        see_doctor=answers.get("see_doctor") or text(lang, "report.default_see_doctor"),
+        red_flags=red_flags(*answers.values(), lang=lang), answers=answers, questions=questions, full_text=full,
+        disclaimer=text(lang, "disclaimer"), lang=lang)

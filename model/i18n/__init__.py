@@ -1,0 +1,1 @@
+"""Translations as data: `locales/<lang>.yaml` (the same keys in each), read by `catalog`."""

@@ -1,0 +1,335 @@
+"""Speed and memory of the engine, against a reference-style baseline and a bare forward loop.
+
+- reference-style: every turn re-prefills the whole conversation (a fresh KV cache), as the
+  reference demo does; the engine reuses its session cache and prefills only new positions.
+- bare loop: prefill, then greedy decode with direct LLM calls and nothing else; the engine's
+  decode speed over it gives the engine's overhead.
+Decoding runs a fixed number of tokens (EOS and stop strings ignored) so random weights time
+the same work as real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.weights.bundle import LLM_DIR, LoadedBundle, auto_policy, load_bundle, save_bundle, save_model_bundle
+from model.nn.config import SkinGPTConfig
+from model.clinical.conversation import Conversation, ImageInput
+from model.serving.engine import Engine
+from model.weights.policy import WEIGHT_ONLY, LoadPolicy, PolicyError, fast_cpu_encoder, module_bytes
+from model.nn.skingpt import ENCODER_PARTS, SkinGPT, build_skingpt, tokenize_prompt
+from model.weights.weight_only import assemble, entries, from_random, write_quantized
+from model.weights.summary import format_bytes
+
+# Peak memory bandwidth (bytes/s) of GPUs we report against; others can be passed in.
+GPU_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
+
+QUESTIONS = ("What else do you see?", "What could cause this?", "How is it treated?", "Is it contagious?",
+             "Should I see a doctor?", "Can it come back?", "What should I avoid?", "Is it serious?")
+
+
+def random_bundle(config: SkinGPTConfig, policy: LoadPolicy, save: Path | None = None) -> LoadedBundle:
+    """Full-size random weights: built straight on the device in the policy's dtype; the weight-only
+    modes one LLM layer at a time (never the float model whole); bitsandbytes modes through a
+    temporary bundle, so that the real loader quantises. `save` also writes the model as a bundle."""
+    from tools.fixtures import train_tokenizer
+    from model.nn.llm import load_tokenizer
+
+    policy, note = auto_policy(policy, config)
+    if save is not None and policy.quantize not in ("none", *WEIGHT_ONLY):
+        raise PolicyError(f"--save writes float or weight-only bundles, not bitsandbytes {policy.quantize}")
+    device, dtype = policy.resolve_device(), policy.resolve_dtype()
+    # files live only while loading: a bitsandbytes 13B run writes ~26 GB of random weights here
+    with tempfile.TemporaryDirectory(prefix="skingpt-bench-") as name:
+        tmp = Path(name)
+        train_tokenizer(tmp, min(config.llm.vocab_size, 4000))
+        tokenizer = load_tokenizer(tmp)
+        if policy.quantize in WEIGHT_ONLY:
+            model = _random_weight_only(config, policy.quantize, save)
+        else:
+            bnb = policy.quantize != "none"
+            with _default_dtype(torch.float32 if bnb else dtype), torch.device("cpu" if bnb else device):
+                model = build_skingpt(config).eval()
+            model.ln_vision.float()
+            if bnb:
+                save_model_bundle(tmp / "bundle", model, tokenizer)
+                del model
+                return load_bundle(tmp / "bundle", policy, verify=False)
+        if save is not None:
+            _save_random(save, model, tokenizer, policy.quantize)
+    model.requires_grad_(False)
+    footprint = {part: module_bytes(getattr(model, part)) for part in (*ENCODER_PARTS, "llm")}
+    note = "; ".join(n for n in (note, fast_cpu_encoder(policy, model.vision)) if n)
+    return LoadedBundle(model, tokenizer, config, Path(f"random:{config.name}"), {"files": {}}, device, footprint,
+                        policy=policy, note=note)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _random_weight_only(config: SkinGPTConfig, mode: str, save: Path | None) -> SkinGPT:
+    """The LLM drawn and quantised one linear at a time (written out as it goes with `save`), then the
+    encoder in bf16."""
+    groups = entries(config.llm, *from_random(config.llm, mode))
+    if save is not None:
+        (save / LLM_DIR).mkdir(parents=True, exist_ok=True)
+        groups = write_quantized(save / LLM_DIR, mode, groups)
+    llm = assemble(config.llm, mode, groups)
+    with _default_dtype(torch.bfloat16):
+        model = SkinGPT(config, llm).eval()
+    model.ln_vision.float()
+    return model
+
+
+def _save_random(out: Path, model: SkinGPT, tokenizer: Any, mode: str) -> None:
+    if mode == "none":
+        save_model_bundle(out, model, tokenizer, {"random_init": model.config.name})
+        return
+
+    def write_llm(llm_dir: Path) -> None:  # the quantised shards are there already
+        model.llm.config.save_pretrained(llm_dir)
+        tokenizer.save_pretrained(llm_dir)
+
+    save_bundle(out, model.config, model.encoder_state_dict(), write_llm, {"random_init": model.config.name})
+
+
+def bench_photo(seed: int) -> ImageInput:
+    """A 640x480 noise photo: the same inputs for every bench (the API's included)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    return ImageInput.of(Image.fromarray(pixels))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(loaded: LoadedBundle, load_s: float, turns: int = 8, new_tokens: int = 32) -> dict[str, Any]:
+    engine = Engine(loaded)
+    device = loaded.device
+    settings = {"max_new_tokens": new_tokens, "do_sample": False}
+
+    encode_ms = []
+    for i in range(3):
+        image = bench_photo(i)
+        _sync(device)
+        t = time.perf_counter()
+        engine.encode(image)
+        _sync(device)
+        encode_ms.append((time.perf_counter() - t) * 1000)
+
+    conversation = Conversation().ask("Please describe the skin condition in this photo.", [bench_photo(0)])
+    engine.answer(conversation, session="warmup", fixed_length=True, **settings)  # kernels, allocator
+    engine.forget("warmup")
+    first = engine.stream(conversation, session="bench", fixed_length=True, **settings)
+    conversation = conversation.answer("".join(first).strip())
+
+    rows = []
+    for turn in range(1, turns + 1):
+        conversation = conversation.ask(QUESTIONS[(turn - 1) % len(QUESTIONS)])
+        ours = engine.stream(conversation, session="bench", fixed_length=True, **settings)
+        answer = "".join(ours).strip()
+        baseline = engine.stream(conversation, session=None, fixed_length=True, max_new_tokens=1, do_sample=False)
+        "".join(baseline)
+        rows.append({"turn": turn, "prompt_tokens": ours.stats.prompt_tokens,
+                     "prefill_tokens": ours.stats.prefill_tokens,
+                     "ttft_ms": ours.stats.time_to_first_token_s * 1000,
+                     "baseline_ttft_ms": baseline.stats.time_to_first_token_s * 1000,
+                     "speedup": baseline.stats.time_to_first_token_s / max(ours.stats.time_to_first_token_s, 1e-9)})
+        conversation = conversation.answer(answer)
+
+    bare_tps = _bare_decode(engine, new_tokens)
+    result = {
+        "model": loaded.config.name, "device": _device_name(device), "dtype": str(next(loaded.model.llm.parameters()).dtype),
+        "load_s": load_s, "image_encode_ms": statistics.median(encode_ms),
+        "first_turn_ttft_ms": first.stats.time_to_first_token_s * 1000,
+        "first_turn_prompt_tokens": first.stats.prompt_tokens,
+        "decode_tokens_per_s": first.stats.decode_tokens_per_s,
+        "bare_decode_tokens_per_s": bare_tps,
+        "engine_overhead": 1 - first.stats.decode_tokens_per_s / bare_tps if bare_tps else None,
+        "followups": rows,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "weight_bytes": sum(loaded.footprint.values()),
+    }
+    result.update(_bandwidth(result, loaded, device))
+    return result
+
+
+def run_concurrency(loaded: LoadedBundle, levels: list[int], new_tokens: int = 32) -> list[dict[str, Any]]:
+    """N consultations at once through `Engine.stream` (the app's path), each with its own photo and
+    question, fixed-length answers; and the same N one after another (today's baseline), per N."""
+    engine = Engine(loaded, max_batch=max(levels))
+    settings = {"max_new_tokens": new_tokens, "do_sample": False, "fixed_length": True}
+    engine.answer(Conversation().ask("Describe it.", [bench_photo(99)]), **settings)  # warm-up
+    rows = []
+    for n in levels:
+        together = _sessions_at_once(engine, n, f"c{n}", settings)
+        serial_start = time.perf_counter()
+        for i in range(n):
+            engine.answer(_consultation(i), session=f"s{n}-{i}", **settings)
+        serial_s = time.perf_counter() - serial_start
+        for i in range(n):
+            engine.forget(f"c{n}-{i}"), engine.forget(f"s{n}-{i}")
+        ttft = sorted(t["ttft_s"] * 1000 for t in together["answers"])
+        rows.append({
+            "sessions": n,
+            "aggregate_tokens_per_s": n * new_tokens / together["wall_s"],
+            "per_session_tokens_per_s": statistics.mean(t["decode_tokens_per_s"] for t in together["answers"]),
+            "ttft_p50_ms": statistics.median(ttft), "ttft_p95_ms": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))],
+            "max_gap_ms": max(t["max_gap_s"] for t in together["answers"]) * 1000,
+            "serial_aggregate_tokens_per_s": n * new_tokens / serial_s,
+            "largest_batch": engine.scheduler.largest_batch,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if loaded.device.startswith("cuda") else None,
+        })
+    return rows
+
+
+def _consultation(i: int) -> Conversation:
+    question = f"{QUESTIONS[i % len(QUESTIONS)]} Please describe the skin in this photo."
+    return Conversation().ask(question, [bench_photo(i)])
+
+
+def _sessions_at_once(engine: Engine, n: int, prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Start n answers together (a barrier), stream each in its own thread, time every piece."""
+    import threading
+
+    for i in range(n):
+        engine.encode(bench_photo(i))  # each photo's embeddings are cached, as after its upload in the app
+    barrier, answers = threading.Barrier(n), [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        start = time.perf_counter()
+        generation = engine.stream(_consultation(i), session=f"{prefix}-{i}", **settings)
+        "".join(generation)
+        stamps = generation.stats.token_times  # (random weights often sample ids that print nothing)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        answers[i] = {"start": start, "end": stamps[-1], "ttft_s": generation.stats.time_to_first_token_s,
+                      "decode_tokens_per_s": generation.stats.decode_tokens_per_s, "max_gap_s": max(gaps, default=0.0)}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = max(a["end"] for a in answers) - min(a["start"] for a in answers)
+    return {"wall_s": wall, "answers": answers}
+
+
+def format_concurrency(rows: list[dict[str, Any]]) -> str:
+    lines = ["sessions  aggregate tok/s  serial tok/s  gain  per-session tok/s  TTFT p50 ms  p95 ms  max gap ms  peak RSS"]
+    for r in rows:
+        lines.append(f"{r['sessions']:>8}  {r['aggregate_tokens_per_s']:>15.1f}  {r['serial_aggregate_tokens_per_s']:>12.1f}"
+                     f"  {r['aggregate_tokens_per_s'] / r['serial_aggregate_tokens_per_s']:>4.1f}x"
+                     f"  {r['per_session_tokens_per_s']:>17.1f}  {r['ttft_p50_ms']:>11.0f}  {r['ttft_p95_ms']:>6.0f}"
+                     f"  {r['max_gap_ms']:>10.0f}  {format_bytes(r['peak_rss_bytes'])}")
+    return "\n".join(lines)
+
+
+def _bare_decode(engine: Engine, new_tokens: int) -> float:
+    """Greedy decoding with nothing but LLM forwards and argmax: the floor the engine is held to."""
+    from model.serving.kv_cache import new_cache
+
+    model, tok = engine.model, engine.tokenizer
+    ids = tokenize_prompt(tok, "###Human: <Img><ImageHere></Img> Describe it.###Assistant:",
+                          engine.config.image_placeholder, engine.config.qformer.num_query_tokens)
+    image = engine.encode(bench_photo(0)).unsqueeze(0)
+    with torch.no_grad():
+        cache = new_cache()
+        embeds = model.embed_inputs(torch.tensor([ids], device=engine.device), image)
+        logits = model.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = int(logits[0, -1].argmax())
+        _sync(str(engine.device))
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            logits = model.llm(input_ids=torch.tensor([[token]], device=engine.device), past_key_values=cache,
+                               use_cache=True).logits
+            token = int(logits[0, -1].argmax())
+        elapsed = time.perf_counter() - start
+    return (new_tokens - 1) / elapsed
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _bandwidth(result: dict[str, Any], loaded: LoadedBundle, device: str) -> dict[str, Any]:
+    """Decode reads every LLM weight once a token (of the input embeddings, one row): bytes read per
+    token over the memory bandwidth (a GPU's data sheet; a CPU's measured here) bounds tokens/s."""
+    llm = loaded.model.llm
+    per_token = loaded.footprint["llm"] - module_bytes(llm.get_input_embeddings())
+    if device.startswith("cuda"):
+        peak = next((bw for name, bw in GPU_BANDWIDTH.items() if name in torch.cuda.get_device_name()), None)
+    else:
+        peak = read_bandwidth()
+    if not peak:
+        return {"bytes_per_token": per_token}
+    bound = peak / per_token
+    return {"bytes_per_token": per_token, "bandwidth_bytes_per_s": peak, "bound_tokens_per_s": bound,
+            "bandwidth_used_bytes_per_s": result["decode_tokens_per_s"] * per_token,
+            "bandwidth_fraction": result["decode_tokens_per_s"] / bound}
+
+
+def read_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
+    """This machine's read bandwidth in bytes/s: summing a buffer far larger than any cache."""
+    buffer = torch.ones(megabytes << 18)  # fp32: 4 bytes each
+    buffer.sum()
+    start = time.perf_counter()
+    for _ in range(reps):
+        buffer.sum()
+    return reps * buffer.numel() * 4 / (time.perf_counter() - start)
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [f"model {r['model']} on {r['device']}, {r['dtype']}",
+             f"load                  {r['load_s']:.2f} s",
+             f"image encode          {r['image_encode_ms']:.1f} ms",
+             f"first turn TTFT       {r['first_turn_ttft_ms']:.1f} ms ({r['first_turn_prompt_tokens']} prompt positions)",
+             f"decode                {r['decode_tokens_per_s']:.1f} tokens/s "
+             f"(bare loop {r['bare_decode_tokens_per_s']:.1f}; engine overhead {100 * r['engine_overhead']:.1f}%)",
+             "", "turn  prompt  prefilled  TTFT ms  reference-style ms  speed-up"]
+    for row in r["followups"]:
+        lines.append(f"{row['turn']:>4}  {row['prompt_tokens']:>6}  {row['prefill_tokens']:>9}  {row['ttft_ms']:>7.1f}"
+                     f"  {row['baseline_ttft_ms']:>18.1f}  {row['speedup']:>7.1f}x")
+    lines += ["", f"peak RSS              {format_bytes(r['peak_rss_bytes'])}",
+              f"weights               {format_bytes(r['weight_bytes'])}"]
+    if r.get("peak_cuda_bytes") is not None:
+        lines.append(f"peak CUDA             {format_bytes(r['peak_cuda_bytes'])}")
+    if r.get("bandwidth_fraction"):
+        lines.append(f"decode bandwidth      {r['bandwidth_used_bytes_per_s'] / 1e9:.1f} GB/s of "
+                     f"{r['bandwidth_bytes_per_s'] / 1e9:.1f} ({100 * r['bandwidth_fraction']:.0f}% of the bound: "
+                     f"{r['bytes_per_token'] / 1e9:.2f} GB read a token allows {r['bound_tokens_per_s']:.1f} tokens/s)")
+    return "\n".join(lines)
+
+
+def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPolicy,
+                   save: Path | None = None) -> tuple[LoadedBundle, float]:
+    from model.nn.config import preset
+
+    start = time.perf_counter()
+    if weights:
+        loaded = load_bundle(weights, policy)
+    else:
+        config = preset(preset_name)
+        config = replace(config, generation=replace(config.generation, do_sample=False))
+        loaded = random_bundle(config, policy, save)
+    _sync(loaded.device)
+    return loaded, time.perf_counter() - start
