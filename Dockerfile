@@ -33,6 +33,7 @@ RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.txt
 COPY model/ model/
 COPY tools/ tools/
 COPY app/ app/
+COPY cli/ cli/
 COPY launch.py .
 
 USER skingpt

@@ -1,2 +1,2 @@
-"""The clinic app: settings, privacy and the server that mounts the web page and the API on one
-FastAPI app. It imports `model`; `model` never imports it."""
+"""The clinic app: settings, privacy, and the server that serves the web page (`web/`) and the API
+(`api/`) from one process and port. It imports `model`; `model` never imports it."""

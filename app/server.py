@@ -22,30 +22,23 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
 
     import torch
 
-    from model.weights.bundle import load_bundle, verification_record
-
-    from app.settings import default_cache_dir
-    from model.serving.engine import Engine
+    from model.serving.engine import open_engine
+    from model.weights.bundle import verification_record
     from model.weights.policy import LoadPolicy
 
-    from model.weights.policy import cpu_advice
-
-    policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
-    if (advice := cpu_advice(policy)) and not demo_mode:
-        say(f"warning: {advice}")
-    say(f"[1/3] verifying and loading {bundle} ...")
-    record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
-    loaded = load_bundle(bundle, policy, record=record)
-    if loaded.note:
-        say(f"      {loaded.note}")
-    say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
-
+    from app.settings import default_cache_dir
     from app.web.handlers import Handlers, SessionStore
     from app.web.ui import CSS, JS, THEME, build
 
-    store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
+    policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
+    say(f"[1/3] verifying and loading {bundle} ...")
+    record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
     kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
-    engine = Engine(loaded, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes)
+    engine = open_engine(bundle, policy, record=record, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes,
+                         say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
+    loaded = engine.loaded
+    say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
+    store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
     say(f"      up to {engine.max_batch} answers at once; idle consultations' KV caches within "
         f"{engine.kv_cache_bytes / 2**30:.1f} GiB")
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.serving.sampler import SamplingSettings
 from app.web.handlers import QUICK_PROMPTS, Handlers, SessionStore
 from model.clinical.conversation import ConversationError
 
@@ -102,7 +103,8 @@ def _last(updates):
 def test_photo_then_question_streams_and_keeps_history(app):
     handlers, engine, root = app
     upload = _upload(root)
-    updates, history = _last(handlers.submit("s1", {"text": "What is this?", "files": [upload]}, {"max_new_tokens": 9}))
+    updates, history = _last(handlers.submit("s1", {"text": "What is this?", "files": [upload]},
+                                                 SamplingSettings(max_new_tokens=9)))
     assert len(updates) >= 4  # streamed piece by piece
     assert [m["role"] for m in history] == ["user", "user", "assistant"]
     photo = history[0]["content"]["path"]

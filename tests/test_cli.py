@@ -105,3 +105,10 @@ def test_bench_tiny_random_init_json():
     # differently from what it generated, so the answer itself is not always reused)
     assert all(now["cached_tokens"] >= before["prompt_tokens"] for before, now in zip(api, api[1:]))
     assert result["peak_rss_bytes"] > 0
+
+
+def test_the_cli_offers_exactly_the_load_policy_modes():
+    from cli.common import QUANTIZE_MODES
+    from model.weights.policy import QUANT_MODES
+
+    assert QUANTIZE_MODES == QUANT_MODES

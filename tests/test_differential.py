@@ -71,7 +71,7 @@ def test_a_ranking_for_one_to_three_photos(head_bundle, labelled):
               for i in (55, 56, 57)]
     ranking = engine.rank(photos)
     assert ranking.photos == 3 and ranking.top(1) == ["melanoma"]
-    assert abs(sum(c["probability"] for c in ranking.conditions) - 1) < 0.01
+    assert abs(sum(c.probability for c in ranking.conditions) - 1) < 0.01
     assert engine.rank(photos[:1]).top(1) == ["melanoma"]
     with pytest.raises(DifferentialError, match="1 to 3 photos"):
         engine.rank(photos + photos[:1])

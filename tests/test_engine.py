@@ -14,7 +14,8 @@ import model.serving.engine as engine_module
 from model.weights.bundle import load_bundle
 from model.clinical.conversation import Conversation, ImageInput, render
 from model.serving.engine import Engine
-from model.serving.scheduler import _visible
+from model.serving.detokenize import visible as _visible
+from model.serving.requests import ImageSlot
 from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
 
@@ -87,15 +88,15 @@ def test_followup_prefill_holds_the_image(engine):
         hook.remove()
     slots, _, _ = engine.prompt_slots(conversation, 10_000)
     prefill = torch.cat([c[0] for c in captured if c is not None])[:len(slots)]  # (T, D), over its chunks
-    positions = [i for i, s in enumerate(slots) if isinstance(s, str)]
+    positions = [i for i, s in enumerate(slots) if isinstance(s, ImageSlot)]
     assert len(positions) == 32
     torch.testing.assert_close(prefill[positions], engine.encode(image))
 
     # with reuse, the image stays in the session's KV cache: its slots are there, in place
     reused = engine.stream(conversation, session="img", do_sample=False, max_new_tokens=2, fixed_length=True)
     "".join(reused)
-    cached = engine._sessions["img"].slots
-    assert [cached[i] for i in positions] == [f"{image.key}:{j}" for j in range(32)]
+    cached = engine.sessions.slots_of("img")
+    assert [cached[i] for i in positions] == [ImageSlot(image.key, j) for j in range(32)]
     assert reused.stats.reused_tokens > positions[-1]
     engine.forget("img")
 
@@ -104,7 +105,7 @@ def test_second_image_goes_to_its_own_turn(engine):
     a, b = _photo(2), _photo(3)
     conversation = Conversation().ask("Here is my arm.", [a]).answer("I see a red patch.").ask("And my leg, weeks later.", [b])
     slots, images, _ = engine.prompt_slots(conversation, 10_000)
-    keys = [s.split(":")[0] for s in slots if isinstance(s, str)]
+    keys = [s.key for s in slots if isinstance(s, ImageSlot)]
     assert keys == [a.key] * 32 + [b.key] * 32 and images == [a, b]
     gen = engine.stream(conversation, do_sample=False, max_new_tokens=3, fixed_length=True)
     "".join(gen)
@@ -129,7 +130,7 @@ def scripted(monkeypatch, engine):
         ids = engine.tokenizer(text, add_special_tokens=False).input_ids
         _Scripted.script = ids + ([engine.tokenizer.eos_token_id] if eos else []) + [engine.tokenizer.eos_token_id] * 50
         return ids
-    monkeypatch.setattr(engine_module, "_Sampler", _Scripted)
+    monkeypatch.setattr(engine_module, "Sampler", _Scripted)
     return use
 
 
@@ -246,7 +247,7 @@ def test_budget_drops_oldest_text_keeps_images_and_question(engine):
     assert gen.stats.dropped_turns and gen.notices and "photos kept" in gen.notices[0]
     assert gen.stats.prompt_tokens <= 300 - 8
     slots, _, dropped = engine.prompt_slots(conversation, 300 - 8)
-    assert sum(isinstance(s, str) for s in slots) == 32  # the image survived
+    assert sum(isinstance(s, ImageSlot) for s in slots) == 32  # the image survived
     text = engine.tokenizer.decode([s for s in slots if isinstance(s, int)])
     assert "What now?" in text and "Question 0" not in text
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images.decode import ImageError, decode_photo, open_image
+from model.images.decode import ImageError, decode_photo
 
 
 def _jpeg(image: Image.Image, **kwargs) -> bytes:
@@ -29,7 +29,7 @@ def test_gps_exif_is_stripped_and_orientation_applied():
     exif[0x8825] = {1: "N", 2: (51.0, 30.0, 0.0), 3: "W", 4: (0.0, 7.0, 0.0)}  # GPS IFD
     data = _jpeg(_photo(64, 48), exif=exif.tobytes())
     assert Image.open(io.BytesIO(data)).getexif().get_ifd(0x8825)  # the upload really carries GPS
-    clean = open_image(data)
+    clean = decode_photo(data).image
     assert clean.size == (48, 64)  # turned upright
     assert clean.mode == "RGB" and not clean.info and not clean.getexif()
     out = io.BytesIO()
@@ -44,13 +44,13 @@ def test_gps_exif_is_stripped_and_orientation_applied():
 ])
 def test_not_an_image(data, message):
     with pytest.raises(ImageError, match=message):
-        open_image(data)
+        decode_photo(data).image
 
 
 def test_truncated_jpeg():
     data = _jpeg(_photo(256, 256))
     with pytest.raises(ImageError, match="damaged or incomplete"):
-        open_image(data[: len(data) // 2])
+        decode_photo(data[: len(data) // 2]).image
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -64,7 +64,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_decompression_bomb_says_too_large_and_the_limit(width, height, claimed):
     """Beyond Pillow's own bomb limit (the first) and beyond ours (the second): the same clear message."""
     with pytest.raises(ImageError, match=f"too large: {claimed} megapixels, and the limit is 40 megapixels"):
-        open_image(_png_header_only(width, height))
+        decode_photo(_png_header_only(width, height)).image
 
 
 def test_postscript_and_other_formats_outside_the_allow_list_are_never_decoded(monkeypatch):
@@ -77,16 +77,16 @@ def test_postscript_and_other_formats_outside_the_allow_list_are_never_decoded(m
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", refuse)
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n"
     with pytest.raises(ImageError, match="not a photo this app can read.*JPEG, PNG, WebP, GIF, TIFF or BMP"):
-        open_image(eps)
+        decode_photo(eps).image
     ico = io.BytesIO()
     _photo(32, 32).save(ico, "ICO")
     with pytest.raises(ImageError, match="not a photo this app can read"):
-        open_image(ico.getvalue())
+        decode_photo(ico.getvalue()).image
 
 
 def test_too_many_bytes():
     with pytest.raises(ImageError, match="the limit is 25 MB"):
-        open_image(b"\xff\xd8" + b"\0" * (26 * 2**20))
+        decode_photo(b"\xff\xd8" + b"\0" * (26 * 2**20)).image
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
@@ -149,11 +149,11 @@ def test_unusual_modes_become_rgb(mode):
         image = _photo(40, 40).convert(mode)
     buffer = io.BytesIO()
     image.save(buffer, "TIFF" if mode == "CMYK" else "PNG")
-    assert open_image(buffer.getvalue()).mode == "RGB"
+    assert decode_photo(buffer.getvalue()).image.mode == "RGB"
 
 
 def test_tiny_image_is_refused():
     buffer = io.BytesIO()
     _photo(4, 4).save(buffer, "PNG")
     with pytest.raises(ImageError, match="only 4x4 pixels"):
-        open_image(buffer.getvalue())
+        decode_photo(buffer.getvalue()).image

@@ -294,6 +294,6 @@ def test_training_refuses_a_photo_serving_would_refuse(tmp_path):
     Image.new("RGB", (32, 32), (200, 90, 90)).save(tmp_path / "image" / "ok.png")
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"image": f"image/{n}", "caption": "x"}) + "\n" for n in ("scan.eps", "ok.png")))
-    with pytest.raises(DataError, match=r"scan\.eps cannot be used: .*not a photo this app can read"):
+    with pytest.raises(DataError, match=r"scan\.eps cannot be read: .*not a photo this app can read"):
         load_samples(manifest, None, False, **QUIET)
     assert [s.record.image for s in load_samples(manifest, None, True, **QUIET)] == ["image/ok.png"]

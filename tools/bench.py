@@ -333,3 +333,38 @@ def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPol
         loaded = random_bundle(config, policy, save)
     _sync(loaded.device)
     return loaded, time.perf_counter() - start
+
+
+def followup_ttft(engine, turns: int, new_tokens: int) -> list[dict[str, Any]]:
+    """For the bench: one conversation through the API's path (parsing, inline photo, prefix match),
+    each request carrying the whole history as a client sends it; time to first token per turn."""
+    import base64
+    import io
+
+    from app.api.chat import ChatAPI
+
+    api = ChatAPI(engine, engine.config.name)
+    buffer = io.BytesIO()
+    bench_photo(0).image.save(buffer, "JPEG")
+    photo = f"data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+    messages: list[dict[str, Any]] = [{"role": "user", "content": [
+        {"type": "text", "text": "Please describe the skin condition in this photo."},
+        {"type": "image_url", "image_url": {"url": photo}}]}]
+    rows = []
+    for turn in range(turns + 1):
+        body = {"model": api.model_id, "messages": messages, "max_tokens": new_tokens, "temperature": 0}
+        generation = api.start(api.prepare(body))
+        text = "".join(generation).strip() or "(no text)"
+        if turn:  # turn 0 is the first question; follow-ups are what the table is about
+            stats = generation.stats
+            rows.append({"turn": turn, "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.reused_tokens,
+                         "ttft_ms": stats.time_to_first_token_s * 1000})
+        messages += [{"role": "assistant", "content": text},
+                     {"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]}]
+    return rows
+
+
+def format_followups(rows: list[dict[str, Any]]) -> str:
+    lines = ["through the API (the whole history each time): turn, prompt, cached, TTFT ms"]
+    lines += [f"{r['turn']:>4}  {r['prompt_tokens']:>6}  {r['cached_tokens']:>6}  {r['ttft_ms']:>7.1f}" for r in rows]
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.clinical.conversation import Conversation, ConversationError, ImageInput
 from model.errors import UserFacingError
+from model.serving.sampler import SamplingSettings
 from model.images.decode import MAX_BYTES, ImageError, ImageTooLarge, decode_photo
 
 from app.web.session import MAX_PHOTOS
@@ -129,21 +130,13 @@ class ChatAPI:
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes up to 4 non-empty strings", "invalid_value", "stop")
         conversation, images = self._conversation(request.messages)
-        settings: dict[str, Any] = {"stop": tuple(stops)}
         max_new = request.max_completion_tokens or request.max_tokens
-        if max_new is not None:
-            if max_new >= self.engine.config.generation.max_context:
-                raise APIError(400, f"max_tokens must be below the context of "
-                                    f"{self.engine.config.generation.max_context}", "invalid_value", "max_tokens")
-            settings["max_new_tokens"] = max_new
-        if request.temperature is not None:
-            settings["do_sample"] = request.temperature > 0
-            if request.temperature > 0:
-                settings["temperature"] = request.temperature
-        if request.top_p is not None:
-            settings["top_p"] = request.top_p
-        if request.seed is not None:
-            settings["seed"] = request.seed
+        if max_new is not None and max_new >= self.engine.config.generation.max_context:
+            raise APIError(400, f"max_tokens must be below the context of "
+                                f"{self.engine.config.generation.max_context}", "invalid_value", "max_tokens")
+        sampling = SamplingSettings(max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p,
+                                    seed=request.seed)
+        settings: dict[str, Any] = {"stop": tuple(stops), **sampling.overrides()}
         return Prepared(conversation, settings, request.stream, images)
 
     def _conversation(self, messages: list[_Message]) -> tuple[Conversation, int]:
@@ -365,38 +358,10 @@ def mount(fastapi_app, api: ChatAPI, api_key: str | None) -> None:
         finally:
             if not done:
                 generation.close()  # a client that went away frees its batch slot at the next step
-                log.info("api stream closed by the client after tokens=%d", len(generation.tokens))
+                log.info("api stream closed by the client after tokens=%d", generation.produced)
 
     before = len(fastapi_app.router.routes)
     fastapi_app.include_router(router)
     added = fastapi_app.router.routes[before:]
     del fastapi_app.router.routes[before:]
     fastapi_app.router.routes[0:0] = added  # ahead of Gradio's own routes
-
-
-def followup_ttft(engine, turns: int, new_tokens: int) -> list[dict[str, Any]]:
-    """For the bench: one conversation through the API's path (parsing, inline photo, prefix match),
-    each request carrying the whole history as a client sends it; time to first token per turn."""
-    import io
-
-    from tools.bench import QUESTIONS, bench_photo
-
-    api = ChatAPI(engine, engine.config.name)
-    buffer = io.BytesIO()
-    bench_photo(0).image.save(buffer, "JPEG")
-    photo = f"data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}"
-    messages: list[dict[str, Any]] = [{"role": "user", "content": [
-        {"type": "text", "text": "Please describe the skin condition in this photo."},
-        {"type": "image_url", "image_url": {"url": photo}}]}]
-    rows = []
-    for turn in range(turns + 1):
-        body = {"model": api.model_id, "messages": messages, "max_tokens": new_tokens, "temperature": 0}
-        generation = api.start(api.prepare(body))
-        text = "".join(generation).strip() or "(no text)"
-        if turn:  # turn 0 is the first question; follow-ups are what the table is about
-            stats = generation.stats
-            rows.append({"turn": turn, "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.reused_tokens,
-                         "ttft_ms": stats.time_to_first_token_s * 1000})
-        messages += [{"role": "assistant", "content": text},
-                     {"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]}]
-    return rows

@@ -16,8 +16,10 @@ from typing import Any, Callable, Iterator
 
 from model.clinical.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
+from model.serving.sampler import SamplingSettings
 from model.images.decode import ImageError, decode_photo
 from model.clinical.consultation import ask_in, extract_diagnosis
+from model.clinical.safety import red_flag_notice
 from model.i18n.catalog import LANGUAGES
 
 from app.privacy import remove_upload, sweep_uploads
@@ -39,7 +41,7 @@ class Handlers:
     upload_ttl_s: float = 15 * 60
 
     # -- submitting a message (photos and/or text) --------------------------------------------------
-    def submit(self, session: str, message: dict | str | None, settings: dict | None = None) -> Iterator[Update]:
+    def submit(self, session: str, message: dict | str | None, settings: SamplingSettings | None = None) -> Iterator[Update]:
         state = self.store.get(session)
         state.settle()
         text, files = _split_message(message)
@@ -68,7 +70,7 @@ class Handlers:
             state.messages.append({"role": "user", "content": text.strip()})
             state.conversation = state.conversation.ask(ask_in(state.lang, text.strip()), state.pending)
             state.pending = []
-        yield from self._answer(state, settings or {})
+        yield from self._answer(state, settings or SamplingSettings())
 
     def attached(self, session: str, message: dict | None) -> None:
         """Photos attached in the browser but not sent yet: deleted with the consultation if never sent."""
@@ -122,12 +124,12 @@ class Handlers:
                              f"in a few minutes, or send a smaller photo.")
 
     # -- answering ----------------------------------------------------------------------------------
-    def _answer(self, state: Consultation, settings: dict) -> Iterator[Update]:
+    def _answer(self, state: Consultation, settings: SamplingSettings) -> Iterator[Update]:
         answer = state.begin_answer()
         started = time.perf_counter()
         generation = None
         try:
-            generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel, **settings)
+            generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel, **settings.overrides())
             for kind, value in generation.events():
                 if kind == "queued":  # every batch slot is busy: say where this answer stands (shown, not kept)
                     yield state.messages + [_waiting(state, value)], self._notice(state)
@@ -163,7 +165,7 @@ class Handlers:
     def stop(self, session: str) -> None:
         self.store.get(session).stop()
 
-    def regenerate(self, session: str, settings: dict | None = None) -> Iterator[Update]:
+    def regenerate(self, session: str, settings: SamplingSettings | None = None) -> Iterator[Update]:
         state = self.store.get(session)
         state.settle()
         with state.lock:  # never held across a yield: the next piece may be asked for from another thread
@@ -176,9 +178,9 @@ class Handlers:
         if last is None:
             yield state.error(state.t("messages.no_answer_yet")), self._notice(state)
             return
-        yield from self._answer(state, settings or {})
+        yield from self._answer(state, settings or SamplingSettings())
 
-    def ask_quick(self, session: str, key: str, settings: dict | None = None) -> Iterator[Update]:
+    def ask_quick(self, session: str, key: str, settings: SamplingSettings | None = None) -> Iterator[Update]:
         """One of the quick questions (a key of QUICK_PROMPTS), in the consultation's language."""
         state = self.store.get(session)
         yield from self.submit(session, {"text": state.t(f"prompts.{key}"), "files": []}, settings)
@@ -215,7 +217,7 @@ class Handlers:
         sweep_uploads(self.store.root, self.upload_ttl_s)
         return len(expired)
 
-    def report(self, session: str, settings: dict | None = None, render_pdf: Callable[[Any], bytes] | None = None,
+    def report(self, session: str, settings: SamplingSettings | None = None, render_pdf: Callable[[Any], bytes] | None = None,
                on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[str]]:
         """The structured consultation over the consultation's first photo: Markdown + files.
         `on_step(done, total)` is told before each question (a progress bar). New patient (or the
@@ -234,13 +236,12 @@ class Handlers:
                 raise Wiped("the consultation was cleared")
             if on_step is not None:
                 on_step(len(conversation.turns) - 1, len(STEPS))
-            return self.engine.answer(conversation, session=name, cancel=state.closed, **(settings or {}))
+            return self.engine.answer(conversation, session=name, cancel=state.closed,
+                                      **(settings or SamplingSettings()).overrides())
 
         try:
-            report = consult(ask, images[0], lang=state.lang)
             rank = getattr(self.engine, "rank", None)
-            if rank is not None and (ranking := rank(images[-3:])) is not None:
-                report.differential, report.differential_uncertain = ranking.conditions, ranking.uncertain
+            report = consult(ask, images[0], lang=state.lang, ranking=rank(images[-3:]) if rank else None)
             markdown = report.markdown()
             files = [str(state.write_file("skin-report.md", markdown.encode()))]
             if render_pdf is not None:
@@ -281,7 +282,7 @@ class Handlers:
     def _notice(state: Consultation) -> str:
         if not state.flags:
             return ""
-        return f"**{state.t('messages.warning_signs')}: {', '.join(state.flags)}.** {state.t('urgent_advice')}"
+        return red_flag_notice(state.flags, state.lang)
 
 
 def _split_message(message: dict | str | None) -> tuple[str, list[str]]:
@@ -297,9 +298,9 @@ def _ranking_html(state: Consultation, ranking, named: str | None) -> str:
     import html
 
     rows = "".join(
-        f"<li><span class='name'>{html.escape(c['condition'])}</span>"
-        f"<span class='bar' role='presentation'><span style='width:{100 * c['probability']:.0f}%'></span></span>"
-        f"<span class='pct'>{100 * c['probability']:.0f}%</span></li>" for c in ranking.conditions)
+        f"<li><span class='name'>{html.escape(c.condition)}</span>"
+        f"<span class='bar' role='presentation'><span style='width:{100 * c.probability:.0f}%'></span></span>"
+        f"<span class='pct'>{100 * c.probability:.0f}%</span></li>" for c in ranking.conditions)
     notes = []
     if ranking.uncertain:
         notes.append(f"<p class='uncertain'>{html.escape(state.t('report.uncertain'))}</p>")

@@ -7,13 +7,14 @@ history), /regenerate, /stop, /new_patient, /report.
 from __future__ import annotations
 
 from contextlib import closing
+from dataclasses import dataclass
 from typing import Iterator
 
 import gradio as gr
 
-from model.i18n.catalog import LANGUAGES, pick, text
-
 from app.web.handlers import QUICK_PROMPTS, Handlers
+from model.i18n.catalog import LANGUAGES, pick, text
+from model.serving.sampler import SamplingSettings
 
 # System fonts only: Gradio's default themes fetch web fonts from another host.
 THEME = gr.themes.Soft(primary_hue="teal", font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
@@ -92,143 +93,204 @@ def _disclaimer(lang: str) -> str:
     return f"**{text(lang, 'disclaimer')}** {text(lang, 'emergency')}"
 
 
+@dataclass
+class Page:
+    """The page's components, by role."""
+
+    language: gr.Radio
+    banner: gr.HTML
+    title: gr.Markdown
+    disclaimer: gr.Markdown
+    chatbot: gr.Chatbot
+    notice: gr.Markdown
+    live: gr.Markdown
+    ranked: gr.HTML
+    box: gr.MultimodalTextbox
+    quick: list[gr.Button]
+    regenerate: gr.Button
+    report_btn: gr.Button
+    new_patient: gr.Button
+    settings_panel: gr.Accordion
+    max_new: gr.Slider
+    sample: gr.Checkbox
+    temperature: gr.Slider
+    top_p: gr.Slider
+    report_panel: gr.Accordion
+    report_md: gr.Markdown
+    report_files: gr.File
+
+    @property
+    def sampling_inputs(self) -> list:
+        """The controls whose values `_sampling` turns into SamplingSettings, in its argument order."""
+        return [self.max_new, self.sample, self.temperature, self.top_p]
+
+
 def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: int = 1) -> gr.Blocks:
     with gr.Blocks(title="SkinGPT: private dermatology assistant", analytics_enabled=False) as app:
-        t = lambda key: text("en", key)  # noqa: E731 - the first render; the language control relabels
-        language = gr.Radio([(text(code, "language_name"), code) for code in LANGUAGES], value="en",
-                            label="Language / 语言", elem_id="language", container=False)
-        banner = gr.HTML(_banner("en"), visible=demo_mode)
-        title = gr.Markdown(_title("en", model_name), elem_id="title")
-        disclaimer = gr.Markdown(_disclaimer("en"), elem_id="disclaimer")
-        # small while empty, growing with the conversation: on a phone the question box stays on the first screen
-        chatbot = gr.Chatbot(label="Consultation", show_label=False, height=None, min_height=80, max_height=600,
-                             latex_delimiters=[], elem_id="chat", placeholder=t("ui.chat_placeholder"),
-                             allow_file_downloads=False, buttons=["copy", "copy_all"])  # no "share" to a hub
-        notice = gr.Markdown("", elem_id="red-flag")  # under the answer, where a phone user is looking
-        live = gr.Markdown("", elem_id="answer-live", elem_classes="sr-only")  # the finished answer, announced once
-        ranked = gr.HTML("", elem_id="differential-panel")  # the bundle's calibrated ranking, when it has a head
-        box = gr.MultimodalTextbox(
-            file_types=["image"], file_count="multiple", sources=["upload"], elem_id="message",
-            placeholder=t("ui.box_placeholder"), show_label=False, submit_btn=True, stop_btn=True)
-        with gr.Row(elem_classes="quick"):
-            quick = [gr.Button(t(f"ui.{key}"), size="sm", variant="secondary") for key in QUICK_PROMPTS]
-        with gr.Row():
-            regenerate = gr.Button(t("ui.regenerate"), size="sm")
-            report_btn = gr.Button(t("ui.full_report"), size="sm", elem_id="full-report")
-            new_patient = gr.Button(t("ui.new_patient"), size="sm", variant="stop", elem_id="new-patient")
-        with gr.Accordion(t("ui.settings"), open=False) as settings_panel:
-            max_new = gr.Slider(16, 600, value=300, step=1, label=t("ui.max_length"))
-            sample = gr.Checkbox(value=False, label=t("ui.sampling"))
-            temperature = gr.Slider(0.1, 1.5, value=1.0, step=0.05, label=t("ui.temperature"))
-            top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label=t("ui.top_p"))
-        with gr.Accordion(t("ui.full_report"), open=False) as report_panel:
-            report_md = gr.Markdown(t("ui.report_hint"))
-            report_files = gr.File(label=t("ui.download"), file_count="multiple", interactive=False,
-                                   elem_id="report-files")
-
-        def relabel(lang: str, request: gr.Request) -> list:
-            """Every text on the page in the chosen language; the consultation follows it too."""
-            handlers.set_language(request.session_hash, lang)
-            tr = lambda key: text(lang, key)  # noqa: E731
-            return [gr.update(value=_banner(lang)), gr.update(value=_title(lang, model_name)),
-                    gr.update(value=_disclaimer(lang)), gr.update(placeholder=tr("ui.chat_placeholder")),
-                    gr.update(placeholder=tr("ui.box_placeholder")),
-                    *[gr.update(value=tr(f"ui.{key}")) for key in QUICK_PROMPTS],
-                    gr.update(value=tr("ui.regenerate")), gr.update(value=tr("ui.full_report")),
-                    gr.update(value=tr("ui.new_patient")), gr.update(label=tr("ui.settings")),
-                    gr.update(label=tr("ui.max_length")), gr.update(label=tr("ui.sampling")),
-                    gr.update(label=tr("ui.temperature")), gr.update(label=tr("ui.top_p")),
-                    gr.update(label=tr("ui.full_report")), gr.update(value=tr("ui.report_hint")),
-                    gr.update(label=tr("ui.download"))]
-
-        language.change(relabel, [language], [banner, title, disclaimer, chatbot, box, *quick, regenerate, report_btn,
-                                              new_patient, settings_panel, max_new, sample, temperature, top_p,
-                                              report_panel, report_md, report_files],
-                        queue=False, api_visibility="private", js=SET_LANG)
-
-        def first_language(request: gr.Request) -> str:
-            """The browser's language at first load (its Accept-Language), if this app speaks it."""
-            return pick(request.headers.get("accept-language"))
-
-        app.load(first_language, None, [language], queue=False, api_visibility="private")
-
-        gen_inputs = [max_new, sample, temperature, top_p]
+        page = _layout(demo_mode, model_name)
+        _wire_language(app, page, handlers, model_name)
         model_events = {"concurrency_id": "device", "concurrency_limit": concurrency}
-
-        def settings(max_new_tokens, do_sample, temp, p) -> dict:
-            return {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample),
-                    "temperature": float(temp), "top_p": float(p)}
-
-        def ask(message, max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
-            cleared = gr.MultimodalTextbox(value=None, interactive=False)
-            # closing() passes a cancel (Stop, a closed tab) on to the handler, which keeps the partial answer
-            with closing(handlers.submit(request.session_hash, message,
-                                         settings(max_new_tokens, do_sample, temp, p))) as updates:
-                for history, flag in updates:
-                    yield history, flag, cleared
-            yield history, flag, gr.MultimodalTextbox(interactive=True)
-
-        ask_event = box.submit(ask, [box, *gen_inputs], [chatbot, notice, box], api_name="ask", **model_events)
-
-        def attached(message, request: gr.Request) -> None:
-            handlers.attached(request.session_hash, message)  # deleted with the consultation if never sent
-
-        box.change(attached, [box], None, queue=False, api_visibility="private")
-
-        def stop(request: gr.Request) -> None:
-            handlers.stop(request.session_hash)
-
-        def again(max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
-            yield from handlers.regenerate(request.session_hash, settings(max_new_tokens, do_sample, temp, p))
-
-        regen_event = regenerate.click(again, gen_inputs, [chatbot, notice], api_name="regenerate", **model_events)
-        quick_events = []
-        for button, key in zip(quick, QUICK_PROMPTS):
-            def quick_ask(max_new_tokens, do_sample, temp, p, request: gr.Request, _key=key) -> Iterator:
-                yield from handlers.ask_quick(request.session_hash, _key, settings(max_new_tokens, do_sample, temp, p))
-            quick_events.append(button.click(quick_ask, gen_inputs, [chatbot, notice], api_visibility="private",
-                                             **model_events))
-        box.stop(stop, None, None, api_name="stop", cancels=[ask_event, regen_event, *quick_events], queue=False)
-
+        answers = _wire_answers(page, handlers, model_events)
+        report_event = _wire_report(page, handlers, model_events)
         def wipe(request: gr.Request):
             history, flag = handlers.new_patient(request.session_hash)
-            return (history, flag, None, handlers.store.get(request.session_hash).t("ui.report_hint"),
-                    None)
+            return history, flag, None, handlers.store.get(request.session_hash).t("ui.report_hint"), None
 
-        def report(max_new_tokens, do_sample, temp, p, request: gr.Request, progress=gr.Progress()):
-            from model.clinical.report_pdf import report_pdf
-
-            def step(done: int, total: int) -> None:
-                progress(done / total, desc=f"Consultation question {done + 1} of {total}")
-
-            markdown, files = handlers.report(request.session_hash, settings(max_new_tokens, do_sample, temp, p),
-                                              render_pdf=report_pdf, on_step=step)
-            return markdown, files or None, gr.Accordion(open=True)
-
-        report_event = report_btn.click(report, gen_inputs, [report_md, report_files, report_panel], api_name="report",
-                                        **model_events)
-        def announce(history) -> str:
-            """The finished answer, for the polite live region (screen readers hear it once, whole)."""
-            answers = [m for m in history or [] if m.get("role") == "assistant" and not (m.get("metadata") or {})]
-            content = answers[-1]["content"] if answers else ""
-            if isinstance(content, list):  # as Gradio hands it back: parts
-                content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-            return content if isinstance(content, str) else ""
-
-        def differential(request: gr.Request) -> str:
-            return handlers.differential(request.session_hash)
-
-        for event in (ask_event, regen_event, *quick_events):
-            event.then(announce, [chatbot], [live], queue=False, api_visibility="private").then(
-                None, None, None, js=FOCUS_QUESTION).then(  # the keyboard is back in the question box
-                differential, None, [ranked], api_visibility="private", **model_events)
-
-        new_patient.click(lambda: "", None, [ranked], queue=False, api_visibility="private")
-        new_patient.click(wipe, None, [chatbot, notice, box, report_md, report_files], api_name="new_patient",
-                          cancels=[ask_event, regen_event, report_event, *quick_events])
+        page.new_patient.click(lambda: "", None, [page.ranked], queue=False, api_visibility="private")
+        page.new_patient.click(wipe, None, [page.chatbot, page.notice, page.box, page.report_md, page.report_files],
+                               api_name="new_patient", cancels=[*answers, report_event])
 
         def on_unload(request: gr.Request) -> None:
             handlers.end_session(request.session_hash)  # the tab closed: nothing of it is kept
 
         app.unload(on_unload)
     return app
+
+
+def _layout(demo_mode: bool, model_name: str) -> Page:
+    t = lambda key: text("en", key)  # noqa: E731 - the first render; the language control relabels
+    language = gr.Radio([(text(code, "language_name"), code) for code in LANGUAGES], value="en",
+                        label="Language / 语言", elem_id="language", container=False)
+    banner = gr.HTML(_banner("en"), visible=demo_mode)
+    title = gr.Markdown(_title("en", model_name), elem_id="title")
+    disclaimer = gr.Markdown(_disclaimer("en"), elem_id="disclaimer")
+    # small while empty, growing with the conversation: on a phone the question box stays on the first screen
+    chatbot = gr.Chatbot(label="Consultation", show_label=False, height=None, min_height=80, max_height=600,
+                         latex_delimiters=[], elem_id="chat", placeholder=t("ui.chat_placeholder"),
+                         allow_file_downloads=False, buttons=["copy", "copy_all"])  # no "share" to a hub
+    notice = gr.Markdown("", elem_id="red-flag")  # under the answer, where a phone user is looking
+    live = gr.Markdown("", elem_id="answer-live", elem_classes="sr-only")  # the finished answer, announced once
+    ranked = gr.HTML("", elem_id="differential-panel")  # the bundle's calibrated ranking, when it has a head
+    box = gr.MultimodalTextbox(
+        file_types=["image"], file_count="multiple", sources=["upload"], elem_id="message",
+        placeholder=t("ui.box_placeholder"), show_label=False, submit_btn=True, stop_btn=True)
+    with gr.Row(elem_classes="quick"):
+        quick = [gr.Button(t(f"ui.{key}"), size="sm", variant="secondary") for key in QUICK_PROMPTS]
+    with gr.Row():
+        regenerate = gr.Button(t("ui.regenerate"), size="sm")
+        report_btn = gr.Button(t("ui.full_report"), size="sm", elem_id="full-report")
+        new_patient = gr.Button(t("ui.new_patient"), size="sm", variant="stop", elem_id="new-patient")
+    with gr.Accordion(t("ui.settings"), open=False) as settings_panel:
+        max_new = gr.Slider(16, 600, value=300, step=1, label=t("ui.max_length"))
+        sample = gr.Checkbox(value=False, label=t("ui.sampling"))
+        temperature = gr.Slider(0.1, 1.5, value=1.0, step=0.05, label=t("ui.temperature"))
+        top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label=t("ui.top_p"))
+    with gr.Accordion(t("ui.full_report"), open=False) as report_panel:
+        report_md = gr.Markdown(t("ui.report_hint"))
+        report_files = gr.File(label=t("ui.download"), file_count="multiple", interactive=False,
+                               elem_id="report-files")
+    return Page(language, banner, title, disclaimer, chatbot, notice, live, ranked, box, quick, regenerate,
+                report_btn, new_patient, settings_panel, max_new, sample, temperature, top_p, report_panel,
+                report_md, report_files)
+
+
+def _relabel(page: Page, lang: str, model_name: str) -> dict:
+    """Every text on the page in `lang`, keyed by component (no list to keep in step with an outputs list)."""
+    tr = lambda key: text(lang, key)  # noqa: E731
+    updates = {page.banner: gr.update(value=_banner(lang)), page.title: gr.update(value=_title(lang, model_name)),
+               page.disclaimer: gr.update(value=_disclaimer(lang)),
+               page.chatbot: gr.update(placeholder=tr("ui.chat_placeholder")),
+               page.box: gr.update(placeholder=tr("ui.box_placeholder")),
+               page.regenerate: gr.update(value=tr("ui.regenerate")),
+               page.report_btn: gr.update(value=tr("ui.full_report")),
+               page.new_patient: gr.update(value=tr("ui.new_patient")),
+               page.settings_panel: gr.update(label=tr("ui.settings")),
+               page.max_new: gr.update(label=tr("ui.max_length")), page.sample: gr.update(label=tr("ui.sampling")),
+               page.temperature: gr.update(label=tr("ui.temperature")), page.top_p: gr.update(label=tr("ui.top_p")),
+               page.report_panel: gr.update(label=tr("ui.full_report")),
+               page.report_md: gr.update(value=tr("ui.report_hint")),
+               page.report_files: gr.update(label=tr("ui.download"))}
+    updates.update({button: gr.update(value=tr(f"ui.{key}")) for button, key in zip(page.quick, QUICK_PROMPTS)})
+    return updates
+
+
+def _wire_language(app: gr.Blocks, page: Page, handlers: Handlers, model_name: str) -> None:
+    def relabel(lang: str, request: gr.Request) -> dict:
+        """Every text on the page in the chosen language; the consultation follows it too."""
+        handlers.set_language(request.session_hash, lang)
+        return _relabel(page, lang, model_name)
+
+    outputs = list(_relabel(page, "en", model_name))
+    page.language.change(relabel, [page.language], outputs, queue=False, api_visibility="private", js=SET_LANG)
+
+    def first_language(request: gr.Request) -> str:
+        """The browser's language at first load (its Accept-Language), if this app speaks it."""
+        return pick(request.headers.get("accept-language"))
+
+    app.load(first_language, None, [page.language], queue=False, api_visibility="private")
+
+
+def _sampling(max_new_tokens, do_sample, temp, p) -> SamplingSettings:
+    return SamplingSettings(max_new_tokens=int(max_new_tokens), greedy=not do_sample, temperature=float(temp),
+                            top_p=float(p))
+
+
+def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
+    """Ask, regenerate, the quick questions and stop; after each answer, the live region, the focus
+    and the ranking. Returns the answering events (what Stop and New patient cancel)."""
+    def ask(message, max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
+        cleared = gr.MultimodalTextbox(value=None, interactive=False)
+        # closing() passes a cancel (Stop, a closed tab) on to the handler, which keeps the partial answer
+        with closing(handlers.submit(request.session_hash, message,
+                                     _sampling(max_new_tokens, do_sample, temp, p))) as updates:
+            for history, flag in updates:
+                yield history, flag, cleared
+        yield history, flag, gr.MultimodalTextbox(interactive=True)
+
+    inputs = page.sampling_inputs
+    ask_event = page.box.submit(ask, [page.box, *inputs], [page.chatbot, page.notice, page.box], api_name="ask",
+                                **model_events)
+
+    def attached(message, request: gr.Request) -> None:
+        handlers.attached(request.session_hash, message)  # deleted with the consultation if never sent
+
+    page.box.change(attached, [page.box], None, queue=False, api_visibility="private")
+
+    def again(max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
+        yield from handlers.regenerate(request.session_hash, _sampling(max_new_tokens, do_sample, temp, p))
+
+    events = [ask_event, page.regenerate.click(again, inputs, [page.chatbot, page.notice], api_name="regenerate",
+                                               **model_events)]
+    for button, key in zip(page.quick, QUICK_PROMPTS):
+        def quick_ask(max_new_tokens, do_sample, temp, p, request: gr.Request, _key=key) -> Iterator:
+            yield from handlers.ask_quick(request.session_hash, _key, _sampling(max_new_tokens, do_sample, temp, p))
+        events.append(button.click(quick_ask, inputs, [page.chatbot, page.notice], api_visibility="private",
+                                   **model_events))
+
+    def stop(request: gr.Request) -> None:
+        handlers.stop(request.session_hash)
+
+    page.box.stop(stop, None, None, api_name="stop", cancels=events, queue=False)
+
+    def differential(request: gr.Request) -> str:
+        return handlers.differential(request.session_hash)
+
+    for event in events:
+        event.then(_announce, [page.chatbot], [page.live], queue=False, api_visibility="private").then(
+            None, None, None, js=FOCUS_QUESTION).then(  # the keyboard is back in the question box
+            differential, None, [page.ranked], api_visibility="private", **model_events)
+    return events
+
+
+def _wire_report(page: Page, handlers: Handlers, model_events: dict):
+    def report(max_new_tokens, do_sample, temp, p, request: gr.Request, progress=gr.Progress()):
+        from model.clinical.report_pdf import report_pdf
+
+        def step(done: int, total: int) -> None:
+            progress(done / total, desc=f"Consultation question {done + 1} of {total}")
+
+        markdown, files = handlers.report(request.session_hash, _sampling(max_new_tokens, do_sample, temp, p),
+                                          render_pdf=report_pdf, on_step=step)
+        return markdown, files or None, gr.Accordion(open=True)
+
+    return page.report_btn.click(report, page.sampling_inputs, [page.report_md, page.report_files, page.report_panel],
+                                 api_name="report", **model_events)
+
+
+def _announce(history) -> str:
+    """The finished answer, for the polite live region (screen readers hear it once, whole)."""
+    answers = [m for m in history or [] if m.get("role") == "assistant" and not (m.get("metadata") or {})]
+    content = answers[-1]["content"] if answers else ""
+    if isinstance(content, list):  # as Gradio hands it back: parts
+        content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""

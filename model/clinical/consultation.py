@@ -14,8 +14,9 @@ from typing import Callable
 from pydantic import BaseModel
 
 from model.clinical.conversation import Conversation, ImageInput
+from model.clinical.ranking import RankedCondition, Ranking, ranking_markdown
 from model.i18n.catalog import text
-from model.clinical.safety import DISCLAIMER, red_flags
+from model.clinical.safety import DISCLAIMER, red_flag_advice, red_flags
 
 
 @dataclass(frozen=True)
@@ -56,21 +57,20 @@ class ConsultationReport(BaseModel):
     questions: dict[str, str]  # step key -> the question asked
     full_text: str
     lang: str = "en"  # of the headings, the disclaimer and the warning signs
-    differential: list[dict] | None = None  # the bundle's calibrated ranking, when it has a head
+    differential: list[RankedCondition] | None = None  # the bundle's calibrated ranking, when it has a head
     differential_uncertain: bool = False
 
     def heading(self, key: str) -> str:
         return text(self.lang, f"report.{key}")
 
     def differential_lines(self) -> list[str]:
-        lines = [f"- {c['condition']}: {100 * c['probability']:.0f}%" for c in self.differential or []]
-        return lines + ([f"*{self.heading('uncertain')}*"] if self.differential_uncertain else [])
+        return ranking_markdown(self.differential or [], self.differential_uncertain, self.lang)
 
     def markdown(self) -> str:
         h = self.heading
         lines = [f"# {h('title')}", "", f"> {self.disclaimer}", ""]
         if self.red_flags:
-            lines += [f"**{h('warning_signs')}:** {', '.join(self.red_flags)}. {text(self.lang, 'urgent_advice')}", ""]
+            lines += [f"**{h('warning_signs')}:** {red_flag_advice(self.red_flags, self.lang)}", ""]
         lines += [f"## {h('most_likely')}", self.diagnosis or h("none_named"), ""]
         if self.differential:
             lines += [f"## {h('ranked')}"] + self.differential_lines() + [""]
@@ -84,11 +84,11 @@ class ConsultationReport(BaseModel):
         return "\n".join(lines)
 
 
-def consult(ask: Callable[[Conversation], str], image: ImageInput,
-            steps: tuple[ConsultStep, ...] | None = None, lang: str = "en") -> ConsultationReport:
+def consult(ask: Callable[[Conversation], str], image: ImageInput, steps: tuple[ConsultStep, ...] | None = None,
+            lang: str = "en", ranking: Ranking | None = None) -> ConsultationReport:
     """Walk the flow (by default the language's) over one photo; `ask(conversation)` returns the
     answer to its pending question (an engine's `answer`, bound to a session so that each step
-    reuses the cache)."""
+    reuses the cache). A calibrated `ranking` (the bundle's differential head) joins the report."""
     conversation = Conversation()
     answers: dict[str, str] = {}
     steps = steps or flow(lang)
@@ -96,7 +96,10 @@ def consult(ask: Callable[[Conversation], str], image: ImageInput,
         conversation = conversation.ask(step.question, [image] if n == 0 else [])
         answers[step.key] = ask(conversation).strip()
         conversation = conversation.answer(answers[step.key])
-    return build_report(answers, {s.key: s.question for s in steps}, lang)
+    report = build_report(answers, {s.key: s.question for s in steps}, lang)
+    if ranking is not None:
+        report.differential, report.differential_uncertain = ranking.conditions, ranking.uncertain
+    return report
 
 
 # -- reading a report out of free text ------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model.clinical.ranking import RankedCondition, Ranking
 from model.errors import UserFacingError
 
 HEAD_WEIGHTS = "differential.safetensors"
@@ -56,17 +57,6 @@ def image_features(model, pixels: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @dataclass
-class Ranking:
-    conditions: list[dict[str, Any]]  # [{"condition": name, "probability": p}, ...], best first
-    uncertain: bool  # the top probability is below the threshold chosen for the target precision
-    photos: int
-    raw_confidence: float = 0.0  # the top probability before temperature scaling (for calibration reports)
-
-    def top(self, k: int = 3) -> list[str]:
-        return [c["condition"] for c in self.conditions[:k]]
-
-
-@dataclass
 class DifferentialHead:
     classes: tuple[str, ...]
     weight: torch.Tensor  # (K, F)
@@ -92,9 +82,9 @@ class DifferentialHead:
         logits = self.logits(features).mean(0)
         probs = (logits / self.temperature).softmax(-1)
         order = probs.argsort(descending=True)[:top]
-        conditions = [{"condition": self.classes[i], "probability": round(float(probs[i]), 4)} for i in order]
-        return Ranking(conditions, float(probs[order[0]]) < self.threshold, features.shape[0],
-                       round(float(logits.softmax(-1).max()), 4))
+        conditions = [RankedCondition(condition=self.classes[i], probability=round(float(probs[i]), 4)) for i in order]
+        return Ranking(conditions=conditions, uncertain=float(probs[order[0]]) < self.threshold,
+                       photos=features.shape[0], raw_confidence=round(float(logits.softmax(-1).max()), 4))
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, bundle: Path) -> None:

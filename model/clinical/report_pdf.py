@@ -9,7 +9,7 @@ from pathlib import Path
 
 from model.clinical.consultation import ConsultationReport
 from model.errors import UserFacingError
-from model.i18n.catalog import text
+from model.clinical.safety import red_flag_advice
 
 CJK_FONTS = (Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
              Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
@@ -59,7 +59,7 @@ def report_pdf(report: ConsultationReport) -> bytes:
     write(report.disclaimer, 10.5, "I")
     if report.red_flags:
         heading("warning_signs")
-        write(f"{', '.join(report.red_flags)}. {text(report.lang, 'urgent_advice')}", 10.5, "B")
+        write(red_flag_advice(report.red_flags, report.lang), 10.5, "B")
     heading("most_likely")
     write(report.diagnosis or report.heading("none_named"), 10.5)
     if report.differential:

@@ -43,3 +43,14 @@ def red_flags(*texts: str, lang: str = "en") -> list[str]:
     """The reasons (in `lang`) whose pattern appears in any of the texts, in table order, without repeats."""
     joined = "\n".join(texts)
     return [text(lang, f"red_flags.{key}") for key, pattern in _COMPILED if pattern.search(joined)]
+
+
+def red_flag_advice(flags: list[str], lang: str = "en") -> str:
+    """The signs found and what to do about them, in one wording everywhere (page, report, PDF, CLI)."""
+    return f"{', '.join(flags)}. {text(lang, 'urgent_advice')}"
+
+
+def red_flag_notice(flags: list[str], lang: str = "en", markdown: bool = True) -> str:
+    """The warning-sign notice: its label, then `red_flag_advice`."""
+    label = text(lang, "messages.warning_signs")
+    return f"**{label}:** {red_flag_advice(flags, lang)}" if markdown else f"{label}: {red_flag_advice(flags, lang)}"

@@ -106,16 +106,18 @@ def _one(engine, case: EvalCase, path: Path, seed: int, report: bool, settings: 
     except ImageError as err:
         return {**row, "error": str(err), "answer": "", "report": None, "provenance": provenance}
     session = f"eval:{case.id}"
+    ranking = engine.rank([image]) if getattr(engine, "rank", None) else None  # the bundle's head, if any
     if report:
-        result = consult(lambda conv: engine.answer(conv, session=session, seed=seed, **settings), image)
+        result = consult(lambda conv: engine.answer(conv, session=session, seed=seed, **settings), image,
+                         ranking=ranking)
         answer, report_dict = result.answers["describe"], result.model_dump()
     else:
         conversation = Conversation().ask(DEFAULT_FLOW[0].question, [image])
         answer, report_dict = engine.answer(conversation, session=session, seed=seed, **settings), None
-    ranking = engine.rank([image]) if getattr(engine, "rank", None) else None  # the bundle's head, if any
     engine.forget(session)
     engine.forget_images([image.key])
-    head = {"differential": ranking.conditions, "differential_raw_confidence": ranking.raw_confidence} \
+    head = {"differential": [c.model_dump() for c in ranking.conditions],
+            "differential_raw_confidence": ranking.raw_confidence} \
         if ranking is not None else {}
     return {**row, "answer": answer.strip(), "report": report_dict, **head, "provenance": provenance}
 

@@ -87,11 +87,6 @@ def decode_photo(data: bytes, name: str = "the file") -> Photo:
     return Photo(clean, tuple(notes))
 
 
-def open_image(data: bytes, name: str = "the file") -> Image.Image:
-    """The clean image alone (callers that show no notes)."""
-    return decode_photo(data, name).image
-
-
 def _to_srgb(image: Image.Image, icc: bytes | None) -> Image.Image:
     """Apply an embedded colour profile (a phone's Display P3, a camera's Adobe RGB, a CMYK scan)
     so that the pixels mean sRGB once the profile is stripped. A broken profile is ignored."""

@@ -1,4 +1,4 @@
-"""Token ids in, text out, one token at a time, never half a character.
+"""Token ids in, text out, one token at a time, never half a character, never part of a stop string.
 
 A byte-fallback tokenizer (Llama's SentencePiece) spells a CJK character or an emoji as three or
 four byte tokens; decoding after each of them shows U+FFFD until the character is complete, and a
@@ -41,3 +41,19 @@ class IncrementalDecoder:
         after = self._decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
         return after[len(before):].rstrip(REPLACEMENT)
+
+
+def visible(text: str, stops: tuple[str, ...]) -> tuple[int, bool]:
+    """How much of `text` may be shown: up to a stop string if one appeared (and then stop), else all
+    but a tail that could still grow into a stop string. (Unfinished characters never reach here:
+    the IncrementalDecoder holds them back.)"""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits), True
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold, False

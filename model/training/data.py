@@ -136,7 +136,7 @@ def check_images(samples: list[Sample]) -> tuple[list[Sample], list[Problem]]:
         try:
             check_photo_file(sample.image_path)
         except ImageError as err:
-            problems.append(Problem(sample.where, f"image {sample.record.image} cannot be used: {err}"))
+            problems.append(Problem(sample.where, f"image {sample.record.image} cannot be read: {err}"))
             continue
         good.append(sample)
     return good, problems

@@ -172,20 +172,12 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
             seen += batch["input_ids"].shape[0] * ctx.world
             if not boundary:
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg, total)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(optimizer, scaler, lr_at(step, cfg, total))
             step += 1
             loss_sum, tokens = ctx.sum(window).tolist()
             window.zero_()
-            rate = seen / (time.perf_counter() - started)
-            metrics.log(step, epoch, loss_sum / max(tokens, 1), optimizer.param_groups[0]["lr"], rate,
-                        every=cfg.log_every, final=step == last)
-            bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            samples_s=f"{rate:.1f}")
-            bar.update(1)
+            _report(metrics, bar, step, epoch, loss_sum / max(tokens, 1), optimizer.param_groups[0]["lr"],
+                    seen / (time.perf_counter() - started), cfg, step == last)
             if step % cfg.save_every == 0 or step == last:
                 done = micro >= len(batches)  # the epoch is over: the next one starts afresh
                 _save_checkpoint(out, model, optimizer, scaler, ctx, step, epoch + done, 0 if done else micro,
@@ -202,6 +194,22 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
         say(f"bundle written to {bundle}; serve it with: python launch.py --weights {bundle}")
     ctx.barrier()
     return bundle
+
+
+def _optimizer_step(optimizer, scaler, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _report(metrics, bar, step: int, epoch: int, loss: float, lr: float, rate: float, cfg: StepConfig,
+            final: bool) -> None:
+    """One optimizer step's loss, learning rate and samples/s: into metrics.jsonl and the progress bar."""
+    metrics.log(step, epoch, loss, lr, rate, every=cfg.log_every, final=final)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+    bar.update(1)
 
 
 def _backward(wrapped, model, batch, device, amp_dtype, scaler, ctx: Dist, cfg: StepConfig, boundary: bool

@@ -1,0 +1,64 @@
+"""`bench`: load time, encode, time to first token, decode speed, follow-ups, many sessions at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cli.common import model_args, policy
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="load time, encode, TTFT, decode speed, follow-ups vs the reference style")
+    bench.add_argument("--preset", default="tiny", help="with --random-init: the architecture (see `inspect`)")
+    bench.add_argument("--random-init", action="store_true", help="random weights, no files (int8w / int4 are built one "
+                       "layer at a time: a 7B int4 fits in 8 GB)")
+    bench.add_argument("--turns", type=int, default=8, help="follow-up turns timed after the first")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per answer (EOS ignored)")
+    bench.add_argument("--concurrency", help="also serve N sessions at once (e.g. 1,2,4,8), against the same N "
+                                              "one after another")
+    bench.add_argument("--save", help="with --random-init: also write the model as a bundle here (weight-only modes "
+                                      "layer by layer), to time loading it with --weights")
+    bench.add_argument("--json", action="store_true")
+    model_args(bench)
+    bench.set_defaults(func=run)
+
+
+def _levels(args: argparse.Namespace) -> list[int]:
+    try:
+        levels = [int(n) for n in args.concurrency.split(",")] if args.concurrency else []
+    except ValueError:
+        raise SystemExit(f"error: --concurrency takes session counts like 1,2,4,8, not {args.concurrency!r}") from None
+    if any(n < 1 for n in levels):
+        raise SystemExit("error: --concurrency counts must be at least 1")
+    return levels
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.random_init and not args.weights:
+        raise SystemExit("error: pass --preset NAME --random-init, or --weights DIR")
+    levels = _levels(args)
+    if args.save and not args.random_init:
+        raise SystemExit("error: --save writes a --random-init model; to quantise a bundle use `launch.py quantize`")
+    from model.serving.engine import Engine
+    from tools.bench import followup_ttft, format_concurrency, format_followups, format_table, load_for_bench, \
+        run as bench, run_concurrency
+
+    loaded, load_s = load_for_bench(args.preset if args.random_init else None, args.weights, policy(args),
+                                    Path(args.save) if args.save else None)
+    if loaded.note:
+        print(loaded.note, file=sys.stderr)
+    result = bench(loaded, load_s, turns=args.turns, new_tokens=args.new_tokens)
+    result["api_followups"] = followup_ttft(Engine(loaded), args.turns, args.new_tokens)
+    if levels:
+        result["concurrency"] = run_concurrency(loaded, levels, new_tokens=args.new_tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(format_table(result))
+    print("\n" + format_followups(result["api_followups"]))
+    if levels:
+        print("\n" + format_concurrency(result["concurrency"]))
+    return 0

@@ -1,0 +1,91 @@
+"""What several commands share: the bundle they load, the load policy, sampling flags, the language."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_BUNDLE = Path(os.environ.get("SKINGPT_DEMO_BUNDLE", ROOT / "weights" / "demo"))
+QUANTIZE_MODES = ("auto", "none", "int8", "nf4", "int8w", "int4")  # policy.QUANT_MODES (a test holds them equal); torch-free for --help
+QUANTIZE_HELP = ("auto (the default: on a CPU, for an LLM over 2 GiB, the fastest mode that fits in memory) | none | "
+                 "int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (PyTorch's CPU kernels); the LLM only")
+LANGUAGE_HELP = "language of the questions, answers and report (default: the terminal's locale)"
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that loads a bundle."""
+    p.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    p.add_argument("--quantize", default="auto", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that generates text (the fields of `SamplingSettings`)."""
+    p.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens (default: the bundle's)")
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 means greedy")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the same answer every time)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (a seeded answer repeats)")
+
+
+def sampling(args: argparse.Namespace, seeded: bool = True):
+    """The sampling flags as the one settings type the page, the CLI and the API share (`seeded=False`:
+    without --seed, for a caller that seeds each answer itself)."""
+    from model.serving.sampler import SamplingSettings
+
+    return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            greedy=True if args.greedy else None, seed=args.seed if seeded else None)
+
+
+def language(args: argparse.Namespace) -> str:
+    """--lang, or the terminal's locale (LC_ALL, LC_MESSAGES, LANG)."""
+    from model.i18n.catalog import pick
+
+    return args.lang or pick(os.environ.get("LC_ALL"), os.environ.get("LC_MESSAGES"), os.environ.get("LANG"))
+
+
+def bundle_path(weights: str | None) -> Path:
+    """--weights, or the demo bundle (generated on first use), saying so on stderr."""
+    if weights:
+        return Path(weights)
+    if not (DEMO_BUNDLE / "manifest.json").is_file():
+        from tools.fixtures import write_demo_bundle
+
+        print(f"No --weights given and no demo bundle yet: generating one at {DEMO_BUNDLE} ...", file=sys.stderr)
+        write_demo_bundle(DEMO_BUNDLE)
+    print("Using the DEMO bundle: random weights, so the answers mean nothing. Pass --weights DIR for a real "
+          "model (see weights/README.md).", file=sys.stderr)
+    return DEMO_BUNDLE
+
+
+def policy(args: argparse.Namespace):
+    from model.weights.policy import LoadPolicy
+
+    return LoadPolicy(device=args.device, dtype=args.dtype, quantize=args.quantize)
+
+
+def record(bundle: str | Path) -> Path:
+    """Where this user's record of which bundle files already passed their sha256 check lives."""
+    from app.settings import default_cache_dir
+    from model.weights.bundle import verification_record
+
+    return verification_record(default_cache_dir(), bundle)
+
+
+def engine(args: argparse.Namespace):
+    """The bundle of --weights (or the demo), loaded under the flags' policy, behind an engine."""
+    from model.serving.engine import open_engine
+
+    bundle = bundle_path(args.weights)
+    quiet = bundle == DEMO_BUNDLE  # the demo's warnings would only distract
+    return open_engine(bundle, policy(args), record=record(bundle),
+                       say=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))
+
+
+def empty_out(out: Path, force: bool = False, hint: str = "choose another --out") -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SystemExit(f"error: {out} exists and is not empty; {hint}")

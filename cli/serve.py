@@ -1,0 +1,44 @@
+"""`serve` (the default command): the web app and its API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli.common import QUANTIZE_HELP, QUANTIZE_MODES, bundle_path
+
+
+def register(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the web app (the default); flags also as SKINGPT_* variables")
+    serve.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
+    serve.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
+    serve.add_argument("--device", help="auto | cpu | cuda")
+    serve.add_argument("--dtype", help="auto | fp32 | fp16 | bf16")
+    serve.add_argument("--host", help="default 127.0.0.1; any other address needs --auth")
+    serve.add_argument("--port", type=int, help="default 7860")
+    serve.add_argument("--auth", help="user:password, required off loopback")
+    serve.add_argument("--api-key", help="bearer key of the OpenAI-compatible API (better: SKINGPT_API_KEY, which "
+                                         "other users cannot read in the process list); required off loopback")
+    serve.add_argument("--no-api", action="store_true", help="no /v1 API, the web page only")
+    serve.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from app.settings import AppSettings, SettingsError
+
+    flags = {k: getattr(args, k) for k in ("weights", "quantize", "device", "dtype", "host", "port", "auth", "api_key")}
+    if args.no_api:
+        flags["no_api"] = True
+    try:
+        settings = AppSettings(**{k: v for k, v in flags.items() if v is not None})
+        settings.check_safe()
+    except (ValidationError, SettingsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    bundle = bundle_path(settings.weights)
+    from app.server import serve
+
+    serve(settings, bundle, demo_mode=settings.weights is None, say=lambda line: print(line, flush=True))
+    return 0

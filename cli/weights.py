@@ -1,0 +1,95 @@
+"""Commands on weight files: `inspect`, `convert`, `quantize`, `fixtures`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cli.common import empty_out, record
+
+
+def register(sub) -> None:
+    ins = sub.add_parser("inspect", help="parameter counts, shapes and memory per part (on the meta device)")
+    which = ins.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="skingpt4-vicuna7b, skingpt4-vicuna13b, skingpt4-llama2-13b, small, tiny, demo")
+    which.add_argument("--weights", help="a bundle directory (its sha256 hashes are verified)")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument("--verify", action="store_true",
+                     help="hash every file of --weights again (otherwise files unchanged since they last passed are "
+                          "not re-read)")
+    ins.set_defaults(func=inspect)
+
+    conv = sub.add_parser("convert", help="build a bundle from published weight files")
+    conv.add_argument("--llm", required=True, help="Vicuna / Llama-2 Hugging Face directory")
+    conv.add_argument("--vit", help="eva_vit_g.pth (LAVIS)")
+    conv.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth (LAVIS)")
+    conv.add_argument("--hf-blip2", help="a Hugging Face BLIP-2 directory (safetensors), instead of --vit/--blip2")
+    conv.add_argument("--finetune", help="skinGPT_v1.pth or a MiniGPT-4 checkpoint (the projection)")
+    conv.add_argument("--preset", help="architecture preset; by default chosen from the projection width")
+    conv.add_argument("--template", default="skingpt4", help="prompt template the weights were trained with")
+    conv.add_argument("--out", required=True, help="bundle directory to write")
+    conv.add_argument("--link", action="store_true", help="hard-link LLM shards instead of copying (same disk)")
+    conv.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    conv.set_defaults(func=convert)
+
+    qu = sub.add_parser("quantize", help="write a copy of a bundle with its LLM in int8w or int4, for CPU workstations")
+    qu.add_argument("--weights", required=True, help="the float bundle")
+    qu.add_argument("--mode", required=True, choices=("int8w", "int4"),
+                    help="int8w: 1 byte a weight, closest to the float model; int4: half a byte")
+    qu.add_argument("--out", required=True, help="the new bundle directory")
+    qu.set_defaults(func=quantize)
+
+    fix = sub.add_parser("fixtures", help="write tiny source files in the published formats, or the demo bundle")
+    fix.add_argument("--out", required=True)
+    fix.add_argument("--size", default="tiny", choices=["tiny", "demo"])
+    fix.add_argument("--bundle", action="store_true", help="convert them into a bundle at --out")
+    fix.set_defaults(func=fixtures)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from model.nn.config import preset
+    from model.weights.summary import describe, describe_bundle, format_text
+
+    info = describe_bundle(args.weights, None if args.verify else record(args.weights)) if args.weights \
+        else describe(preset(args.preset))
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from model.weights.convert import Sources, convert as write_bundle
+
+    sources = Sources(llm_dir=Path(args.llm), vit=_path(args.vit), blip2=_path(args.blip2),
+                      hf_blip2=_path(args.hf_blip2), finetune=_path(args.finetune))
+    out = Path(args.out)
+    empty_out(out, args.force, "choose another --out or pass --force")
+    report = write_bundle(sources, out, preset_name=args.preset, template=args.template, link=args.link)
+    print("\n".join(report.notes))
+    print(f"bundle written to {report.bundle}; check it with: python launch.py inspect --weights {report.bundle}")
+    return 0
+
+
+def quantize(args: argparse.Namespace) -> int:
+    from model.weights.bundle import quantize_bundle
+
+    out = Path(args.out)
+    empty_out(out)
+    quantize_bundle(args.weights, out, args.mode)
+    print(f"{args.mode} bundle written to {out}; serve it with: python launch.py --weights {out}")
+    return 0
+
+
+def fixtures(args: argparse.Namespace) -> int:
+    from tools.fixtures import write_demo_bundle, write_sources
+
+    if args.bundle:
+        print(f"demo bundle written to {write_demo_bundle(args.out, args.size)}")
+    else:
+        files = write_sources(args.out, args.size)
+        print("\n".join(f"{k}: {v}" for k, v in vars(files).items()))
+    return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

@@ -1,0 +1,93 @@
+"""The model runner: the one place that runs the LLM. The scheduler speaks to it through
+`ModelRunner`; `TorchRunner` is today's implementation (transformers on CPU or GPU), and another
+runtime (llama.cpp, say) implements the same six calls.
+
+A runner's state is one session's cache, opaque to everything above it but for `nbytes()`. Prefill
+runs on one session's state (B=1), a chunk at a time, so a follow-up feeds only its new tail. The
+decode batch is the runner's own: a state joins it after its prefill, the rows advance together one
+token per `decode`, and a row leaves with its state for the session to keep.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+
+from model.nn.skingpt import IMAGE_TOKEN_ID
+from model.serving.kv_cache import Batch, new_cache, trim_cache
+from model.serving.requests import ImageSlot, Slot, starts_image
+
+
+class ModelRunner(Protocol):
+    device: torch.device  # where image embeddings and sampling live
+
+    def new_state(self) -> Any:
+        """An empty session state."""
+
+    def trim(self, state: Any, length: int) -> None:
+        """Keep the first `length` positions of the state."""
+
+    def prefill(self, state: Any, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Feed `slots` after what the state holds (an image's run never split); (V,) logits of the last."""
+
+    def join(self, state: Any) -> None:
+        """The state's answer enters the decode batch as its last row."""
+
+    def leave(self, row: int) -> Any:
+        """Row `row` leaves the batch; its state (all it was fed) goes back to the session."""
+
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token to every row, in row order; (B, V) logits."""
+
+    def drop_batch(self) -> None:
+        """After a failed step: every row's state is gone."""
+
+    def free(self, state: Any) -> None:
+        """A session's state is no longer needed."""
+
+
+class TorchRunner:
+    """transformers' causal LM with our growing KV caches; images enter through `embed_inputs`."""
+
+    def __init__(self, model, device_lock: threading.Lock) -> None:
+        self.model, self.lock = model, device_lock
+        self.device = model.llm.get_input_embeddings().weight.device
+        self.batch = Batch()
+
+    def new_state(self):
+        return new_cache()
+
+    def trim(self, state, length: int) -> None:
+        trim_cache(state, length)
+
+    def prefill(self, state, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ids = torch.tensor([[IMAGE_TOKEN_ID if isinstance(s, ImageSlot) else s for s in slots]], device=self.device)
+        keys = [s.key for s in slots if starts_image(s)]
+        images = torch.stack([embeds[k] for k in keys]) if keys else None  # (N_img, Q, D)
+        with self.lock, torch.no_grad():
+            inputs = self.model.embed_inputs(ids, images)  # (1, T_chunk, D)
+            out = self.model.llm(inputs_embeds=inputs, past_key_values=state, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def join(self, state) -> None:
+        self.batch.add(state)
+
+    def leave(self, row: int):
+        return self.batch.remove(row)
+
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        with self.lock, torch.no_grad():
+            positions, mask = self.batch.step_inputs()
+            out = self.model.llm(input_ids=torch.tensor(list(tokens), device=self.device).unsqueeze(1),
+                                 position_ids=positions, attention_mask=mask, past_key_values=self.batch.cache,
+                                 use_cache=True)
+            self.batch.advance()
+        return out.logits[:, -1]  # (B, V)
+
+    def drop_batch(self) -> None:
+        self.batch = Batch()
+
+    def free(self, state) -> None:
+        pass  # torch frees a cache with its last reference
