@@ -1,10 +1,10 @@
 """Continuous batching: every answer in progress advances together, one forward per step.
 
 One thread owns decoding; it knows requests, the model runner and the session cache, nothing else.
-Each step it (1) drops answers that were cancelled or whose consumer
-went away, (2) admits waiting requests while fewer than `max_batch` are running, (3) prefills one
-chunk of at most `prefill_chunk` positions for the oldest admitted request (so a long prompt never
-freezes the answers already streaming for more than one chunk), and (4) runs one batched decode
+Each step it (1) drops answers that were cancelled or whose consumer went away, (2) admits waiting
+requests while fewer than `max_batch` are running, (3) prefills one chunk of at most
+`prefill_chunk` positions for the oldest admitted request (so a long prompt never freezes the
+answers already streaming for more than one chunk), and (4) runs one batched decode
 step over every answer whose prefill is done. Prefill runs on the session's own state (B=1), so
 a follow-up prefills only its new tail; the finished prefill's state joins the runner's batch, and
 leaves it again when its answer ends.
