@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_BUNDLE = Path(os.environ.get("SKINGPT_DEMO_BUNDLE", ROOT / "weights" / "demo"))
-QUANTIZE_MODES = ("auto", "none", "int8", "nf4", "int8w", "int4")  # policy.QUANT_MODES (a test holds them equal); torch-free for --help
+# policy.QUANT_MODES, written again so that --help imports no torch (a test holds the two equal)
+QUANTIZE_MODES = ("auto", "none", "int8", "nf4", "int8w", "int4")
 QUANTIZE_HELP = ("auto (the default: on a CPU, for an LLM over 2 GiB, the fastest mode that fits in memory) | none | "
                  "int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (PyTorch's CPU kernels); the LLM only")
 LANGUAGE_HELP = "language of the questions, answers and report (default: the terminal's locale)"

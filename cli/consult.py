@@ -93,6 +93,7 @@ def _answer(args: argparse.Namespace, model, image, lang: str) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from model.clinical.consultation import ask_in
     from model.clinical.conversation import Conversation, ImageInput
     from model.images.decode import read_image_file
     from model.i18n.catalog import text
@@ -120,14 +121,8 @@ def run_chat(args: argparse.Namespace) -> int:
         elif not conversation.images and not pending:
             print("Please add a photo first: /image PATH", file=sys.stderr)
         else:
-            conversation = _chat_turn(args, model, conversation.ask(_asked(lang, line), pending), line, lang)
+            conversation = _chat_turn(args, model, conversation.ask(ask_in(lang, line), pending), line, lang)
             pending = []
-
-
-def _asked(lang: str, line: str) -> str:
-    from model.clinical.consultation import ask_in
-
-    return ask_in(lang, line)
 
 
 def _add_photo(path: str, pending: list) -> None:

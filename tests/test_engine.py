@@ -86,7 +86,7 @@ def test_followup_prefill_holds_the_image(engine):
         "".join(engine.stream(conversation, session=None, do_sample=False, max_new_tokens=2))  # no reuse
     finally:
         hook.remove()
-    slots, _, _ = engine.prompt_slots(conversation, 10_000)
+    slots, _, _ = engine.prompt.slots(conversation, 10_000)
     prefill = torch.cat([c[0] for c in captured if c is not None])[:len(slots)]  # (T, D), over its chunks
     positions = [i for i, s in enumerate(slots) if isinstance(s, ImageSlot)]
     assert len(positions) == 32
@@ -104,7 +104,7 @@ def test_followup_prefill_holds_the_image(engine):
 def test_second_image_goes_to_its_own_turn(engine):
     a, b = _photo(2), _photo(3)
     conversation = Conversation().ask("Here is my arm.", [a]).answer("I see a red patch.").ask("And my leg, weeks later.", [b])
-    slots, images, _ = engine.prompt_slots(conversation, 10_000)
+    slots, images, _ = engine.prompt.slots(conversation, 10_000)
     keys = [s.key for s in slots if isinstance(s, ImageSlot)]
     assert keys == [a.key] * 32 + [b.key] * 32 and images == [a, b]
     gen = engine.stream(conversation, do_sample=False, max_new_tokens=3, fixed_length=True)
@@ -246,7 +246,7 @@ def test_budget_drops_oldest_text_keeps_images_and_question(engine):
     "".join(gen)
     assert gen.stats.dropped_turns and gen.notices and "photos kept" in gen.notices[0]
     assert gen.stats.prompt_tokens <= 300 - 8
-    slots, _, dropped = engine.prompt_slots(conversation, 300 - 8)
+    slots, _, dropped = engine.prompt.slots(conversation, 300 - 8)
     assert sum(isinstance(s, ImageSlot) for s in slots) == 32  # the image survived
     text = engine.tokenizer.decode([s for s in slots if isinstance(s, int)])
     assert "What now?" in text and "Question 0" not in text

@@ -41,7 +41,8 @@ class Handlers:
     upload_ttl_s: float = 15 * 60
 
     # -- submitting a message (photos and/or text) --------------------------------------------------
-    def submit(self, session: str, message: dict | str | None, settings: SamplingSettings | None = None) -> Iterator[Update]:
+    def submit(self, session: str, message: dict | str | None,
+               settings: SamplingSettings | None = None) -> Iterator[Update]:
         state = self.store.get(session)
         state.settle()
         text, files = _split_message(message)
@@ -129,7 +130,8 @@ class Handlers:
         started = time.perf_counter()
         generation = None
         try:
-            generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel, **settings.overrides())
+            generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel,
+                                            **settings.overrides())
             for kind, value in generation.events():
                 if kind == "queued":  # every batch slot is busy: say where this answer stands (shown, not kept)
                     yield state.messages + [_waiting(state, value)], self._notice(state)
@@ -217,7 +219,8 @@ class Handlers:
         sweep_uploads(self.store.root, self.upload_ttl_s)
         return len(expired)
 
-    def report(self, session: str, settings: SamplingSettings | None = None, render_pdf: Callable[[Any], bytes] | None = None,
+    def report(self, session: str, settings: SamplingSettings | None = None,
+               render_pdf: Callable[[Any], bytes] | None = None,
                on_step: Callable[[int, int], None] | None = None) -> tuple[str, list[str]]:
         """The structured consultation over the consultation's first photo: Markdown + files.
         `on_step(done, total)` is told before each question (a progress bar). New patient (or the

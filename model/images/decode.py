@@ -8,11 +8,13 @@ stripped of all metadata (EXIF, GPS, ICC, text chunks), in memory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
@@ -49,27 +51,13 @@ def _too_large(name: str, pixels: int) -> ImageError:
                       f"reduced size)")
 
 
-def decode_photo(data: bytes, name: str = "the file") -> Photo:
-    """Bytes of an uploaded file -> a clean, upright sRGB image with no metadata, and notes."""
-    if not data:
-        raise ImageError(f"{name} is empty; please choose a photo ({FORMAT_NAMES})")
-    if len(data) > MAX_BYTES:
-        raise ImageTooLarge(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB. "
-                         f"Please send a smaller photo (most phones can share a reduced size)")
-    notes: list[str] = []
+@contextlib.contextmanager
+def _opening(name: str) -> Iterator[None]:
+    """Pillow's many failures while opening or decoding, as one clear ImageError each."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise _too_large(name, width * height)
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1 and image.format != "MPO":  # an MPO's second frame is the phone's preview
-                notes.append(f"{name} has {frames} frames (an animation or a multi-page file); only the first "
-                             f"one is used.")
-            image.seek(0)
-            image.load()
+            yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # Pillow's own, larger limit
@@ -79,6 +67,31 @@ def decode_photo(data: bytes, name: str = "the file") -> Photo:
         raise ImageError(f"{name} is not a photo this app can read; please send a {FORMAT_NAMES} image") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
         raise ImageError(f"{name} could not be read: it seems damaged or incomplete. Please send it again") from err
+
+
+def _check_pixels(name: str, image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise _too_large(name, width * height)
+
+
+def decode_photo(data: bytes, name: str = "the file") -> Photo:
+    """Bytes of an uploaded file -> a clean, upright sRGB image with no metadata, and notes."""
+    if not data:
+        raise ImageError(f"{name} is empty; please choose a photo ({FORMAT_NAMES})")
+    if len(data) > MAX_BYTES:
+        raise ImageTooLarge(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB. "
+                         f"Please send a smaller photo (most phones can share a reduced size)")
+    notes: list[str] = []
+    with _opening(name):
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        _check_pixels(name, image)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1 and image.format != "MPO":  # an MPO's second frame is the phone's preview
+            notes.append(f"{name} has {frames} frames (an animation or a multi-page file); only the first "
+                         f"one is used.")
+        image.seek(0)
+        image.load()
     if min(image.size) < MIN_SIDE:
         raise ImageError(f"{name} is only {image.size[0]}x{image.size[1]} pixels; please send a real photo")
     upright = to_rgb(_to_srgb(ImageOps.exif_transpose(image), image.info.get("icc_profile")))
@@ -108,32 +121,22 @@ def read_image_file(path: str | Path) -> Image.Image:
 def check_photo_file(path: str | Path) -> None:
     """What `read_photo_file` would refuse before decoding: a missing or oversized file, a format
     outside the allow-list, a damaged header, too many pixels. Cheap: the pixels are not decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path} does not exist")
-    if path.stat().st_size > MAX_BYTES:
-        raise ImageError(f"{path} is larger than {MAX_BYTES // 2**20} MB; please use a smaller photo")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=FORMATS) as image:
-                if image.size[0] * image.size[1] > MAX_PIXELS:
-                    raise _too_large(str(path), image.size[0] * image.size[1])
-                image.verify()
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise _too_large(str(path), 2 * MAX_PIXELS) from err
-    except UnidentifiedImageError as err:
-        raise ImageError(f"{path} is not a photo this app can read ({FORMAT_NAMES})") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{path} could not be read: it seems damaged or incomplete") from err
+    path = _stored(path)
+    with _opening(str(path)), Image.open(path, formats=FORMATS) as image:
+        _check_pixels(str(path), image)
+        image.verify()
 
 
 def read_photo_file(path: str | Path) -> Photo:
+    path = _stored(path)
+    return decode_photo(path.read_bytes(), name=str(path))
+
+
+def _stored(path: str | Path) -> Path:
+    """A photo file that exists and is within the byte limit."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path} does not exist")
     if path.stat().st_size > MAX_BYTES:
         raise ImageError(f"{path} is larger than {MAX_BYTES // 2**20} MB; please use a smaller photo")
-    return decode_photo(path.read_bytes(), name=str(path))
+    return path

@@ -23,7 +23,7 @@ from model.images.preprocess import preprocess
 from model.nn.config import GenerationConfig
 from model.serving.image_cache import ImageCache
 from model.serving.prompt import PromptBuilder
-from model.serving.requests import Failed, Finished, GenerationStats, Queued, Request, Slot, Text
+from model.serving.requests import Failed, Finished, GenerationStats, Queued, Request, Text
 from model.serving.runner import ModelRunner, TorchRunner
 from model.serving.sampler import Sampler
 from model.serving.scheduler import Scheduler
@@ -177,9 +177,6 @@ class Engine:
     def cached_bytes(self) -> int:
         """Bytes of KV cache held for idle sessions."""
         return self.sessions.idle_bytes()
-
-    def prompt_slots(self, conversation: Conversation, budget: int) -> tuple[list[Slot], list[ImageInput], tuple[int, ...]]:
-        return self.prompt.slots(conversation, budget)
 
     # -- requests ----------------------------------------------------------------------------------
     def _submit(self, gen: Generation, conversation: Conversation, session_name: str | None,
