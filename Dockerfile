@@ -23,8 +23,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SKINGPT_PORT=7860
 
 # fonts-wqy-microhei: the CJK font the Chinese PDF report embeds (nothing is fetched at run time)
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv fonts-wqy-microhei \
-    && rm -rf /var/lib/apt/lists/*
+# cmake, g++, python3-dev: pip builds llama-cpp-python (the CPU runtime of GGUF bundles) from source,
+# for AVX2 CPUs rather than the build machine's own (CMAKE_ARGS)
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev cmake g++ \
+    fonts-wqy-microhei && rm -rf /var/lib/apt/lists/*
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 
 RUN useradd --create-home --uid 10001 skingpt
 WORKDIR /opt/skingpt

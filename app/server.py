@@ -39,8 +39,9 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     loaded = engine.loaded
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
     store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
-    say(f"      up to {engine.max_batch} answers at once; idle consultations' KV caches within "
-        f"{engine.kv_cache_bytes / 2**30:.1f} GiB")
+    kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
+            else "idle consultations' KV caches within")
+    say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} {engine.kv_cache_bytes / 2**30:.1f} GiB")
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
                         upload_ttl_s=settings.upload_ttl_s)
     concurrency = settings.concurrency or 2 * engine.max_batch  # beyond the batch, the engine's queue says the place

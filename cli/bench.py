@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import model_args, policy
+from cli.common import GGUF_MODES, empty_out, model_args, policy
 
 
 def register(sub) -> None:
@@ -22,8 +22,33 @@ def register(sub) -> None:
     bench.add_argument("--save", help="with --random-init: also write the model as a bundle here (weight-only modes "
                                       "layer by layer), to time loading it with --weights")
     bench.add_argument("--json", action="store_true")
-    model_args(bench)
+    model_args(bench, GGUF_MODES, " | q4_k_m | q4_0 | q8_0 | f16 (with --random-init --save DIR: a GGUF bundle "
+               "written there one tensor at a time, then served by llama.cpp)")
     bench.set_defaults(func=run)
+
+
+
+def _write_gguf(preset_name: str, mode: str, out: Path) -> Path:
+    """The random GGUF bundle, written in a child process so that the bench's peak memory is serving's
+    alone (llama.cpp's quantiser maps the whole f16 file); an existing bundle there is reused."""
+    import multiprocessing
+
+    from model.nn.config import preset
+
+    if (out / "manifest.json").is_file():
+        print(f"using the bundle already at {out}", file=sys.stderr)
+        return out
+    empty_out(out)
+    print(f"writing a random {preset_name} {mode} GGUF bundle to {out} ...", file=sys.stderr)
+    from tools.bench import write_random_gguf_bundle
+
+    child = multiprocessing.get_context("spawn").Process(target=write_random_gguf_bundle,
+                                                         args=(preset(preset_name), mode, out))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"error: writing the GGUF bundle failed (exit {child.exitcode}); see above")
+    return out
 
 
 def _levels(args: argparse.Namespace) -> list[int]:
@@ -42,18 +67,25 @@ def run(args: argparse.Namespace) -> int:
     levels = _levels(args)
     if args.save and not args.random_init:
         raise SystemExit("error: --save writes a --random-init model; to quantise a bundle use `launch.py quantize`")
-    from model.serving.engine import Engine
+    weights = args.weights
+    if args.quantize in GGUF_MODES:
+        if not (args.random_init and args.save):
+            raise SystemExit(f"error: --quantize {args.quantize} with --random-init writes a GGUF bundle: pass --save "
+                             f"DIR (a 7B q4_0 takes about 4 GB, and 13 GB more while it is written); for a bundle "
+                             f"of your own use `launch.py quantize --mode {args.quantize}`, then --weights")
+        weights = _write_gguf(args.preset, args.quantize, Path(args.save))
+        args.random_init, args.quantize, args.save = False, "auto", None
     from tools.bench import followup_ttft, format_concurrency, format_followups, format_table, load_for_bench, \
         run as bench, run_concurrency
 
-    loaded, load_s = load_for_bench(args.preset if args.random_init else None, args.weights, policy(args),
-                                    Path(args.save) if args.save else None)
-    if loaded.note:
-        print(loaded.note, file=sys.stderr)
-    result = bench(loaded, load_s, turns=args.turns, new_tokens=args.new_tokens)
-    result["api_followups"] = followup_ttft(Engine(loaded), args.turns, args.new_tokens)
+    engine, load_s = load_for_bench(args.preset if args.random_init else None, weights, policy(args),
+                                    Path(args.save) if args.save else None, max_batch=max(levels or [8]))
+    if engine.loaded.note:
+        print(engine.loaded.note, file=sys.stderr)
+    result = bench(engine, load_s, turns=args.turns, new_tokens=args.new_tokens)
+    result["api_followups"] = followup_ttft(engine, args.turns, args.new_tokens)
     if levels:
-        result["concurrency"] = run_concurrency(loaded, levels, new_tokens=args.new_tokens)
+        result["concurrency"] = run_concurrency(engine, levels, new_tokens=args.new_tokens)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

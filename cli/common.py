@@ -13,15 +13,18 @@ DEMO_BUNDLE = Path(os.environ.get("SKINGPT_DEMO_BUNDLE", ROOT / "weights" / "dem
 QUANTIZE_MODES = ("auto", "none", "int8", "nf4", "int8w", "int4")
 QUANTIZE_HELP = ("auto (the default: on a CPU, for an LLM over 2 GiB, the fastest mode that fits in memory) | none | "
                  "int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (PyTorch's CPU kernels); the LLM only")
+# bundle.quantize_bundle's modes (GGUF for llama.cpp, then PyTorch's weight-only), likewise
+GGUF_MODES = ("q4_k_m", "q4_0", "q8_0", "f16", "f32")
+QUANTIZE_BUNDLE_MODES = GGUF_MODES + ("int8w", "int4")
 LANGUAGE_HELP = "language of the questions, answers and report (default: the terminal's locale)"
 
 
-def model_args(p: argparse.ArgumentParser) -> None:
-    """Flags of every command that loads a bundle."""
+def model_args(p: argparse.ArgumentParser, more_modes: tuple[str, ...] = (), more_help: str = "") -> None:
+    """Flags of every command that loads a bundle (`more_modes`: --quantize choices of that command alone)."""
     p.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-    p.add_argument("--quantize", default="auto", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", default="auto", choices=QUANTIZE_MODES + more_modes, help=QUANTIZE_HELP + more_help)
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:

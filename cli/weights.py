@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cli.common import empty_out, record
+from cli.common import QUANTIZE_BUNDLE_MODES, empty_out, record
 
 
 def register(sub) -> None:
@@ -33,10 +33,12 @@ def register(sub) -> None:
     conv.add_argument("--force", action="store_true", help="write into a non-empty --out")
     conv.set_defaults(func=convert)
 
-    qu = sub.add_parser("quantize", help="write a copy of a bundle with its LLM in int8w or int4, for CPU workstations")
+    qu = sub.add_parser("quantize", help="write a copy of a bundle with its LLM quantised, for CPU workstations")
     qu.add_argument("--weights", required=True, help="the float bundle")
-    qu.add_argument("--mode", required=True, choices=("int8w", "int4"),
-                    help="int8w: 1 byte a weight, closest to the float model; int4: half a byte")
+    qu.add_argument("--mode", required=True, choices=QUANTIZE_BUNDLE_MODES,
+                    help="q4_k_m | q4_0 | q8_0 | f16 | f32: the LLM as one GGUF file that llama.cpp runs (the "
+                         "fastest on a CPU; q4_k_m and q4_0 take half a byte a weight, q8_0 one); int8w | int4: "
+                         "PyTorch's weight-only kernels")
     qu.add_argument("--out", required=True, help="the new bundle directory")
     qu.set_defaults(func=quantize)
 

@@ -112,3 +112,10 @@ def test_the_cli_offers_exactly_the_load_policy_modes():
     from model.weights.policy import QUANT_MODES
 
     assert QUANTIZE_MODES == QUANT_MODES
+
+
+def test_the_cli_offers_exactly_the_bundle_quantisation_modes():
+    from cli.common import QUANTIZE_BUNDLE_MODES
+    from model.weights.bundle import QUANTIZE_BUNDLE_MODES as BUNDLE_MODES
+
+    assert QUANTIZE_BUNDLE_MODES == BUNDLE_MODES

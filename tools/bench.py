@@ -75,6 +75,36 @@ def random_bundle(config: SkinGPTConfig, policy: LoadPolicy, save: Path | None =
                         policy=policy, note=note)
 
 
+def write_random_gguf_bundle(config: SkinGPTConfig, mode: str, out: Path) -> Path:
+    """A full-size random bundle whose LLM is one GGUF file: drawn and written one LLM tensor at a time
+    (an f16 file, then llama.cpp's quantiser), never the float model whole; the encoder random, bf16."""
+    from model.nn.llm import ExternalLLM, load_tokenizer
+    from model.weights.bundle import write_gguf_llm
+    from model.weights.weight_only import random_tensors
+    from tools.fixtures import train_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="skingpt-bench-") as name:
+        train_tokenizer(Path(name), min(config.llm.vocab_size, 4000))
+        tokenizer = load_tokenizer(Path(name))
+    with _default_dtype(torch.bfloat16):
+        model = SkinGPT(config, ExternalLLM(config.llm)).eval()
+    model.ln_vision.float()
+    made: dict[str, str] = {}
+
+    def write_llm(llm_dir: Path) -> None:
+        model.llm.config.save_pretrained(llm_dir)
+        tokenizer.save_pretrained(llm_dir)
+        made.update(write_gguf_llm(llm_dir, config.llm, tokenizer, random_tensors(config.llm), mode))
+
+    save_bundle(out, config, model.encoder_state_dict(), write_llm,
+                {"random_init": config.name, "quantized_from": {"mode": mode}})
+    # the manifest's provenance is written with the files; add what made the GGUF
+    from model.weights.bundle import read_manifest, write_manifest
+
+    write_manifest(out, {**read_manifest(out)["sources"], "quantized_from": {"mode": mode, **made}})
+    return out
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -122,8 +152,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(loaded: LoadedBundle, load_s: float, turns: int = 8, new_tokens: int = 32) -> dict[str, Any]:
-    engine = Engine(loaded)
+def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> dict[str, Any]:
+    loaded = engine.loaded
     device = loaded.device
     settings = {"max_new_tokens": new_tokens, "do_sample": False}
 
@@ -158,7 +188,8 @@ def run(loaded: LoadedBundle, load_s: float, turns: int = 8, new_tokens: int = 3
 
     bare_tps = _bare_decode(engine, new_tokens)
     result = {
-        "model": loaded.config.name, "device": _device_name(device), "dtype": str(next(loaded.model.llm.parameters()).dtype),
+        "model": loaded.config.name, "runtime": loaded.runtime, "device": _device_name(engine),
+        "dtype": _llm_dtype(loaded),
         "load_s": load_s, "image_encode_ms": statistics.median(encode_ms),
         "first_turn_ttft_ms": first.stats.time_to_first_token_s * 1000,
         "first_turn_prompt_tokens": first.stats.prompt_tokens,
@@ -171,13 +202,23 @@ def run(loaded: LoadedBundle, load_s: float, turns: int = 8, new_tokens: int = 3
         "weight_bytes": sum(loaded.footprint.values()),
     }
     result.update(_bandwidth(result, loaded, device))
+    if loaded.runtime == "llama.cpp":  # the peer, timed by llama.cpp itself on the same file, in this run
+        plain = list(range(3, 3 + first.stats.prompt_tokens))  # a plain token prompt of the first turn's length
+        result["llama_cpp"] = engine.runner.plain_timing(plain, new_tokens)
     return result
 
 
-def run_concurrency(loaded: LoadedBundle, levels: list[int], new_tokens: int = 32) -> list[dict[str, Any]]:
+def _llm_dtype(loaded: LoadedBundle) -> str:
+    if loaded.runtime == "llama.cpp":
+        return loaded.manifest.get("sources", {}).get("quantized_from", {}).get("mode", "gguf") + " GGUF"
+    return str(next(loaded.model.llm.parameters()).dtype)
+
+
+def run_concurrency(engine: Engine, levels: list[int], new_tokens: int = 32) -> list[dict[str, Any]]:
     """N consultations at once through `Engine.stream` (the app's path), each with its own photo and
-    question, fixed-length answers; and the same N one after another (today's baseline), per N."""
-    engine = Engine(loaded, max_batch=max(levels))
+    question, fixed-length answers; and the same N one after another (today's baseline), per N. The
+    engine's `max_batch` must be at least max(levels)."""
+    loaded = engine.loaded
     settings = {"max_new_tokens": new_tokens, "do_sample": False, "fixed_length": True}
     engine.answer(Conversation().ask("Describe it.", [bench_photo(99)]), **settings)  # warm-up
     rows = []
@@ -251,6 +292,8 @@ def _bare_decode(engine: Engine, new_tokens: int) -> float:
     model, tok = engine.model, engine.tokenizer
     ids = tokenize_prompt(tok, "###Human: <Img><ImageHere></Img> Describe it.###Assistant:",
                           engine.config.image_placeholder, engine.config.qformer.num_query_tokens)
+    if engine.loaded.runtime == "llama.cpp":
+        return _bare_runner_decode(engine, ids, new_tokens)
     image = engine.encode(bench_photo(0)).unsqueeze(0)
     with torch.no_grad():
         cache = new_cache()
@@ -267,15 +310,41 @@ def _bare_decode(engine: Engine, new_tokens: int) -> float:
     return (new_tokens - 1) / elapsed
 
 
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+def _bare_runner_decode(engine: Engine, ids: list[int], new_tokens: int) -> float:
+    """The same loop on a runtime of its own (llama.cpp): the runner's prefill and decode calls alone,
+    on an engine with nothing else in flight."""
+    from model.nn.skingpt import IMAGE_TOKEN_ID
+    from model.serving.requests import ImageSlot
+
+    image = engine.encode(bench_photo(0))
+    slots, j = [], 0
+    for i in ids:
+        slots.append(ImageSlot("bench", j) if i == IMAGE_TOKEN_ID else i)
+        j += i == IMAGE_TOKEN_ID
+    runner = engine.runner
+    state = runner.new_state()
+    token = int(runner.prefill(state, slots, {"bench": image}).argmax())
+    runner.join(state)
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = int(runner.decode([token])[0].argmax())
+    elapsed = time.perf_counter() - start
+    runner.free(runner.leave(0))  # the only row: nothing else decodes during the bench
+    return (new_tokens - 1) / elapsed
+
+
+def _device_name(engine: Engine) -> str:
+    if engine.loaded.device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    threads = getattr(engine.runner, "threads", None) or torch.get_num_threads()
+    return f"cpu ({threads} threads)"
 
 
 def _bandwidth(result: dict[str, Any], loaded: LoadedBundle, device: str) -> dict[str, Any]:
     """Decode reads every LLM weight once a token (of the input embeddings, one row): bytes read per
     token over the memory bandwidth (a GPU's data sheet; a CPU's measured here) bounds tokens/s."""
     llm = loaded.model.llm
-    per_token = loaded.footprint["llm"] - module_bytes(llm.get_input_embeddings())
+    per_token = loaded.footprint["llm"] - module_bytes(llm.get_input_embeddings())  # (a GGUF's table row: ignored)
     if device.startswith("cuda"):
         peak = next((bw for name, bw in GPU_BANDWIDTH.items() if name in torch.cuda.get_device_name()), None)
     else:
@@ -299,7 +368,7 @@ def read_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
 
 
 def format_table(r: dict[str, Any]) -> str:
-    lines = [f"model {r['model']} on {r['device']}, {r['dtype']}",
+    lines = [f"model {r['model']} on {r['device']}, {r['dtype']} ({r['runtime']})",
              f"load                  {r['load_s']:.2f} s",
              f"image encode          {r['image_encode_ms']:.1f} ms",
              f"first turn TTFT       {r['first_turn_ttft_ms']:.1f} ms ({r['first_turn_prompt_tokens']} prompt positions)",
@@ -309,6 +378,12 @@ def format_table(r: dict[str, Any]) -> str:
     for row in r["followups"]:
         lines.append(f"{row['turn']:>4}  {row['prompt_tokens']:>6}  {row['prefill_tokens']:>9}  {row['ttft_ms']:>7.1f}"
                      f"  {row['baseline_ttft_ms']:>18.1f}  {row['speedup']:>7.1f}x")
+    if r.get("llama_cpp"):
+        own = r["llama_cpp"]
+        lines.insert(5, f"llama.cpp's own       prefill {own['prefill_tokens_per_s']:.1f} tokens/s "
+                        f"({own['prompt_tokens']} positions in {own['prefill_ms']:.0f} ms), decode "
+                        f"{own['decode_tokens_per_s']:.1f} tokens/s: ours is {r['decode_tokens_per_s'] / own['decode_tokens_per_s']:.0%} "
+                        f"of it; first token {r['first_turn_ttft_ms'] / own['prefill_ms']:.2f}x its prefill")
     lines += ["", f"peak RSS              {format_bytes(r['peak_rss_bytes'])}",
               f"weights               {format_bytes(r['weight_bytes'])}"]
     if r.get("peak_cuda_bytes") is not None:
@@ -320,8 +395,10 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPolicy,
-                   save: Path | None = None) -> tuple[LoadedBundle, float]:
+def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPolicy, save: Path | None = None,
+                   max_batch: int = 8) -> tuple[Engine, float]:
+    """The engine the bench measures, and the seconds from nothing to it (a llama.cpp runner loads its
+    model as the engine is made)."""
     from model.nn.config import preset
 
     start = time.perf_counter()
@@ -331,8 +408,9 @@ def load_for_bench(preset_name: str | None, weights: str | None, policy: LoadPol
         config = preset(preset_name)
         config = replace(config, generation=replace(config.generation, do_sample=False))
         loaded = random_bundle(config, policy, save)
+    engine = Engine(loaded, max_batch=max_batch)
     _sync(loaded.device)
-    return loaded, time.perf_counter() - start
+    return engine, time.perf_counter() - start
 
 
 def followup_ttft(engine, turns: int, new_tokens: int) -> list[dict[str, Any]]:

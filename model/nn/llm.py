@@ -97,3 +97,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def token_embeddings(llm: LlamaForCausalLM) -> torch.nn.Embedding:
     return llm.get_input_embeddings()
+
+
+class ExternalLLM(torch.nn.Module):
+    """Stands in for an LLM that another runtime holds (llama.cpp runs a GGUF bundle's): no weights,
+    only the empty embedding table whose device and dtype say where image embeddings are delivered."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.config = hf_config(cfg)
+        self.embed = torch.nn.Embedding(0, cfg.hidden_size)  # (0, D): fp32 on the CPU
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this LLM runs in another runtime (llama.cpp); serve it through its model runner")

@@ -105,16 +105,20 @@ class Engine:
         self.config = loaded.config
         self.template: Template = template(self.config.prompt_template)
         self.device_lock = threading.Lock()  # one forward at a time on the device
-        self.runner = runner or TorchRunner(self.model, self.device_lock)
+        self.runner = runner or make_runner(loaded, self.device_lock, max_batch, kv_cache_bytes)
         self.device = self.runner.device
         self.prompt = PromptBuilder(self.template, self.tokenizer, self.config.image_placeholder,
                                     self.config.qformer.num_query_tokens, self.config.generation.max_context)
         self.images = ImageCache(self._encode, max_images)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(self.device)
+        budget = getattr(self.runner, "kv_bytes", budget)  # a fixed pool (llama.cpp) is its own budget
         self.sessions = SessionCache(self.runner.new_state, budget, self.runner.free)
+        self.runner.make_room = self.sessions.drop_oldest_idle
         # A prefill chunk is what a streaming answer may wait between two of its tokens: on a CPU 64
-        # positions of the `small` preset take about 0.5 s; a GPU prefills 512 in milliseconds.
-        chunk = prefill_chunk or (512 if self.device.type == "cuda" else 64)
+        # positions of the `small` preset take about 0.5 s; a GPU prefills 512 in milliseconds;
+        # llama.cpp's batched products want more positions a call (its runner says how many).
+        chunk = prefill_chunk or getattr(self.runner, "prefill_chunk", None) or (
+            512 if self.device.type == "cuda" else 64)
         self.scheduler = Scheduler(self.runner, self.sessions, max_batch, chunk)
 
     @property
@@ -213,6 +217,25 @@ def open_engine(bundle: str | Path, policy, *, record: Path | None = None, say: 
     if loaded.note:
         say(loaded.note)
     return Engine(loaded, **engine_options)
+
+
+def make_runner(loaded: LoadedBundle, device_lock: threading.Lock, max_batch: int,
+                kv_cache_bytes: int | None) -> ModelRunner:
+    """torch for a bundle of torch weights; llama.cpp for a GGUF bundle, with a KV pool of
+    `kv_cache_bytes` (default, and at least: one full context), allocated up front."""
+    if loaded.runtime == "torch":
+        return TorchRunner(loaded.model, device_lock)
+    from model.serving.llama_runner import LlamaRunner, kv_bytes_per_position
+
+    llm, context = loaded.config.llm, min(loaded.config.generation.max_context, loaded.config.llm.max_position_embeddings)
+    mode = loaded.manifest.get("sources", {}).get("quantized_from", {}).get("mode")
+    # An f32 file is for checking against torch: its cache is exact too. For a quantised LLM an 8-bit cache
+    # costs nothing its weights have not already lost, and halves the pool (a 7B's context: 1.0 -> 0.53 GiB).
+    # (q8_0 rows are blocks of 32: a head narrower than that, as in the tiny test models, stays f16.)
+    kv_type = mode if mode in ("f32", "f16") else "q8_0" if (llm.hidden_size // llm.num_heads) % 32 == 0 else "f16"
+    cells = max(context, (kv_cache_bytes or 0) // kv_bytes_per_position(llm, kv_type))
+    return LlamaRunner(loaded.gguf, llm, device_lock, kv_cells=cells, max_sequences=max(4 * max_batch, 32),
+                       kv_type=kv_type)
 
 
 def default_kv_budget(device: torch.device) -> int:

@@ -1,6 +1,6 @@
 """The model runner: the one place that runs the LLM. The scheduler speaks to it through
 `ModelRunner`; `TorchRunner` is today's implementation (transformers on CPU or GPU), and another
-runtime (llama.cpp, say) implements the same six calls.
+runtime implements the same calls (`model.serving.llama_runner.LlamaRunner`, llama.cpp).
 
 A runner's state is one session's cache, opaque to everything above it but for `nbytes()`. Prefill
 runs on one session's state (B=1), a chunk at a time, so a follow-up feeds only its new tail. The
@@ -11,7 +11,7 @@ token per `decode`, and a row leaves with its state for the session to keep.
 from __future__ import annotations
 
 import threading
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from model.serving.requests import ImageSlot, Slot, starts_image
 
 class ModelRunner(Protocol):
     device: torch.device  # where image embeddings and sampling live
+    # Set by the engine: drop the least recently used idle session (False when none is left). A
+    # runtime whose cache is a fixed pool (llama.cpp) asks it when the pool is full.
+    make_room: Callable[[], bool]
 
     def new_state(self) -> Any:
         """An empty session state."""
@@ -55,6 +58,7 @@ class TorchRunner:
         self.model, self.lock = model, device_lock
         self.device = model.llm.get_input_embeddings().weight.device
         self.batch = Batch()
+        self.make_room = lambda: False  # unused: torch caches grow; the session cache's byte budget bounds them
 
     def new_state(self):
         return new_cache()

@@ -112,6 +112,17 @@ class SessionCache:
         with self._lock:
             return sum(s.state.nbytes() for s in self._sessions.values() if s.state is not None and not s.busy)
 
+    def drop_oldest_idle(self) -> bool:
+        """Drop the least recently used idle session (a runtime's fixed cache is full); False when
+        every session is busy."""
+        with self._lock:
+            name = next((n for n, s in self._sessions.items() if not s.busy and s.state is not None), None)
+            session = self._sessions.pop(name) if name is not None else None
+        if session is None:
+            return False
+        self.free_state(session.state)
+        return True
+
     def enforce_budget(self) -> None:
         """Drop idle sessions, least recently used first, until they fit `budget_bytes`."""
         dropped = []

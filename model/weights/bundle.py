@@ -3,7 +3,8 @@
     BUNDLE/
       skingpt.yaml            architecture, prompt template, preprocessing, generation defaults
       encoder.safetensors     vision + ln_vision + Q-Former + query tokens + projection
-      llm/                    the LLM as a Hugging Face directory (safetensors, tokenizer)
+      llm/                    the LLM as a Hugging Face directory (safetensors, tokenizer), or its
+                              config.json and tokenizer beside one GGUF file (model.gguf) that llama.cpp runs
       manifest.json           sha256 and size of every file above, and where the weights came from
 
 Serving reads safetensors only; pickles are converted once by `model.weights.convert`.
@@ -27,10 +28,11 @@ from torch import nn
 
 from model.nn.config import ConfigError, SkinGPTConfig
 from model.errors import UserFacingError
-from model.nn.llm import LLMLoadError, config_from_dir, load_llm, load_tokenizer
+from model.nn.llm import ExternalLLM, LLMLoadError, config_from_dir, load_llm, load_tokenizer
 from model.weights.policy import (WEIGHT_ONLY, LoadPolicy, Sizing, bnb_config, choose_policy, fast_cpu_encoder,
                            module_bytes, quantized_linear_params)
 from model.nn.skingpt import ENCODER_PARTS, SkinGPT
+from model.weights.gguf_llm import GGUF_FILE, GGUF_MODES, require_llama_cpp
 from model.weights.weight_only import (entries, from_float_files, kernel_speeds, load_quantized_llm, read_quantization,
                           require_kernels, write_quantized, TensorFiles)
 
@@ -39,6 +41,7 @@ ENCODER_FILE = "encoder.safetensors"
 LLM_DIR = "llm"
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "skingpt-bundle/1"
+QUANTIZE_BUNDLE_MODES = (*GGUF_MODES, *WEIGHT_ONLY)  # what `quantize_bundle` writes
 HOW_TO_GET = ("build one with `python launch.py convert` from the published weight files "
               "(see weights/README.md), or use a bundle written by `python launch.py train`")
 
@@ -215,13 +218,17 @@ def save_model_bundle(out: str | Path, model: SkinGPT, tokenizer: Any,
 
 
 def quantize_bundle(source: str | Path, out: str | Path, mode: str) -> Path:
-    """Write a copy of a float bundle whose LLM is quantised to int8w / int4, reading and writing one
-    tensor at a time: the encoder in bf16, the quantisation recorded, every file hashed."""
+    """Write a copy of a float bundle whose LLM is quantised, reading and writing one tensor at a time:
+    int8w / int4 (PyTorch's weight-only kernels), or one GGUF file for llama.cpp (f32, f16, or q8_0 /
+    q4_0 / q4_k_m by llama.cpp's own quantiser). The encoder is stored in bf16 (as it was for f32), the
+    quantisation recorded, every file hashed."""
     source, out = Path(source), Path(out)
     manifest = verify_bundle(source)
     config = load_config(source)
-    if read_quantization(source / LLM_DIR) is not None:
+    if read_quantization(source / LLM_DIR) is not None or (source / LLM_DIR / GGUF_FILE).is_file():
         raise BundleError(f"{source} is already quantised; quantise the float bundle it was made from")
+    if mode in GGUF_MODES and mode not in ("f32", "f16"):
+        require_llama_cpp()  # before anything is written
     (out / LLM_DIR).mkdir(parents=True, exist_ok=True)
     for rel in bundle_files(source):
         if rel.parts[0] != LLM_DIR and rel.as_posix() != ENCODER_FILE:
@@ -230,19 +237,46 @@ def quantize_bundle(source: str | Path, out: str | Path, mode: str) -> Path:
         elif rel.parts[0] == LLM_DIR and not rel.name.endswith((".safetensors", ".safetensors.index.json")):
             shutil.copyfile(source / rel, out / rel)  # the LLM's config.json and tokenizer
     with safe_open(str(source / ENCODER_FILE), framework="pt") as handle:
-        encoder = {k: _half(k, handle.get_tensor(k)) for k in handle.keys()}
+        encoder = {k: handle.get_tensor(k) if mode == "f32" else _half(k, handle.get_tensor(k)) for k in handle.keys()}
     save_file(encoder, str(out / ENCODER_FILE), metadata={"format": BUNDLE_FORMAT})
     del encoder
     files = TensorFiles(source / LLM_DIR)
     try:
-        for _ in write_quantized(out / LLM_DIR, mode, entries(config.llm, *from_float_files(files, mode))):
-            pass
+        if mode in GGUF_MODES:
+            made = write_gguf_llm(out / LLM_DIR, config.llm, load_tokenizer(source / LLM_DIR), files.get, mode)
+        else:
+            made = {}
+            for _ in write_quantized(out / LLM_DIR, mode, entries(config.llm, *from_float_files(files, mode))):
+                pass
         files.check_all_used(source / LLM_DIR)
     finally:
         files.close()
-    origin = {"bundle": str(source.resolve()), "bundle_hash": manifest_hash(manifest), "mode": mode}
+    origin = {"bundle": str(source.resolve()), "bundle_hash": manifest_hash(manifest), "mode": mode, **made}
     write_manifest(out, {**manifest.get("sources", {}), "quantized_from": origin})
     return out
+
+
+def write_gguf_llm(llm_dir: Path, cfg: Any, tokenizer: Any, fetch: Any, mode: str) -> dict[str, str]:
+    """`llm_dir/model.gguf` in `mode` from float tensors fetched by name, one at a time (quantised
+    modes through a temporary f16 file); returns what made it, for the manifest."""
+    from importlib.metadata import version
+
+    from model.weights.gguf_llm import llama_cpp_version, quantize_gguf, write_gguf
+    from model.weights.weight_only import empty_llm
+
+    params = [(name, tuple(p.shape)) for name, p in empty_llm(cfg).named_parameters()]
+    final = llm_dir / GGUF_FILE
+    written = final if mode in ("f32", "f16") else llm_dir / "model-f16.gguf.tmp"
+    try:
+        write_gguf(written, cfg, tokenizer, params, fetch, "f32" if mode == "f32" else "f16")
+        made = {"runtime": "llama.cpp", "gguf_writer": f"gguf {version('gguf')}"}
+        if written != final:
+            quantize_gguf(written, final, mode)
+            made["quantizer"] = f"llama-cpp-python {llama_cpp_version()}"
+    finally:
+        if written != final:
+            written.unlink(missing_ok=True)
+    return made
 
 
 def _half(key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -270,6 +304,12 @@ class LoadedBundle:
     differential: Any = None  # model.differential.DifferentialHead, when the bundle carries one
     policy: LoadPolicy | None = None  # the concrete policy it was loaded under (auto resolved)
     note: str = ""  # what auto chose and why, or what the bundle's own quantisation fixed
+    gguf: Path | None = None  # the LLM as one GGUF file, run by llama.cpp (model.llm is then a stand-in)
+
+    @property
+    def runtime(self) -> str:
+        """What runs the LLM: llama.cpp (a GGUF bundle) or torch."""
+        return "llama.cpp" if self.gguf is not None else "torch"
 
     @property
     def bundle_hash(self) -> str:
@@ -300,6 +340,8 @@ def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: boo
     if on_disk != config.llm:
         raise BundleError(f"{llm_dir}/config.json does not match the llm section of {bundle / CONFIG_FILE}:\n"
                           f"  config.json: {on_disk}\n  {CONFIG_FILE}: {config.llm}")
+    if (llm_dir / GGUF_FILE).is_file():
+        return _load_gguf(bundle, config, manifest, policy)
     policy, note = settle_policy(policy, bundle, config, stored)
     device, dtype = policy.resolve_device(), policy.resolve_dtype()
     try:
@@ -318,6 +360,36 @@ def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: boo
 
     return LoadedBundle(model.eval(), load_tokenizer(llm_dir), config, bundle, manifest, device, footprint,
                         DifferentialHead.load(bundle), policy, note)
+
+
+def _load_gguf(bundle: Path, config: SkinGPTConfig, manifest: dict[str, Any], policy: LoadPolicy) -> LoadedBundle:
+    """A GGUF bundle: llama.cpp runs the LLM on the CPU (see `model.serving.llama_runner`); here only the
+    encoder loads, in the dtype it was stored in, and the LLM is a stand-in."""
+    require_llama_cpp()
+    if policy.quantize not in ("auto", "none"):
+        raise BundleError(f"{bundle} holds its LLM as a GGUF file, which llama.cpp runs as it was written "
+                          f"(--quantize auto); for {policy.quantize}, load the float bundle it was made from")
+    if policy.device.startswith("cuda"):
+        raise BundleError(f"{bundle} holds its LLM as a GGUF file, which runs on the CPU through llama.cpp; "
+                          f"for a GPU, load the float bundle it was made from")
+    with safe_open(str(bundle / ENCODER_FILE), framework="pt") as handle:
+        stored = handle.get_slice(next(k for k in handle.keys() if not k.startswith("ln_vision."))).get_dtype()
+    dtype = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}[stored]
+    concrete = LoadPolicy(device="cpu", dtype=dtype, quantize="none")
+    llm = ExternalLLM(config.llm)  # its empty table on the CPU: where image embeddings go
+    with torch.device("meta"):
+        model = SkinGPT(config, llm)
+    load_encoder(model, bundle / ENCODER_FILE, device="cpu", dtype=concrete.resolve_dtype())
+    gguf = bundle / LLM_DIR / GGUF_FILE
+    footprint = {part: module_bytes(getattr(model, part)) for part in ENCODER_PARTS}
+    footprint["llm"] = gguf.stat().st_size
+    mode = manifest.get("sources", {}).get("quantized_from", {}).get("mode", "gguf")
+    note = "; ".join(n for n in (f"llama.cpp runs the bundle's LLM ({mode} GGUF) on the CPU",
+                                 fast_cpu_encoder(concrete, model.vision)) if n)
+    from model.clinical.differential import DifferentialHead
+
+    return LoadedBundle(model.eval(), load_tokenizer(bundle / LLM_DIR), config, bundle, manifest, "cpu", footprint,
+                        DifferentialHead.load(bundle), concrete, note, gguf)
 
 
 def settle_policy(policy: LoadPolicy, bundle: Path, config: SkinGPTConfig,
@@ -340,7 +412,12 @@ def auto_policy(policy: LoadPolicy, config: SkinGPTConfig) -> tuple[LoadPolicy, 
         return policy, ""
     import psutil
 
-    return choose_policy(policy, config_sizing(config), psutil.virtual_memory().available, kernel_speeds)
+    sizing = config_sizing(config)
+    concrete, note = choose_policy(policy, sizing, psutil.virtual_memory().available, kernel_speeds)
+    if concrete.resolve_device() == "cpu" and concrete.quantize in WEIGHT_ONLY:
+        note += ("; llama.cpp answers faster on a CPU: write a GGUF bundle once with `python launch.py quantize "
+                 "--weights BUNDLE --mode q4_k_m --out NEW` and serve that")
+    return concrete, note
 
 
 def config_sizing(config: SkinGPTConfig) -> Sizing:
@@ -370,7 +447,7 @@ def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype)
     _materialise_key_bias(model.vision)
     for name, param in model.named_parameters():
         param.requires_grad_(False)  # serving freezes everything; training opts parts back in
-        if param.is_meta:
+        if param.is_meta and not name.startswith("llm."):  # the LLM is its loader's
             raise BundleError(f"internal error: {name} was not loaded from {path}")
 
 

@@ -271,8 +271,8 @@ def from_quantized_files(files: TensorFiles, mode: str) -> tuple[FetchLinear, Fe
     return linear, files.get
 
 
-def from_random(cfg: LLMConfig, mode: str, seed: int = 0) -> tuple[FetchLinear, FetchParam]:
-    """Random weights drawn like a fresh Llama's (normal, std 0.02; norms at one), one layer at a time."""
+def random_tensors(cfg: LLMConfig, seed: int = 0) -> Callable[[str], torch.Tensor]:
+    """Random weights drawn like a fresh Llama's (normal, std 0.02; norms at one), one tensor a call."""
     generator = torch.Generator().manual_seed(seed)
     skeleton = empty_llm(cfg)
     shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
@@ -283,6 +283,12 @@ def from_random(cfg: LLMConfig, mode: str, seed: int = 0) -> tuple[FetchLinear, 
             return torch.ones(shapes[name], dtype=torch.bfloat16)
         return torch.empty(shapes[name]).normal_(0.0, std, generator=generator)
 
+    return draw
+
+
+def from_random(cfg: LLMConfig, mode: str, seed: int = 0) -> tuple[FetchLinear, FetchParam]:
+    """Random weights, quantised one layer at a time."""
+    draw = random_tensors(cfg, seed)
     return (lambda name: quantize_tensor(draw(f"{name}.weight"), mode)), (lambda name: draw(name).bfloat16())
 
 

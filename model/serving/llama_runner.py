@@ -1,0 +1,274 @@
+"""The llama.cpp model runner: the LLM of a GGUF bundle, run by llama.cpp on the CPU through
+llama-cpp-python's low-level API. The image encoder and Q-Former stay in torch; their 32 query
+embeddings enter llama.cpp as an embeddings batch, text as token ids (our tokenizer's).
+
+One llama.cpp context serves every consultation. Its KV cache is unified (one pool of `kv_cells`
+positions that every sequence draws from, allocated when the context is made), and each session's
+state is one llama.cpp sequence:
+- prefill feeds a chunk to the session's sequence (runs of ids and of image embeddings, one
+  `llama_decode` each, since a llama.cpp batch holds either);
+- the decode batch is one `llama_decode` of one token per row, each row its own sequence;
+- trim removes a sequence's tail (`llama_memory_seq_rm`), so regenerate and cancel keep the prefix;
+- a freed state gives its sequence back.
+When the pool or the sequence ids run out, `make_room` (the session cache's: drop the least
+recently used idle session) is asked before anything fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from model.nn.config import LLMConfig
+from model.serving.requests import ImageSlot, Slot
+from model.weights.gguf_llm import GGUFError, require_llama_cpp
+
+_NO_KV_SLOT = 1  # llama_decode: could not find room in the KV cache for the batch
+_LOAD_INTO_MEMORY = 0  # LLAMA_LOAD_MODE_NONE: read the file, not map it (see `_load_model`)
+KV_BYTES = {"f32": 4, "f16": 2, "q8_0": 34 / 32}  # a KV value's bytes (q8_0: 32 int8 and one f16 scale)
+
+
+@dataclass
+class LlamaState:
+    """One session's llama.cpp sequence: its id (None until first fed, or after being freed) and the
+    number of positions it holds."""
+    bytes_per_position: int
+    seq: int | None = None
+    length: int = 0
+
+    def nbytes(self) -> int:
+        return self.length * self.bytes_per_position
+
+
+def kv_bytes_per_position(cfg: LLMConfig, kv_type: str) -> int:
+    """Keys and values of every layer for one position."""
+    return int(2 * cfg.num_layers * cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads) * KV_BYTES[kv_type])
+
+
+def default_threads() -> int:
+    """llama.cpp's decode is memory-bound: one thread per core the process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaRunner:
+    """`ModelRunner` over llama.cpp. `kv_cells` positions of KV cache shared by all sessions;
+    `max_sequences` sessions may hold a sequence at once (idle ones are dropped to make room)."""
+
+    prefill_chunk = 128  # positions per prefill step: llama.cpp's batched products want more than 64
+
+    def __init__(self, gguf: Path, cfg: LLMConfig, device_lock: threading.Lock, *, kv_cells: int,
+                 max_sequences: int, threads: int | None = None, kv_type: str = "f16") -> None:
+        self.llama = llama = require_llama_cpp()
+        self.cfg, self.device_lock = cfg, device_lock
+        self.device = torch.device("cpu")
+        self.threads = threads or default_threads()
+        self._lock = threading.RLock()  # every llama.cpp call; free() comes from other threads
+        self.make_room: Callable[[], bool] = lambda: False
+        self.model = _load_model(llama, Path(gguf))
+        self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self.model))
+        self.n_embd = llama.llama_model_n_embd(self.model)
+        if (self.n_vocab, self.n_embd) != (cfg.vocab_size, cfg.hidden_size):
+            raise GGUFError(f"{gguf} holds a model of vocabulary {self.n_vocab} and width {self.n_embd}, "
+                            f"but the bundle's config says {cfg.vocab_size} and {cfg.hidden_size}")
+        self.bytes_per_position = kv_bytes_per_position(cfg, kv_type)
+        self.kv_cells, self.max_sequences = kv_cells, max_sequences
+        self.kv_bytes = kv_cells * self.bytes_per_position  # the idle sessions' budget: the whole pool
+        ctx = llama.llama_context_default_params()
+        ctx.n_ctx = kv_cells
+        ctx.n_batch = ctx.n_ubatch = max(self.prefill_chunk + 64, max_sequences)
+        ctx.n_seq_max = max_sequences
+        ctx.kv_unified = True  # one pool: an idle short session does not reserve a long one's room
+        ctx.n_threads = ctx.n_threads_batch = self.threads
+        ctx.type_k = ctx.type_v = {"f16": llama.GGML_TYPE_F16, "f32": llama.GGML_TYPE_F32,
+                                   "q8_0": llama.GGML_TYPE_Q8_0}[kv_type]
+        ctx.no_perf = False
+        self.ctx = llama.llama_init_from_model(self.model, ctx)
+        if not self.ctx:
+            raise GGUFError(f"llama.cpp could not make a context of {kv_cells} positions ({kv_type} cache) for "
+                            f"{gguf} (its reason is printed above); if memory ran out, lower SKINGPT_KV_CACHE_GB")
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.n_batch = ctx.n_batch
+        self._tokens = llama.llama_batch_init(self.n_batch, 0, 1)
+        self._embeds = llama.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._free_seqs: deque[int] = deque(range(max_sequences))
+        self.rows: list[LlamaState] = []
+
+    # -- ModelRunner -----------------------------------------------------------------------------
+    def new_state(self) -> LlamaState:
+        return LlamaState(self.bytes_per_position)
+
+    def trim(self, state: LlamaState, length: int) -> None:
+        with self._lock:
+            if state.seq is not None and length < state.length:
+                self.llama.llama_memory_seq_rm(self.memory, state.seq, length, -1)
+            state.length = min(state.length, length)
+
+    def prefill(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with self.device_lock, self._lock:
+            if state.seq is None:
+                state.seq = self._take_sequence()
+            runs = _runs(slots)
+            for i, run in enumerate(runs):
+                last = i == len(runs) - 1
+                if isinstance(run[0], ImageSlot):
+                    rows = torch.stack([embeds[s.key][s.index] for s in run]).float().contiguous()  # (T, D)
+                    self._fill(self._embeds, len(run), state, last, embeds=rows)
+                    self._run(self._embeds, len(run))
+                else:
+                    self._fill(self._tokens, len(run), state, last, tokens=run)
+                    self._run(self._tokens, len(run))
+                state.length += len(run)
+            return self._logits(1)[0]
+
+    def join(self, state: LlamaState) -> None:
+        self.rows.append(state)
+
+    def leave(self, row: int) -> LlamaState:
+        return self.rows.pop(row)
+
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        with self.device_lock, self._lock:
+            batch = self._tokens
+            for i, (state, token) in enumerate(zip(self.rows, tokens)):
+                batch.token[i], batch.pos[i] = token, state.length
+                batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, state.seq, 1
+            batch.n_tokens = len(tokens)
+            self._run(batch, len(tokens))
+            for state in self.rows:
+                state.length += 1
+            return self._logits(len(tokens))  # (B, V)
+
+    def drop_batch(self) -> None:
+        rows, self.rows = self.rows, []
+        for state in rows:
+            self.free(state)
+
+    def free(self, state: LlamaState) -> None:
+        with self._lock:
+            if state.seq is not None:
+                self.llama.llama_memory_seq_rm(self.memory, state.seq, -1, -1)
+                self._free_seqs.append(state.seq)
+            state.seq, state.length = None, 0
+
+    # -- llama.cpp ---------------------------------------------------------------------------------
+    def _take_sequence(self) -> int:
+        while not self._free_seqs:
+            if not self.make_room():
+                raise GGUFError(f"all {self.max_sequences} llama.cpp sequences hold answers in progress; "
+                                f"lower SKINGPT_MAX_BATCH or wait for an answer to end")
+        return self._free_seqs.popleft()
+
+    def _fill(self, batch, count: int, state: LlamaState, logits_last: bool, *, tokens: Sequence[int] = (),
+              embeds: torch.Tensor | None = None) -> None:
+        if count > self.n_batch:
+            raise GGUFError(f"internal error: a prefill step of {count} positions exceeds llama.cpp's batch "
+                            f"of {self.n_batch}")
+        if embeds is not None:
+            ctypes.memmove(batch.embd, embeds.numpy().ctypes.data, embeds.numel() * 4)
+        for i in range(count):
+            if embeds is None:
+                batch.token[i] = tokens[i]
+            batch.pos[i] = state.length + i
+            batch.n_seq_id[i], batch.seq_id[i][0] = 1, state.seq
+            batch.logits[i] = 1 if logits_last and i == count - 1 else 0
+        batch.n_tokens = count
+
+    def _run(self, batch, count: int) -> None:
+        """llama_decode, making room in the KV cache (dropping idle sessions) while it has none."""
+        while True:
+            status = self.llama.llama_decode(self.ctx, batch)
+            if status == 0:
+                return
+            if status != _NO_KV_SLOT:
+                raise GGUFError(f"llama.cpp failed to decode a batch of {count} positions (status {status})")
+            if not self.make_room():
+                raise GGUFError(f"llama.cpp's KV cache ({self.kv_cells} positions) is full with answers in "
+                                f"progress; raise SKINGPT_KV_CACHE_GB or lower SKINGPT_MAX_BATCH")
+
+    def _logits(self, rows: int) -> torch.Tensor:
+        """The last `rows` outputs' logits, copied out of llama.cpp's buffer: (rows, V)."""
+        pointer = self.llama.llama_get_logits(self.ctx)
+        view = np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab))
+        return torch.from_numpy(view.copy())
+
+    # -- llama.cpp's own timing (the bench's peer figure) -----------------------------------------
+    def plain_timing(self, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
+        """Prefill `prompt` on a spare sequence in one batch, then decode `new_tokens` greedily, one
+        token a call, and report llama.cpp's own perf counters (time inside llama.cpp only)."""
+        llama = self.llama
+        with self.device_lock, self._lock:
+            state = self.new_state()
+            state.seq = self._take_sequence()
+            try:
+                llama.llama_perf_context_reset(self.ctx)
+                self._fill(self._tokens, len(prompt), state, True, tokens=prompt)
+                self._run(self._tokens, len(prompt))
+                state.length = len(prompt)
+                token = int(self._logits(1)[0].argmax())
+                prefill = llama.llama_perf_context(self.ctx)
+                llama.llama_perf_context_reset(self.ctx)
+                for _ in range(new_tokens):
+                    self._fill(self._tokens, 1, state, True, tokens=[token])
+                    self._run(self._tokens, 1)
+                    state.length += 1
+                    token = int(self._logits(1)[0].argmax())
+                decode = llama.llama_perf_context(self.ctx)
+            finally:
+                self.free(state)
+        return {"prompt_tokens": prefill.n_p_eval, "prefill_ms": prefill.t_p_eval_ms,
+                "decode_tokens": decode.n_eval, "decode_ms": decode.t_eval_ms,
+                "prefill_tokens_per_s": 1000 * prefill.n_p_eval / max(prefill.t_p_eval_ms, 1e-9),
+                "decode_tokens_per_s": 1000 * decode.n_eval / max(decode.t_eval_ms, 1e-9)}
+
+    def close(self) -> None:
+        """Free the context and its KV pool (the model stays loaded for other runners)."""
+        with self._lock:
+            if self.ctx:
+                self.llama.llama_batch_free(self._tokens)
+                self.llama.llama_batch_free(self._embeds)
+                self.llama.llama_free(self.ctx)
+                self.ctx = None
+
+
+def _runs(slots: Sequence[Slot]) -> list[list[Slot]]:
+    """Split a chunk into runs of token ids and runs of image embeddings (a llama.cpp batch holds one kind)."""
+    runs: list[list[Slot]] = []
+    for slot in slots:
+        image = isinstance(slot, ImageSlot)
+        if runs and isinstance(runs[-1][0], ImageSlot) == image:
+            runs[-1].append(slot)
+        else:
+            runs.append([slot])
+    return runs
+
+
+_MODELS: dict[tuple[Path, int], object] = {}  # loaded once a process, shared by every runner
+_MODELS_LOCK = threading.Lock()
+
+
+def _load_model(llama, gguf: Path):
+    key = (gguf.resolve(), gguf.stat().st_mtime_ns)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            llama.llama_backend_init()
+            params = llama.llama_model_default_params()
+            # On a CPU llama.cpp re-lays most weights for its AVX2 kernels (its "repack" buffer); a mapped
+            # file would stay resident beside that copy: a 7B q4_0 peaked at 7.3 GiB mapped, 3.9 read.
+            params.load_mode = _LOAD_INTO_MEMORY
+            model = llama.llama_model_load_from_file(str(gguf).encode(), params)
+            if not model:
+                raise GGUFError(f"llama.cpp could not load {gguf}: the file is not a Llama GGUF it can read; "
+                                f"write the bundle again with `python launch.py quantize`")
+            _MODELS[key] = model
+        return _MODELS[key]
