@@ -222,3 +222,20 @@ def test_the_page_and_v1_answer_through_llama_cpp(gguf_bundles, tmp_path):
         assert body["usage"]["prompt_tokens"] > 32 and body["usage"]["completion_tokens"] > 0
     finally:
         next(servers, None)
+
+
+def test_a_prefill_chunk_longer_than_llama_cpps_batch_is_fed_in_pieces(loaded_f32, tiny_bundle):
+    conversation = Conversation().ask(QUESTIONS[1] * 6, [_photo(5)])  # a prompt of some 300 positions
+    alike = [Engine(loaded, prefill_chunk=512).stream(conversation, fixed_length=True, do_sample=False,
+                                                      max_new_tokens=8) for loaded in (loaded_f32, load_bundle(tiny_bundle))]
+    for gen in alike:
+        "".join(gen)
+    assert alike[0].stats.prompt_tokens > 192  # llama.cpp's batch here: the chunk needed pieces
+    assert alike[0].tokens == alike[1].tokens
+
+
+def test_inspect_names_a_gguf_bundle(gguf_bundles):
+    from model.weights.summary import describe_bundle, format_text
+
+    assert "the LLM is stored quantised to q8_0 (one GGUF file, run by llama.cpp)" in format_text(
+        describe_bundle(gguf_bundles["q8_0"]))

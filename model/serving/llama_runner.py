@@ -118,7 +118,7 @@ class LlamaRunner:
         with self.device_lock, self._lock:
             if state.seq is None:
                 state.seq = self._take_sequence()
-            runs = _runs(slots)
+            runs = _runs(slots, self.n_batch)
             for i, run in enumerate(runs):
                 last = i == len(runs) - 1
                 if isinstance(run[0], ImageSlot):
@@ -171,9 +171,6 @@ class LlamaRunner:
 
     def _fill(self, batch, count: int, state: LlamaState, logits_last: bool, *, tokens: Sequence[int] = (),
               embeds: torch.Tensor | None = None) -> None:
-        if count > self.n_batch:
-            raise GGUFError(f"internal error: a prefill step of {count} positions exceeds llama.cpp's batch "
-                            f"of {self.n_batch}")
         if embeds is not None:
             ctypes.memmove(batch.embd, embeds.numpy().ctypes.data, embeds.numel() * 4)
         for i in range(count):
@@ -241,12 +238,13 @@ class LlamaRunner:
                 self.ctx = None
 
 
-def _runs(slots: Sequence[Slot]) -> list[list[Slot]]:
-    """Split a chunk into runs of token ids and runs of image embeddings (a llama.cpp batch holds one kind)."""
+def _runs(slots: Sequence[Slot], longest: int) -> list[list[Slot]]:
+    """Split a chunk into runs of token ids and runs of image embeddings (a llama.cpp batch holds one
+    kind), none longer than `longest` positions (llama.cpp's batch)."""
     runs: list[list[Slot]] = []
     for slot in slots:
         image = isinstance(slot, ImageSlot)
-        if runs and isinstance(runs[-1][0], ImageSlot) == image:
+        if runs and isinstance(runs[-1][0], ImageSlot) == image and len(runs[-1]) < longest:
             runs[-1].append(slot)
         else:
             runs.append([slot])

@@ -48,16 +48,26 @@ def _shapes(model: SkinGPT) -> dict[str, list]:
 def describe_bundle(path: str | Path, record: Path | None = None) -> dict[str, Any]:
     """`describe` for a bundle's config, after verifying every file's sha256 (those unchanged since
     `record` was written are not read again; without it, all)."""
-    from model.weights.bundle import LLM_DIR, load_config, verify_bundle
-    from model.weights.weight_only import read_quantization
+    from model.weights.bundle import load_config, verify_bundle
 
     manifest = verify_bundle(path, record)
     info = describe(load_config(Path(path)))
     info["bundle"] = {"path": str(path), "files": len(manifest["files"]), "sha256_verified": True,
                       "bytes": sum(e["bytes"] for e in manifest["files"].values()),
                       "sources": manifest.get("sources", {}),
-                      "quantization": (read_quantization(Path(path) / LLM_DIR) or {}).get("mode")}
+                      "quantization": _quantization(Path(path), manifest)}
     return info
+
+
+def _quantization(bundle: Path, manifest: dict[str, Any]) -> str | None:
+    from model.weights.bundle import LLM_DIR
+    from model.weights.gguf_llm import GGUF_FILE
+    from model.weights.weight_only import read_quantization
+
+    if (bundle / LLM_DIR / GGUF_FILE).is_file():
+        mode = manifest.get("sources", {}).get("quantized_from", {}).get("mode", "gguf")
+        return f"{mode} (one GGUF file, run by llama.cpp)"
+    return (read_quantization(bundle / LLM_DIR) or {}).get("mode")
 
 
 def format_text(info: dict[str, Any]) -> str:
