@@ -239,3 +239,23 @@ def test_inspect_names_a_gguf_bundle(gguf_bundles):
 
     assert "the LLM is stored quantised to q8_0 (one GGUF file, run by llama.cpp)" in format_text(
         describe_bundle(gguf_bundles["q8_0"]))
+
+
+def test_bench_writes_a_random_gguf_bundle_and_times_it_beside_llama_cpp(tmp_path):
+    import json
+
+    save = tmp_path / "tiny-q8_0"
+    args = [sys.executable, str(ROOT / "launch.py"), "bench", "--preset", "tiny", "--random-init", "--quantize", "q8_0",
+            "--save", str(save), "--turns", "1", "--new-tokens", "8", "--concurrency", "1,2", "--json"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["runtime"] == "llama.cpp" and result["dtype"] == "q8_0 GGUF"
+    own = result["llama_cpp"]  # llama.cpp's own counters on the same file
+    assert own["prompt_tokens"] == result["first_turn_prompt_tokens"] and own["decode_tokens"] == 8
+    assert own["decode_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+    assert [row["sessions"] for row in result["concurrency"]] == [1, 2]
+    sources = json.loads((save / "manifest.json").read_text())["sources"]
+    assert sources["quantized_from"]["mode"] == "q8_0" and sources["quantized_from"]["runtime"] == "llama.cpp"
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and "using the bundle already at" in again.stderr

@@ -89,20 +89,15 @@ def write_random_gguf_bundle(config: SkinGPTConfig, mode: str, out: Path) -> Pat
     with _default_dtype(torch.bfloat16):
         model = SkinGPT(config, ExternalLLM(config.llm)).eval()
     model.ln_vision.float()
-    made: dict[str, str] = {}
+    made = {"mode": mode}  # filled in by write_llm, before the manifest is written
 
     def write_llm(llm_dir: Path) -> None:
         model.llm.config.save_pretrained(llm_dir)
         tokenizer.save_pretrained(llm_dir)
         made.update(write_gguf_llm(llm_dir, config.llm, tokenizer, random_tensors(config.llm), mode))
 
-    save_bundle(out, config, model.encoder_state_dict(), write_llm,
-                {"random_init": config.name, "quantized_from": {"mode": mode}})
-    # the manifest's provenance is written with the files; add what made the GGUF
-    from model.weights.bundle import read_manifest, write_manifest
-
-    write_manifest(out, {**read_manifest(out)["sources"], "quantized_from": {"mode": mode, **made}})
-    return out
+    return save_bundle(out, config, model.encoder_state_dict(), write_llm,
+                       {"random_init": config.name, "quantized_from": made})
 
 
 @contextlib.contextmanager
