@@ -44,7 +44,7 @@ footer, footer a, footer button, .show-api, .settings {color:#374151 !important}
 #language label, #language label span {color:#111827 !important;background:#ffffff !important}
 #language label.selected {outline:2px solid #0f766e;font-weight:600}
 /* read by screen readers, not shown: the finished answer, announced once */
-.sr-only {position:absolute !important;width:1px;height:1px;padding:0;margin:-1px;overflow:hidden;
+.sr-only {position:absolute !important;width:1px;height:1px;padding:0;margin:-1px;overflow:hidden !important;
           clip:rect(0,0,0,0);white-space:nowrap;border:0}
 /* phones: the photo and question box on the first screen */
 @media (max-width: 640px) {
