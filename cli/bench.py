@@ -27,7 +27,6 @@ def register(sub) -> None:
     bench.set_defaults(func=run)
 
 
-
 def _write_gguf(preset_name: str, mode: str, out: Path) -> Path:
     """The random GGUF bundle, written in a child process so that the bench's peak memory is serving's
     alone (llama.cpp's quantiser maps the whole f16 file); an existing bundle there is reused."""

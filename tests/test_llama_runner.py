@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -118,14 +119,14 @@ def test_cancel_leaves_the_others_and_a_dropped_stream_frees_its_sequence(loaded
     next(iter(dropped))
     dropped.close()
     [t.join(120) for t in threads]
-    assert "".join(streams[1]) is not None and streams[1].finish_reason == "cancelled"
+    "".join(streams[1])  # drain what the cancelled answer still holds
+    assert streams[1].finish_reason == "cancelled"
     assert {n: results[n][1] for n in (0, 2)} == alone
     # three named sessions keep their sequences; the unnamed, dropped one gave its back
-    deadline = threading.Event()
-    for _ in range(100):
+    for _ in range(100):  # the scheduler frees it at its next step
         if len(runner._free_seqs) == runner.max_sequences - 3:
             break
-        deadline.wait(0.05)
+        time.sleep(0.05)
     assert len(runner._free_seqs) == runner.max_sequences - 3
 
 

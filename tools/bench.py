@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.weights.bundle import LLM_DIR, LoadedBundle, auto_policy, load_bundle, save_bundle, save_model_bundle
+from model.weights.bundle import (LLM_DIR, LoadedBundle, auto_policy, load_bundle, quantized_mode, save_bundle,
+                                  save_model_bundle)
 from model.nn.config import SkinGPTConfig
 from model.clinical.conversation import Conversation, ImageInput
 from model.serving.engine import Engine
@@ -205,7 +206,7 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> 
 
 def _llm_dtype(loaded: LoadedBundle) -> str:
     if loaded.runtime == "llama.cpp":
-        return loaded.manifest.get("sources", {}).get("quantized_from", {}).get("mode", "gguf") + " GGUF"
+        return f"{quantized_mode(loaded.manifest) or 'gguf'} GGUF"
     return str(next(loaded.model.llm.parameters()).dtype)
 
 

@@ -28,7 +28,7 @@ from model.serving.runner import ModelRunner, TorchRunner
 from model.serving.sampler import Sampler
 from model.serving.scheduler import Scheduler
 from model.serving.sessions import SessionCache
-from model.weights.bundle import LoadedBundle, load_bundle
+from model.weights.bundle import LoadedBundle, load_bundle, quantized_mode
 from model.weights.policy import cpu_advice
 
 
@@ -228,7 +228,7 @@ def make_runner(loaded: LoadedBundle, device_lock: threading.Lock, max_batch: in
     from model.serving.llama_runner import LlamaRunner, kv_bytes_per_position
 
     llm, context = loaded.config.llm, min(loaded.config.generation.max_context, loaded.config.llm.max_position_embeddings)
-    mode = loaded.manifest.get("sources", {}).get("quantized_from", {}).get("mode")
+    mode = quantized_mode(loaded.manifest)
     # An f32 file is for checking against torch: its cache is exact too. For a quantised LLM an 8-bit cache
     # costs nothing its weights have not already lost, and halves the pool (a 7B's context: 1.0 -> 0.53 GiB).
     # (q8_0 rows are blocks of 32: a head narrower than that, as in the tiny test models, stays f16.)

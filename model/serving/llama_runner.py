@@ -70,7 +70,7 @@ class LlamaRunner:
     def __init__(self, gguf: Path, cfg: LLMConfig, device_lock: threading.Lock, *, kv_cells: int,
                  max_sequences: int, threads: int | None = None, kv_type: str = "f16") -> None:
         self.llama = llama = require_llama_cpp()
-        self.cfg, self.device_lock = cfg, device_lock
+        self.device_lock = device_lock
         self.device = torch.device("cpu")
         self.threads = threads or default_threads()
         self._lock = threading.RLock()  # every llama.cpp call; free() comes from other threads
@@ -118,18 +118,7 @@ class LlamaRunner:
         with self.device_lock, self._lock:
             if state.seq is None:
                 state.seq = self._take_sequence()
-            runs = _runs(slots, self.n_batch)
-            for i, run in enumerate(runs):
-                last = i == len(runs) - 1
-                if isinstance(run[0], ImageSlot):
-                    rows = torch.stack([embeds[s.key][s.index] for s in run]).float().contiguous()  # (T, D)
-                    self._fill(self._embeds, len(run), state, last, embeds=rows)
-                    self._run(self._embeds, len(run))
-                else:
-                    self._fill(self._tokens, len(run), state, last, tokens=run)
-                    self._run(self._tokens, len(run))
-                state.length += len(run)
-            return self._logits(1)[0]
+            return self._feed(state, slots, embeds)
 
     def join(self, state: LlamaState) -> None:
         self.rows.append(state)
@@ -162,6 +151,22 @@ class LlamaRunner:
             state.seq, state.length = None, 0
 
     # -- llama.cpp ---------------------------------------------------------------------------------
+    def _feed(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Slots after what the state's sequence holds, in runs of one kind that fit llama.cpp's batch;
+        (V,) logits of the last."""
+        runs = _runs(slots, self.n_batch)
+        for i, run in enumerate(runs):
+            last = i == len(runs) - 1
+            if isinstance(run[0], ImageSlot):
+                rows = torch.stack([embeds[s.key][s.index] for s in run]).float().contiguous()  # (T, D)
+                self._fill(self._embeds, len(run), state, last, embeds=rows)
+                self._run(self._embeds, len(run))
+            else:
+                self._fill(self._tokens, len(run), state, last, tokens=run)
+                self._run(self._tokens, len(run))
+            state.length += len(run)
+        return self._logits(1)[0]
+
     def _take_sequence(self) -> int:
         while not self._free_seqs:
             if not self.make_room():
@@ -201,7 +206,7 @@ class LlamaRunner:
 
     # -- llama.cpp's own timing (the bench's peer figure) -----------------------------------------
     def plain_timing(self, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
-        """Prefill `prompt` on a spare sequence in one batch, then decode `new_tokens` greedily, one
+        """Prefill `prompt` on a spare sequence (one batch, when it fits), then decode `new_tokens` greedily, one
         token a call, and report llama.cpp's own perf counters (time inside llama.cpp only)."""
         llama = self.llama
         with self.device_lock, self._lock:
@@ -209,17 +214,11 @@ class LlamaRunner:
             state.seq = self._take_sequence()
             try:
                 llama.llama_perf_context_reset(self.ctx)
-                self._fill(self._tokens, len(prompt), state, True, tokens=prompt)
-                self._run(self._tokens, len(prompt))
-                state.length = len(prompt)
-                token = int(self._logits(1)[0].argmax())
+                token = int(self._feed(state, prompt, {}).argmax())
                 prefill = llama.llama_perf_context(self.ctx)
                 llama.llama_perf_context_reset(self.ctx)
                 for _ in range(new_tokens):
-                    self._fill(self._tokens, 1, state, True, tokens=[token])
-                    self._run(self._tokens, 1)
-                    state.length += 1
-                    token = int(self._logits(1)[0].argmax())
+                    token = int(self._feed(state, [token], {}).argmax())
                 decode = llama.llama_perf_context(self.ctx)
             finally:
                 self.free(state)

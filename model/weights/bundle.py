@@ -284,6 +284,11 @@ def _half(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor if key.startswith("ln_vision.") or not tensor.is_floating_point() else tensor.bfloat16()
 
 
+def quantized_mode(manifest: Mapping[str, Any]) -> str | None:
+    """The mode a quantised bundle's LLM was written in (its manifest's provenance), or None."""
+    return manifest.get("sources", {}).get("quantized_from", {}).get("mode")
+
+
 def manifest_hash(manifest: Mapping[str, Any]) -> str:
     """One digest over a manifest's file hashes: names this exact set of weights."""
     joined = "".join(f"{k}:{v['sha256']}" for k, v in sorted(manifest["files"].items()))
@@ -383,7 +388,7 @@ def _load_gguf(bundle: Path, config: SkinGPTConfig, manifest: dict[str, Any], po
     gguf = bundle / LLM_DIR / GGUF_FILE
     footprint = {part: module_bytes(getattr(model, part)) for part in ENCODER_PARTS}
     footprint["llm"] = gguf.stat().st_size
-    mode = manifest.get("sources", {}).get("quantized_from", {}).get("mode", "gguf")
+    mode = quantized_mode(manifest) or "gguf"
     note = "; ".join(n for n in (f"llama.cpp runs the bundle's LLM ({mode} GGUF) on the CPU",
                                  fast_cpu_encoder(concrete, model.vision)) if n)
     from model.clinical.differential import DifferentialHead

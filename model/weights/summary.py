@@ -60,13 +60,12 @@ def describe_bundle(path: str | Path, record: Path | None = None) -> dict[str, A
 
 
 def _quantization(bundle: Path, manifest: dict[str, Any]) -> str | None:
-    from model.weights.bundle import LLM_DIR
+    from model.weights.bundle import LLM_DIR, quantized_mode
     from model.weights.gguf_llm import GGUF_FILE
     from model.weights.weight_only import read_quantization
 
     if (bundle / LLM_DIR / GGUF_FILE).is_file():
-        mode = manifest.get("sources", {}).get("quantized_from", {}).get("mode", "gguf")
-        return f"{mode} (one GGUF file, run by llama.cpp)"
+        return f"{quantized_mode(manifest) or 'gguf'} (one GGUF file, run by llama.cpp)"
     return (read_quantization(bundle / LLM_DIR) or {}).get("mode")
 
 
