@@ -14,7 +14,8 @@ import pytest
 
 from conftest import ROOT
 from model.evaluation.labels import LabelError, LabelSet
-from model.evaluation.metrics import Case, accuracy, balanced_accuracy, confusion, fleiss_kappa, per_class, summary, top_k
+from model.evaluation.metrics import summary
+from model.metrics import Case, accuracy, balanced_accuracy, confusion, fleiss_kappa, per_class, top_k
 from model.evaluation.predict import EvalError, consistency, predict, read_cases
 from model.evaluation.report import score
 from model.evaluation.review import STATEMENTS, review_packet, review_score

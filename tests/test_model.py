@@ -38,6 +38,18 @@ def test_wrong_type_and_invalid_values():
         preset("gpt-5")
 
 
+def test_a_choice_outside_its_literal_names_the_field_the_choices_and_the_file(tmp_path):
+    from model.training.config import StepConfig
+
+    (tmp_path / "c.yaml").write_text("preprocess:\n  interpolation: lanczos\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: config.preprocess.interpolation must be 'bicubic', 'bilinear' "
+                                          r"or 'nearest', got 'lanczos'"):
+        SkinGPTConfig.from_yaml(tmp_path / "c.yaml")
+    (tmp_path / "s.yaml").write_text("precision: fp8\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: step.precision must be 'auto', 'fp32', 'bf16' or 'fp16'"):
+        StepConfig.from_yaml(tmp_path / "s.yaml")
+
+
 def test_full_presets_on_meta_match_published_counts():
     info = describe(preset("skingpt4-vicuna13b"))
     p = info["parameters"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model import metrics
 from model.clinical.ranking import RankedCondition, Ranking
 from model.errors import UserFacingError
 
@@ -179,29 +180,22 @@ def threshold_for(probs: torch.Tensor, labels: torch.Tensor, target_precision: f
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
     """ECE over equal-width confidence bins: the gap between confidence and accuracy, weighted."""
-    return calibration_error(*top_confidence(probs, labels), bins)
+    confidence, correct = top_confidence(probs, labels)
+    return metrics.calibration_error(confidence.tolist(), correct.tolist(), bins)
 
 
-def calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 10) -> float:
-    """ECE from each case's top confidence and whether its top condition was right (0/1)."""
-    total = 0.0
-    for i in range(bins):
-        low, high = i / bins, (i + 1) / bins
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            total += inside.float().mean().item() * abs(confidence[inside].mean().item() - correct[inside].mean().item())
-    return total
+def _cases(probs: torch.Tensor, labels: torch.Tensor, k: int) -> list[metrics.Case]:
+    """(N, C) probabilities and (N,) class indices as ranked cases (class indices as names)."""
+    top = probs.topk(min(k, probs.shape[-1]), dim=-1).indices.tolist()
+    return [metrics.Case(str(label), tuple(map(str, ranked))) for label, ranked in zip(labels.tolist(), top)]
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1).indices
-    return (top == labels.unsqueeze(-1)).any(-1).float().mean().item()
+    return metrics.top_k(_cases(probs, labels, k), k)
 
 
 def balanced_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    pred = probs.argmax(-1)
-    recalls = [(pred[labels == c] == c).float().mean().item() for c in labels.unique()]
-    return sum(recalls) / len(recalls)
+    return metrics.balanced_accuracy(_cases(probs, labels, 1))
 
 
 def reliability_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, bins: int = 10) -> None:
@@ -220,7 +214,8 @@ def reliability_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path:
             if inside.any():
                 xs.append(confidence[inside].mean().item())
                 ys.append(correct[inside].mean().item())
-        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {calibration_error(confidence, correct, bins):.3f})")
+        ece = metrics.calibration_error(confidence.tolist(), correct.tolist(), bins)
+        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
     ax.set(xlabel="confidence of the top condition", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
            title="Differential head reliability")
     ax.legend(loc="upper left", fontsize=8)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from model.evaluation.labels import LabelSet, _norm
-from model.evaluation.metrics import Case, summary
+from model.evaluation.metrics import summary
+from model.metrics import Case, calibration_error
 from model.evaluation.predict import EvalError, read_predictions
 
 
@@ -52,7 +53,7 @@ def differential_score(rows: list[dict], labels: LabelSet, n_boot: int, seed: in
     calibration (ECE before and after temperature scaling, a reliability plot)."""
     import torch
 
-    from model.clinical.differential import calibration_error, reliability_plot
+    from model.clinical.differential import reliability_plot
 
     scored = [r for r in rows if r.get("differential") and r.get("label") is not None and not r.get("error")]
     if not scored:
@@ -68,8 +69,8 @@ def differential_score(rows: list[dict], labels: LabelSet, n_boot: int, seed: in
         correct.append(float(bool(ranked) and ranked[0] == truth))
     block = summary(cases, labels.classes, n_boot, seed)
     correct_t = torch.tensor(correct)
-    block["ece_before"] = calibration_error(torch.tensor(raw), correct_t)
-    block["ece_after"] = calibration_error(torch.tensor(confidence), correct_t)
+    block["ece_before"] = calibration_error(raw, correct)
+    block["ece_after"] = calibration_error(confidence, correct)
     if plot_dir is not None:
         reliability_plot({"before": (torch.tensor(raw), correct_t),
                           "after temperature scaling": (torch.tensor(confidence), correct_t)},

@@ -19,7 +19,7 @@ import numpy as np
 
 from model.errors import UserFacingError
 from model.i18n.catalog import LANGUAGES, text
-from model.evaluation.metrics import bootstrap_ci, fleiss_kappa
+from model.metrics import bootstrap_ci, fleiss_kappa
 from model.evaluation.predict import read_predictions
 
 STATEMENTS = text("en", "review.statements")  # key -> statement; the sheets' columns are the keys

@@ -1,18 +1,21 @@
 """Typed configuration for every part of the SkinGPT stack.
 
 One frozen dataclass per part. Defaults live here and nowhere else; a YAML file round-trips through
-`to_dict` / `from_dict`, and a key this module does not know is an error, never silently dropped.
+`to_dict` / `from_dict`, validated by pydantic against the dataclasses' own types (`Literal`
+choices, fixed-length tuples), and a key this module does not know is an error, never silently
+dropped. Every message names the field by its dotted path, and the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import yaml
 
 from model.errors import UserFacingError
@@ -94,14 +97,12 @@ class PreprocessConfig:
     """How a photo becomes pixels; stored with the weights it was trained with."""
 
     image_size: int = 224
-    interpolation: str = "bicubic"
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP constants
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     train_min_scale: float = 0.5  # random resized crop keeps 50-100% of the area in training
 
     def __post_init__(self) -> None:
-        require(self.interpolation in ("bicubic", "bilinear", "nearest"),
-                 f"preprocess.interpolation must be bicubic, bilinear or nearest, not {self.interpolation!r}")
         require(len(self.mean) == 3 and len(self.std) == 3, "preprocess.mean and std need three values (RGB)")
         require(0.0 < self.train_min_scale <= 1.0, "preprocess.train_min_scale must be in (0, 1]")
 
@@ -244,41 +245,69 @@ def dataclass_from_yaml(cls: type, path: str | Path, where: str) -> Any:
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a plain dict, recursing into nested dataclasses; reject unknown keys."""
+    """Build dataclass `cls` from a plain dict with pydantic (nested dataclasses, `Literal` choices,
+    tuples of fixed length; unknown keys are errors); every problem named by its dotted path."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
-                          f"allowed: {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
     try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from err
+        return _adapter(cls).validate_python(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(_explain(err.errors(), cls, where)) from None
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{where} must be a list, got {value!r}")
-            return tuple(_coerce(args[0], v, where) for v in value)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where} must be a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
-    return value
+@functools.cache
+def _adapter(cls: type) -> pydantic.TypeAdapter:
+    _forbid_extra(cls)
+    return pydantic.TypeAdapter(cls)
+
+
+def _forbid_extra(cls: type) -> None:
+    """Unknown keys are errors in `cls` and every dataclass inside it."""
+    cls.__pydantic_config__ = pydantic.ConfigDict(extra="forbid")
+    for hint in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(hint):
+            _forbid_extra(hint)
+
+
+_KINDS = {"int": "int", "float": "float", "string": "str", "bool": "true or false", "dict": "a mapping",
+          "list": "a list", "tuple": "a list"}
+
+
+def _explain(errors: list[dict], cls: type, where: str) -> str:
+    """pydantic's errors in this project's words: the first one, with the keys it allows."""
+    error = errors[0]
+    loc = [str(p) for p in error["loc"]]
+    kind, value = error["type"], error.get("input")
+    names = [p for p in loc if not p.isdigit()]  # the field, without a tuple's item index
+    if kind in _UNKNOWN:
+        owner = _hint(cls, names[:-1])
+        unknown = sorted(str(e["loc"][-1]) for e in errors if e["type"] in _UNKNOWN
+                         and [str(p) for p in e["loc"][:-1]] == names[:-1])
+        allowed = ", ".join(sorted(f.name for f in dataclasses.fields(owner)))
+        return f"unknown key(s) {', '.join(map(repr, unknown))} in {'.'.join([where, *names[:-1]])}; allowed: {allowed}"
+    path = ".".join([where, *names])
+    if kind == "value_error":  # a rule of the dataclass itself (its __post_init__)
+        message = str(error.get("ctx", {}).get("error") or error["msg"]).removeprefix("Value error, ")
+        return f"{path}: {message}" if names else f"{where}: {message}"
+    if kind == "literal_error":
+        return f"{path} must be {error['ctx']['expected']}, got {value!r}"
+    hint = _hint(cls, names)
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[-1] is not Ellipsis:
+        return f"{path} must be a list of {len(typing.get_args(hint))} numbers, got {value!r}"
+    wanted = next((word for prefix, word in _KINDS.items() if kind.startswith(prefix)), None)
+    if wanted is not None:
+        return f"{path} must be {wanted}, got {value!r}"
+    return f"{path}: {error['msg']}"
+
+
+_UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
+
+
+def _hint(cls: type, names: list[str]) -> Any:
+    """The type at a dotted path of fields inside dataclass `cls`."""
+    hint: Any = cls
+    for name in names:
+        if not dataclasses.is_dataclass(hint):
+            break
+        hint = typing.get_type_hints(hint).get(name, hint)
+    return hint

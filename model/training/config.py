@@ -1,9 +1,11 @@
-"""A training step as one strict YAML file (unknown keys are errors), with the paper's defaults."""
+"""A training step as one strict YAML file (validated by pydantic: unknown keys, wrong types and
+choices outside a `Literal` are errors naming the field and the file), with the paper's defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from model.nn.config import dataclass_from_yaml, require, to_plain
 
@@ -43,7 +45,7 @@ class StepConfig:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS  # instructions for caption records; each has <ImageHere>
     trainable: tuple[str, ...] = ("proj",)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     grad_checkpointing: bool = False
     save_every: int = 1000  # optimizer steps between checkpoints
     log_every: int = 10
@@ -59,7 +61,6 @@ class StepConfig:
         unknown = sorted(set(self.trainable) - set(TRAINABLE))
         require(not unknown, f"trainable: unknown part(s) {unknown}; choose from {', '.join(TRAINABLE)}")
         require(bool(self.trainable), "trainable: name at least one part")
-        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision must be auto, fp32, bf16 or fp16")
         require(bool(self.prompts) and all("<ImageHere>" in p for p in self.prompts),
                  "every prompt must contain <ImageHere> (where the image goes)")
 

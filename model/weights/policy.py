@@ -9,14 +9,18 @@ GPU by default), `ln_vision` in fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import nn
 
 from model.errors import UserFacingError
 
-QUANT_MODES = ("auto", "none", "int8", "nf4", "int8w", "int4")
+Quantize = Literal["auto", "none", "int8", "nf4", "int8w", "int4"]
+Dtype = Literal["auto", "fp32", "fp16", "bf16"]
+EncoderCompute = Literal["auto", "stored"]  # stored: the encoder computes in the dtype it is stored in
+
+QUANT_MODES = get_args(Quantize)
 WEIGHT_ONLY = ("int8w", "int4")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,16 +32,18 @@ class PolicyError(UserFacingError, ValueError):
 @dataclass(frozen=True)
 class LoadPolicy:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | fp32 | fp16 | bf16
-    quantize: str = "none"  # auto | none | int8 | nf4 | int8w | int4
-    encoder_compute: str = "auto"  # auto | stored: on a CPU, a half-precision encoder computes in fp32 where faster
+    dtype: Dtype = "auto"
+    quantize: Quantize = "none"
+    encoder_compute: EncoderCompute = "auto"  # auto: on a CPU, a half-precision encoder computes in fp32 where faster
 
     def __post_init__(self) -> None:
+        """Built from flags and settings, not from a file: the Literal choices are checked here, each
+        refusal naming the field and what it takes."""
         if self.quantize not in QUANT_MODES:
             raise PolicyError(f"quantize must be one of {', '.join(QUANT_MODES)}, not {self.quantize!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        if self.dtype not in get_args(Dtype):
             raise PolicyError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.encoder_compute not in ("auto", "stored"):
+        if self.encoder_compute not in get_args(EncoderCompute):
             raise PolicyError(f"encoder_compute must be auto or stored, not {self.encoder_compute!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise PolicyError(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
