@@ -30,11 +30,14 @@ def private_root() -> Path:
     Must run before the Gradio app is created."""
     global _ROOT
     if _ROOT is None:
+        os.umask(0o077)  # every file this process writes (Gradio's too) is its user's alone: 0600 / 0700
         base = Path(tempfile.gettempdir())
         remove_orphans(base)
         _ROOT = Path(tempfile.mkdtemp(prefix=PREFIX, dir=base))
         os.chmod(_ROOT, 0o700)
-        (_ROOT / OWNER_FILE).write_text(_identity(os.getpid()) or str(os.getpid()))
+        owner = os.open(_ROOT / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(owner, "w") as handle:
+            handle.write(_identity(os.getpid()) or str(os.getpid()))
         os.environ["GRADIO_TEMP_DIR"] = str(_ROOT)
         tempfile.tempdir = str(_ROOT)  # multipart uploads spool here too, not in the shared /tmp
         atexit.register(wipe_root)
@@ -116,12 +119,14 @@ def remove_upload(path: Path, root: Path) -> None:
     if not _is_upload(path, root):
         return
     path.unlink(missing_ok=True)
-    parent = path.parent
-    if parent != root.resolve():
+    root = root.resolve()
+    for parent in path.parents:  # the folders it came in, up to (not including) the top ones
+        if parent in (root, root / "uploads"):
+            break
         try:
             parent.rmdir()  # only succeeds when empty
         except OSError:
-            pass  # other uploads still in it, or another request removed it first
+            break  # other uploads still in it, or another request removed it first
 
 
 def sweep_uploads(root: Path, older_than_s: float) -> int:

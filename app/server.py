@@ -1,4 +1,8 @@
-"""Start the app: check settings, route files to the private directory, load, serve on loopback."""
+"""Start the app: check settings, route files to the private directory, load, serve on loopback.
+
+The HTTP side is one FastAPI app of ours: the /v1 API, then Gradio mounted at /, all behind `Guard`
+(host allowlist, same-origin state changes, JSON for the API, bounded bodies), run by uvicorn.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from app.settings import AppSettings
+from app.settings import AppSettings, is_loopback
+
+MAX_UPLOAD_MB = 25  # one photo, as the decoder takes it
+_BODY_LIMIT = 2 * 2**20  # the page's own requests: a question and its settings
 
 
 def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None] = print,
           block: bool = True):
     settings.check_safe()  # before anything is loaded or bound
+    keys = settings.api_keys() if not settings.no_api else []
     from app.privacy import private_root
 
     root = private_root()  # before Gradio creates its app, so uploads land in it
@@ -28,13 +36,15 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
 
     from app.settings import default_cache_dir
     from app.web.handlers import Handlers, SessionStore
-    from app.web.ui import CSS, JS, THEME, build
+    from app.web.ui import build
+    from app.web.uploads import Uploads
 
     policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
     say(f"[1/3] verifying and loading {bundle} ...")
     record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
     kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
     engine = open_engine(bundle, policy, record=record, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes,
+                         request_timeout_s=settings.request_timeout_s,
                          say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
     loaded = engine.loaded
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
@@ -42,39 +52,126 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
             else "idle consultations' KV caches within")
     say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} {engine.kv_cache_bytes / 2**30:.1f} GiB")
+    uploads = Uploads(root)
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
-                        upload_ttl_s=settings.upload_ttl_s)
+                        upload_ttl_s=settings.upload_ttl_s, uploads=uploads)
     concurrency = settings.concurrency or 2 * engine.max_batch  # beyond the batch, the engine's queue says the place
-    app = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency)
-    app.queue(default_concurrency_limit=concurrency)
+    blocks = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency)
+    blocks.queue(default_concurrency_limit=concurrency)
+    app = _http_app(settings, blocks, engine, keys, uploads)
     _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2))
     say("[3/3] starting the web server ...")
-    app.launch(server_name=settings.host, server_port=settings.port, auth=settings.credentials(), share=False,
-               theme=THEME, css=CSS, js=JS, max_file_size="25mb", ssr_mode=False, show_error=False, quiet=True,
-               prevent_thread_lock=True, enable_monitoring=False, pwa=False, mcp_server=False,
-               run_history=False,  # Gradio would otherwise keep every photo and answer in the browser's storage
-               footer_links=["api", "settings"])
+    server = _run_server(app, settings.host, settings.port)
     if not settings.no_api:
-        from app.api.chat import ChatAPI, mount
-
-        mount(app.app, ChatAPI(engine, loaded.config.name), settings.api_key)
-        say(f"OpenAI-compatible API at /v1 (model {loaded.config.name!r}"
-            f"{', key required' if settings.api_key else ', no key: loopback only'})")
+        say(f"OpenAI-compatible API at /v1 (model {loaded.config.name!r}, "
+            f"{_key_line(keys)})")
+    if settings.api_key_file or settings.api_key:
+        say("      the API key guards /v1 only; the web page asks for --auth (a password) when one is set")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     say(f"SkinGPT is running at http://{host}:{settings.port}/  (private files: {root})")
     if demo_mode:
         say("DEMO MODE: random weights; answers mean nothing.")
     if block:
-        app.block_thread()
-    return app
+        while server.started and not server.should_exit:
+            time.sleep(0.5)
+    return server
+
+
+def _key_line(keys: list[str]) -> str:
+    if not keys:
+        return "no key: loopback only; cached prefixes shared only by requests with the same prompt_cache_key"
+    if len(keys) == 1:
+        return "key required; cached prefixes shared only by requests with the same prompt_cache_key"
+    return f"{len(keys)} keys, each caller's cached prefixes its own"
+
+
+def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads):
+    """Our FastAPI app: the API, Gradio at /, our upload route, no CORS unless configured, behind Guard."""
+    import gradio as gr
+    from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from app.api.chat import MAX_BODY_BYTES, APIError, ChatAPI, error_response, router
+    from app.guard import Guard, HostPolicy, Limits
+    from app.web.ui import CSS, JS, THEME
+    from app.web.uploads import own_upload_route
+
+    from app.settings import MAX_PHOTOS
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    # Configured here, the parent's CORS layer replaces Gradio's own (which lets any page on localhost in).
+    app.add_middleware(CORSMiddleware, allow_origins=settings.origins(), allow_methods=["GET", "POST"],
+                       allow_headers=["authorization", "content-type"])
+    app.add_exception_handler(APIError, error_response)
+    app.add_exception_handler(Exception, error_response)
+    if not settings.no_api:
+        app.include_router(router(ChatAPI(engine, engine.config.name, callers_apart=len(keys) > 1), keys))
+    own_upload_route(app, blocks, uploads, gradio_app=lambda: _gradio_app(app))  # before the mount: it answers first
+    gr.mount_gradio_app(
+        app, blocks, path="", server_name=settings.host, server_port=settings.port, auth=settings.credentials(),
+        footer_links=["api", "settings"], theme=THEME, css=CSS, js=JS, max_file_size=f"{MAX_UPLOAD_MB}mb",
+        ssr_mode=False, show_error=False, enable_monitoring=False, pwa=False, mcp_server=False,
+        run_history=False)  # Gradio would otherwise keep every photo and answer in the browser's storage
+    hosts = HostPolicy.for_server(settings.host, settings.host_names(), loopback=is_loopback(settings.host))
+    limits = Limits(_BODY_LIMIT, {"/v1/": MAX_BODY_BYTES,
+                                  "/gradio_api/upload": MAX_PHOTOS * MAX_UPLOAD_MB * 2**20 + 2**20})
+    return Guard(app, hosts, limits, origins=settings.origins())
+
+
+def _gradio_app(app):
+    from starlette.routing import Mount
+
+    for route in app.routes:
+        if isinstance(route, Mount):
+            return route.app
+    raise RuntimeError("Gradio was not mounted")
+
+
+def _run_server(app, host: str, port: int):
+    """uvicorn in a thread; returns once it listens (or says why it cannot)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="http-server", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise SystemExit(f"error: cannot listen on {host}:{port} (is another server using the port? "
+                             f"choose another with --port or SKINGPT_PORT)")
+        time.sleep(0.05)
+    return server
 
 
 def _start_sweeper(handlers, every_s: float) -> None:
     """Wipe consultations left idle past their time to live (a tab closed without notice), and photos
-    attached but never sent."""
+    attached but never sent; then hand freed native memory back to the system."""
+    trim = _native_heap()
+
     def loop() -> None:
         while True:
             time.sleep(every_s)
             handlers.sweep()
+            if trim is not None:
+                trim(0)
 
     threading.Thread(target=loop, name="session-sweeper", daemon=True).start()
+
+
+def _native_heap():
+    """glibc malloc capped at two arenas; its `malloc_trim` (None on another C library).
+
+    glibc gives threads that allocate at once arenas of their own (up to 8 per core) and keeps what
+    they free for reuse. Serving allocates tensors from many threads (the scheduler, photo encoders,
+    the web server's workers), so RSS crept up with no Python object behind it. The soak (same load,
+    same 0.25 GB KV budget, 30 minutes) measured the difference: see README, "Memory over hours"."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+MAX_PHOTOS = 8  # photos one consultation may hold, on the page and through the API
 
 
 class SettingsError(ValueError):
@@ -18,13 +23,19 @@ class AppSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SKINGPT_", extra="forbid")
 
     weights: str | None = None  # a bundle directory; None: the demo bundle
-    quantize: str = "auto"  # auto | none | int8 | nf4 (bitsandbytes) | int8w | int4 (PyTorch CPU kernels)
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"
+    # the load policy's choices (model.weights.policy: Quantize, Dtype), written again so that reading the
+    # settings imports no torch (a test holds them equal)
+    quantize: Literal["auto", "none", "int8", "nf4", "int8w", "int4"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     host: str = "127.0.0.1"
     port: int = 7860
     auth: str | None = None  # "user:password"
-    api_key: str | None = None  # the OpenAI-compatible API's bearer key (required off loopback)
+    api_key: str | None = None  # the API's bearer key(s), comma-separated: one per caller (required off loopback)
+    api_key_file: str | None = None  # more keys, one a line ('#' starts a comment)
+    allowed_hosts: str | None = None  # comma-separated names the server may be reached by (a reverse proxy's); *: any
+    cors_origins: str | None = None  # comma-separated origins whose pages may call the server; default none
+    request_timeout_s: float = Field(600.0, gt=0)  # one answer, queue wait included; then it stops with a message
     no_api: bool = False  # serve the web page only, no /v1 API
     max_batch: int = Field(8, ge=1, le=256)  # answers decoded together on the device, in one batch
     kv_cache_gb: float | None = Field(None, gt=0)  # idle consultations' KV caches; default a third of free memory
@@ -38,8 +49,36 @@ class AppSettings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _key_form(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) < 8 or any(c.isspace() for c in value)):
-            raise ValueError("the API key must be at least 8 characters, without spaces")
+        if value is not None:
+            _check_keys(value.split(","))
+        return value
+
+    def api_keys(self) -> list[str]:
+        """Every bearer key: those of `api_key`, then those of `api_key_file`."""
+        keys = [k for k in (self.api_key or "").split(",") if k]
+        if self.api_key_file:
+            try:
+                lines = Path(self.api_key_file).read_text().splitlines()
+            except OSError as err:
+                raise SettingsError(f"cannot read the API key file {self.api_key_file}: {err.strerror}") from None
+            found = [line.split("#", 1)[0].strip() for line in lines]
+            try:
+                keys += _check_keys([k for k in found if k], where=f" in {self.api_key_file}")
+            except ValueError as err:
+                raise SettingsError(str(err)) from None
+        return keys
+
+    def host_names(self) -> list[str]:
+        return [h.strip().lower() for h in (self.allowed_hosts or "").split(",") if h.strip()]
+
+    def origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"should be auto, cpu, cuda or cuda:N (a GPU's number), not {value!r}")
         return value
 
     @field_validator("auth")
@@ -61,10 +100,31 @@ class AppSettings(BaseSettings):
             raise SettingsError(
                 f"refusing to listen on {self.host}: other machines could reach the app without a password. "
                 f"Add --auth user:password (or SKINGPT_AUTH), or keep the default host 127.0.0.1")
-        if not is_loopback(self.host) and not self.no_api and not self.api_key:
+        if not is_loopback(self.host) and not self.no_api and not self.api_keys():
             raise SettingsError(
                 f"refusing to listen on {self.host}: other machines could use the API without a key. Set "
                 f"SKINGPT_API_KEY (or --api-key), or switch the API off with --no-api")
+
+
+def _check_keys(keys: list[str], where: str = "") -> list[str]:
+    for key in keys:
+        if len(key) < 8 or any(c.isspace() for c in key):
+            raise ValueError(f"an API key{where} is too short or has spaces: each key needs at least 8 characters "
+                             f"and no spaces (for example the output of: python -c \"import secrets; "
+                             f"print(secrets.token_urlsafe(24))\")")
+    return keys
+
+
+def problems(err) -> str:
+    """A pydantic ValidationError of the settings as one plain line per setting: what is wrong and
+    where to change it (the flag, or the SKINGPT_* variable), never pydantic's own dump."""
+    lines = []
+    for item in err.errors():
+        name = str(item["loc"][0]) if item["loc"] else "settings"
+        flag, variable = "--" + name.replace("_", "-"), "SKINGPT_" + name.upper()
+        message = str(item.get("ctx", {}).get("error") or item["msg"]).removeprefix("Value error, ")
+        lines.append(f"{flag} / {variable}: {message}")
+    return "; ".join(lines)
 
 
 def default_cache_dir() -> Path:

@@ -17,8 +17,17 @@ def register(sub) -> None:
     serve.add_argument("--host", help="default 127.0.0.1; any other address needs --auth")
     serve.add_argument("--port", type=int, help="default 7860")
     serve.add_argument("--auth", help="user:password, required off loopback")
-    serve.add_argument("--api-key", help="bearer key of the OpenAI-compatible API (better: SKINGPT_API_KEY, which "
-                                         "other users cannot read in the process list); required off loopback")
+    serve.add_argument("--api-key", action="append",
+                       help="bearer key of the OpenAI-compatible API; repeat it (or comma-separate keys) for one key "
+                            "per caller, each with a prefix cache of its own (better: SKINGPT_API_KEY or "
+                            "--api-key-file, which other users cannot read in the process list); required off loopback")
+    serve.add_argument("--api-key-file", help="a file of API keys, one a line ('#' starts a comment)")
+    serve.add_argument("--allowed-hosts", help="comma-separated host names the server answers to besides loopback "
+                                               "and --host (a reverse proxy's name); * for any")
+    serve.add_argument("--cors-origins", help="comma-separated origins (https://app.example) whose pages may call "
+                                              "the server; default none")
+    serve.add_argument("--request-timeout-s", type=float, help="longest one answer may take, queue included "
+                                                               "(default 600)")
     serve.add_argument("--no-api", action="store_true", help="no /v1 API, the web page only")
     serve.set_defaults(func=run)
 
@@ -26,15 +35,21 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from app.settings import AppSettings, SettingsError
+    from app.settings import AppSettings, SettingsError, problems
 
-    flags = {k: getattr(args, k) for k in ("weights", "quantize", "device", "dtype", "host", "port", "auth", "api_key")}
+    names = ("weights", "quantize", "device", "dtype", "host", "port", "auth", "api_key_file", "allowed_hosts",
+             "cors_origins", "request_timeout_s")
+    flags = {k: getattr(args, k) for k in names}
+    flags["api_key"] = ",".join(args.api_key) if args.api_key else None
     if args.no_api:
         flags["no_api"] = True
     try:
         settings = AppSettings(**{k: v for k, v in flags.items() if v is not None})
         settings.check_safe()
-    except (ValidationError, SettingsError) as err:
+    except ValidationError as err:
+        print(f"error: {problems(err)}", file=sys.stderr)
+        return 2
+    except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     bundle = bundle_path(settings.weights)

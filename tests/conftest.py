@@ -103,6 +103,7 @@ def server(tmp_path_factory):
 
 
 API_KEY = "test-key-0123456789"
+SECOND_KEY = "second-caller-key-0123456789"  # another caller: a prefix cache of its own
 
 
 @pytest.fixture(scope="session")
@@ -112,4 +113,4 @@ def api_server(server, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("api-server")
     shutil.copytree(server.log.parent / "demo", work / "demo")
-    yield from start_server(work, SKINGPT_API_KEY=API_KEY, SKINGPT_MAX_BATCH="1")
+    yield from start_server(work, SKINGPT_API_KEY=f"{API_KEY},{SECOND_KEY}", SKINGPT_MAX_BATCH="1")

@@ -428,7 +428,7 @@ def test_a_hostile_attached_path_outside_the_uploads_is_never_deleted(app, tmp_p
 
 
 def test_photos_per_consultation_and_in_memory_are_bounded(app):
-    from app.web.session import MAX_PHOTOS
+    from app.settings import MAX_PHOTOS
 
     handlers, engine, root = app
     for i in range(MAX_PHOTOS):

@@ -108,10 +108,15 @@ def test_bench_tiny_random_init_json():
 
 
 def test_the_cli_offers_exactly_the_load_policy_modes():
+    import typing
+
+    from app.settings import AppSettings
     from cli.common import QUANTIZE_MODES
-    from model.weights.policy import QUANT_MODES
+    from model.weights.policy import QUANT_MODES, Dtype
 
     assert QUANTIZE_MODES == QUANT_MODES
+    assert typing.get_args(AppSettings.model_fields["quantize"].annotation) == QUANT_MODES
+    assert typing.get_args(AppSettings.model_fields["dtype"].annotation) == typing.get_args(Dtype)
 
 
 def test_the_cli_offers_exactly_the_bundle_quantisation_modes():

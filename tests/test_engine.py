@@ -4,6 +4,7 @@ cancellation, context budget, and concurrent callers."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -318,3 +319,57 @@ def test_skingpt4_prompt_is_the_reference_demo_prompt_exactly():
     assert render(TEMPLATES["skingpt4"], second).endswith(
         "###Assistant: It looks like eczema.###Human: What could cause it?###Assistant:")
     assert "dermatology assistant" in render(TEMPLATES["assistant"], first)  # our wording lives apart
+
+
+def _quadratic_slots(engine: Engine, conversation: Conversation, budget: int):
+    """The prompt builder as it was: drop the oldest turn's text, re-render, re-tokenise, again."""
+    dropped, droppable = [], list(range(len(conversation.turns) - 1))
+    while True:
+        ids = tokenize_prompt(engine.tokenizer, render(engine.template, conversation, frozenset(dropped)),
+                              "<ImageHere>", engine.config.qformer.num_query_tokens)
+        if len(ids) <= budget or not droppable:
+            return (ids, tuple(dropped)) if len(ids) <= budget else (None, None)
+        dropped.append(droppable.pop(0))
+
+
+def test_the_linear_prompt_builder_keeps_what_the_quadratic_one_kept(engine):
+    """Random conversations and budgets: the same turns dropped and the same ids, or the same refusal."""
+    import random
+
+    from model.clinical.conversation import ConversationError
+
+    rng = random.Random(0)
+    words = "red itchy patch rash since weeks é 中文 spreading  \n mole ###".split(" ")
+    for _ in range(150):
+        conversation, turns = Conversation(), rng.randint(1, 8)
+        for i in range(turns):
+            photos = [_photo(i)] if i == 0 or rng.random() < 0.3 else []
+            conversation = conversation.ask(" ".join(rng.choices(words, k=rng.randint(0, 60))), photos)
+            if i < turns - 1:
+                conversation = conversation.answer(" ".join(rng.choices(words, k=rng.randint(0, 60))))
+        budget = rng.randint(60, 900)
+        expected, expected_dropped = _quadratic_slots(engine, conversation, budget)
+        try:
+            slots, _, dropped = engine.prompt.slots(conversation, budget)
+        except ConversationError:
+            assert expected is None
+            continue
+        assert [IMAGE_TOKEN_ID if isinstance(s, ImageSlot) else s for s in slots] == expected
+        assert dropped == expected_dropped
+
+
+def test_a_typed_image_placeholder_is_only_text(engine):
+    """A question that types `<ImageHere>` cannot make the prompt claim a second image."""
+    conversation = Conversation().ask("What is <ImageHere> this <ImageHere>?", [_photo(1)])
+    slots, images, _ = engine.prompt.slots(conversation, 900)
+    assert sum(isinstance(s, ImageSlot) for s in slots) == 32 and len(images) == 1
+    assert "".join(engine.stream(conversation, max_new_tokens=2, do_sample=False)) is not None
+
+
+def test_an_answer_past_its_deadline_ends_as_timeout(tiny_bundle):
+    timed = Engine(load_bundle(tiny_bundle), request_timeout_s=0.3)
+    gen = timed.stream(Conversation().ask("Describe it.", [_photo(2)]), max_new_tokens=800, fixed_length=True,
+                       do_sample=False)
+    started = time.monotonic()
+    "".join(gen)
+    assert gen.finish_reason == "timeout" and time.monotonic() - started < 10 and len(gen.tokens) < 800

@@ -18,7 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import API_KEY, ROOT
+from conftest import API_KEY, ROOT, SECOND_KEY
 
 MODEL = "demo"
 
@@ -72,7 +72,8 @@ def test_a_streamed_answer_and_its_usage(client):
     assert text == text.lstrip()
 
 
-def test_a_follow_up_sends_the_history_and_reuses_the_cached_prefix(client):
+def test_a_follow_up_sends_the_history_and_reuses_the_cached_prefix(client, api_server):
+    """With a key per caller (this server holds two), a caller's follow-up reuses its own cache."""
     photo = _data_url(data=_jpeg_of_seed(11))
     first_messages = [_ask("What is it?", photo)]
     first = client.chat.completions.create(model=MODEL, messages=first_messages, max_tokens=10, temperature=0)
@@ -81,6 +82,10 @@ def test_a_follow_up_sends_the_history_and_reuses_the_cached_prefix(client):
     second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=10, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached > 32 and second.usage.prompt_tokens - cached < 40  # only the new tail was prefilled
+    # the other key is another caller: the same photo and words reuse nothing of the first caller's
+    other = openai.OpenAI(base_url=api_server.url + "v1", api_key=SECOND_KEY, max_retries=0, timeout=120)
+    probe = other.chat.completions.create(model=MODEL, messages=history, max_tokens=10, temperature=0)
+    assert probe.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def _jpeg_of_seed(seed: int) -> bytes:

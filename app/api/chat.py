@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
@@ -26,16 +27,16 @@ from typing import Any, Iterator, Literal
 from fastapi import Request  # at module level: FastAPI reads the routes' annotations by name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.clinical.conversation import Conversation, ConversationError, ImageInput
+from model.clinical.conversation import Conversation, ConversationError, ImageInput, Turn
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
 from model.images.decode import MAX_BYTES, ImageError, ImageTooLarge, decode_photo
 
-from app.web.session import MAX_PHOTOS
+from app.settings import MAX_PHOTOS
 
 log = logging.getLogger("skingpt.api")
 
-MAX_BODY_BYTES = 4 * MAX_BYTES  # a few photos in base64 (4/3 of their size) and the text
+MAX_BODY_BYTES = 40 * 2**20  # the largest photo in base64 (4/3 of its 25 MB) and the text; refused while read
 MAX_TEXT_CHARS = 8000  # one message
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,(.*)", re.DOTALL)
 _FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length"}
@@ -85,9 +86,10 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)
     stop: str | list[str] | None = None
     n: int | None = None
+    prompt_cache_key: str | None = Field(None, min_length=1, max_length=256)  # OpenAI's name: which cache to share
 
 
 @dataclass
@@ -96,13 +98,27 @@ class Prepared:
     settings: dict[str, Any]
     stream: bool
     prompt_images: int
+    cache_key: str | None = None
 
 
 class ChatAPI:
-    def __init__(self, engine, model_id: str, max_queue: int | None = None) -> None:
+    """`callers_apart`: the server holds a key per caller, so a caller (its key) is a cache family of
+    its own. Otherwise callers cannot be told apart, and a request reuses only what requests with the
+    same `prompt_cache_key` left: a caller who does not send one shares nothing, and learns nothing
+    from `cached_tokens` or from timing about what others sent."""
+
+    def __init__(self, engine, model_id: str, max_queue: int | None = None, callers_apart: bool = False) -> None:
         self.engine, self.model_id = engine, model_id
         self.max_queue = max_queue if max_queue is not None else 4 * engine.max_batch
+        self.callers_apart = callers_apart
         self.created = int(time.time())
+
+    def cache_family(self, caller: str | None, cache_key: str | None) -> str | None:
+        """The session-name prefix whose cached prefixes this request may reuse (None: none)."""
+        parts = [p for p in (caller if self.callers_apart else None, cache_key) if p is not None]
+        if not parts:
+            return None
+        return "api:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32] + ":"
 
     # -- GET /v1/models ------------------------------------------------------------------------
     def models(self) -> dict[str, Any]:
@@ -137,7 +153,7 @@ class ChatAPI:
         sampling = SamplingSettings(max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p,
                                     seed=request.seed)
         settings: dict[str, Any] = {"stop": tuple(stops), **sampling.overrides()}
-        return Prepared(conversation, settings, request.stream, images)
+        return Prepared(conversation, settings, request.stream, images, request.prompt_cache_key)
 
     def _conversation(self, messages: list[_Message]) -> tuple[Conversation, int]:
         system = "\n".join(_text(m, i) for i, m in enumerate(messages) if m.role in ("system", "developer"))
@@ -162,15 +178,13 @@ class ChatAPI:
                                 "image_url part with a data:image/...;base64 URL", "image_required", "messages")
         if count > MAX_PHOTOS:
             raise APIError(400, f"at most {MAX_PHOTOS} photos per conversation", "too_many_images", "messages")
-        conversation = Conversation()
+        built = []  # the turns as one tuple: history of any length is one pass
         for n, (parts, images, answer) in enumerate(turns):
             question = " ".join(p for p in parts if p).strip()
             if n == 0 and system:
                 question = f"{system}\n\n{question}".strip()
-            conversation = conversation.ask(question or "Please describe the skin in this photo.", images)
-            if answer is not None:
-                conversation = conversation.answer(answer)
-        return conversation, count
+            built.append(Turn(question or "Please describe the skin in this photo.", tuple(images), answer))
+        return Conversation(tuple(built)), count
 
     def _user_content(self, message: _Message, index: int) -> tuple[str, list[ImageInput]]:
         if isinstance(message.content, str) or message.content is None:
@@ -208,19 +222,22 @@ class ChatAPI:
         except ImageError as err:
             raise APIError(400, str(err), "invalid_image", where) from None
 
-    def start(self, prepared: Prepared):
+    def start(self, prepared: Prepared, caller: str | None = None):
         """Hand the request to the engine (or refuse it when the queue is full)."""
         if self.engine.scheduler.queued >= self.max_queue:
             raise APIError(503, "the server is busy; try again in a few seconds", "server_busy", kind="server_error",
                            headers={"Retry-After": "5"})
-        return self.engine.stream(prepared.conversation, prefix_cache="api:", **prepared.settings)
+        family = self.cache_family(caller, prepared.cache_key)
+        return _run(lambda: self.engine.stream(prepared.conversation, prefix_cache=family, **prepared.settings))
 
-    def complete(self, prepared: Prepared) -> dict[str, Any]:
+    def complete(self, prepared: Prepared, generation=None) -> dict[str, Any]:
         """A whole (non-streamed) answer."""
         started = time.perf_counter()
-        generation = self.start(prepared)
+        generation = generation or self.start(prepared)
         text = _run(lambda: "".join(generation))
         _log(generation, started)
+        if generation.finish_reason == "timeout":
+            raise self._timeout()
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_id, "choices": [{
                     "index": 0, "message": {"role": "assistant", "content": text.strip()},
@@ -244,7 +261,14 @@ class ChatAPI:
             if piece:
                 yield chunk({"content": piece})
         _log(generation, started)
+        if generation.finish_reason == "timeout":
+            raise self._timeout()
         yield chunk({}, _FINISH.get(generation.finish_reason, "stop"), usage=_usage(generation))
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the answer took longer than this server's limit of "
+                             f"{self.engine.request_timeout_s:.0f} s (SKINGPT_REQUEST_TIMEOUT_S); ask for fewer tokens "
+                             f"(max_tokens), or try again when the server is less busy", "timeout", kind="server_error")
 
 
 def _run(call):
@@ -287,81 +311,125 @@ def _log(generation, started: float) -> None:
 
 # -- HTTP -----------------------------------------------------------------------------------------
 
-def mount(fastapi_app, api: ChatAPI, api_key: str | None) -> None:
-    """Put /v1/models and /v1/chat/completions in front of the app's own routes."""
+def router(api: ChatAPI, keys: list[str]):
+    """/v1/models and /v1/chat/completions. `keys`: the bearer keys (none: no key asked; the server is
+    then on loopback). The key check is a dependency of every route; every refusal is an APIError,
+    turned into the API's error format by `error_response` (installed by the app)."""
     import anyio
-    from fastapi import APIRouter
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi import APIRouter, Depends
+    from fastapi.responses import StreamingResponse
 
-    router = APIRouter()
-
-    def error(err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
+    def caller(request: Request) -> str | None:
+        """The key this request holds (its caller), checked against every key in constant time."""
+        if not keys:
+            return None
         given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        token = (given[7:] if given.lower().startswith("bearer ") else "").encode()
+        found = None
+        for key in keys:
+            if hmac.compare_digest(token, key.encode()):
+                found = key
+        if found is None:
             raise APIError(401, "a valid API key is required: send Authorization: Bearer KEY", "invalid_api_key",
                            kind="authentication_error")
+        return found
 
-    async def body_of(request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-            raise APIError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB", "request_too_large")
-        data = bytearray()
-        async for part in request.stream():
-            data += part
-            if len(data) > MAX_BODY_BYTES:
-                raise APIError(413, f"the request is over {MAX_BODY_BYTES // 2**20} MB", "request_too_large")
-        try:
-            return json.loads(data)
-        except ValueError:
-            raise APIError(400, "the body is not valid JSON", "invalid_json") from None
+    routes = APIRouter(dependencies=[Depends(caller)])
 
-    @router.get("/v1/models")
-    async def models(request: Request):
-        try:
-            check_key(request)
-        except APIError as err:
-            return error(err)
+    @routes.get("/v1/models", response_model=ModelList)
+    async def models():
         return api.models()
 
-    @router.post("/v1/chat/completions")
-    async def completions(request: Request):
-        try:
-            check_key(request)
-            prepared = await anyio.to_thread.run_sync(api.prepare, await body_of(request))
-            if not prepared.stream:
-                return await anyio.to_thread.run_sync(api.complete, prepared)
-            generation = api.start(prepared)
-        except APIError as err:
-            return error(err)
-        except Exception as err:  # noqa: BLE001 - never a stack trace to the client; the log names the type
-            log.exception("api request failed reason=%s", type(err).__name__)
-            return error(APIError(500, "something went wrong on the server; please try again", "internal_error",
-                                  kind="server_error"))
+    @routes.post("/v1/chat/completions", response_model=None)
+    async def completions(request: Request, key: str | None = Depends(caller)):
+        prepared = await anyio.to_thread.run_sync(api.prepare, await _json_body(request))
+        generation = await anyio.to_thread.run_sync(api.start, prepared, key)
+        if not prepared.stream:
+            return await _until_disconnected(request, generation, lambda: api.complete(prepared, generation))
         return StreamingResponse(_sse(api, prepared, generation), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    async def _sse(api: ChatAPI, prepared: Prepared, generation):
-        chunks, done = api.chunks(prepared, generation), False
-        try:
-            while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-            done = True
-        except APIError as err:
-            yield f"data: {json.dumps(err.body())}\n\n"
-        finally:
-            if not done:
-                generation.close()  # a client that went away frees its batch slot at the next step
-                log.info("api stream closed by the client after tokens=%d", generation.produced)
+    return routes
 
-    before = len(fastapi_app.router.routes)
-    fastapi_app.include_router(router)
-    added = fastapi_app.router.routes[before:]
-    del fastapi_app.router.routes[before:]
-    fastapi_app.router.routes[0:0] = added  # ahead of Gradio's own routes
+
+class _ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    preset: str
+    prompt_template: str
+    max_context: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[_ModelCard]
+
+
+def error_response(request, err: Exception):
+    """Every error of the API in its own format; anything unexpected as a 500 that names nothing
+    (the log names the type, never a stack trace to the client); the web page's own, as plain text."""
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    if not isinstance(err, APIError) and not request.url.path.startswith("/v1/"):
+        log.error("request failed reason=%s", type(err).__name__)
+        return PlainTextResponse("Something went wrong on the server; please try again.", status_code=500)
+    if not isinstance(err, APIError):
+        log.error("api request failed reason=%s", type(err).__name__, exc_info=err)
+        err = APIError(500, "something went wrong on the server; please try again", "internal_error",
+                       kind="server_error")
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _json_body(request: Request) -> Any:
+    """The body as JSON (its size is bounded while it is read, in front of every route)."""
+    data = await request.body()
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+        raise APIError(400, "the body is not valid JSON", "invalid_json") from None
+
+
+async def _until_disconnected(request: Request, generation, complete):
+    """Run a whole answer; when the client goes away first, stop it at the next step."""
+    import anyio
+
+    outcome: list = []
+
+    async def answer(tasks) -> None:
+        try:
+            outcome.append(await anyio.to_thread.run_sync(complete))
+        except BaseException as err:  # noqa: BLE001 - raised again below, outside the task group
+            outcome.append(err)
+        tasks.cancel_scope.cancel()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await anyio.sleep(0.25)
+        generation.close()
+        log.info("api request closed by the client after tokens=%d", generation.produced)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(answer, tasks)
+        tasks.start_soon(watch)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _sse(api: ChatAPI, prepared: Prepared, generation):
+    import anyio
+
+    chunks, done = api.chunks(prepared, generation), False
+    try:
+        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+        done = True
+    except APIError as err:
+        yield f"data: {json.dumps(err.body())}\n\n"
+    finally:
+        if not done:
+            generation.close()  # a client that went away frees its batch slot at the next step
+            log.info("api stream closed by the client after tokens=%d", generation.produced)

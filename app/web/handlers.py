@@ -17,13 +17,15 @@ from typing import Any, Callable, Iterator
 from model.clinical.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
-from model.images.decode import ImageError, decode_photo
+from model.images.decode import ImageError, Photo, decode_photo
 from model.clinical.consultation import ask_in, extract_diagnosis
 from model.clinical.safety import red_flag_notice
 from model.i18n.catalog import LANGUAGES
 
 from app.privacy import remove_upload, sweep_uploads
-from app.web.session import MAX_PHOTOS, Consultation, Message, SessionStore, Wiped
+from app.settings import MAX_PHOTOS
+from app.web.session import Consultation, Message, SessionStore, Wiped
+from app.web.uploads import Uploads
 
 log = logging.getLogger("skingpt.app")
 
@@ -39,6 +41,7 @@ class Handlers:
     max_message_chars: int = 2000
     out_of_memory: tuple[type[BaseException], ...] = ()
     upload_ttl_s: float = 15 * 60
+    uploads: Uploads | None = None  # uploads cleaned by our upload route (None: files are read as they are)
 
     # -- submitting a message (photos and/or text) --------------------------------------------------
     def submit(self, session: str, message: dict | str | None,
@@ -46,7 +49,11 @@ class Handlers:
         state = self.store.get(session)
         state.settle()
         text, files = _split_message(message)
-        refusals = [why for why in (self._accept_photo(state, Path(path)) for path in files) if why]
+        read: dict[str, Photo | ImageError] = {}  # a photo attached twice is read once, and kept twice
+        for path in files:
+            if path not in read:
+                read[path] = self._read_photo(state, Path(path))
+        refusals = [why for why in (self._accept_photo(state, read[path]) for path in files) if why]
         if refusals:  # one message per refused photo, and the question waits for a usable one
             if text.strip():
                 refusals[-1] += " " + state.t("messages.not_sent")
@@ -80,19 +87,32 @@ class Handlers:
         with state.lock:
             state.uploads.update(Path(f) for f in files)
 
-    def _accept_photo(self, state: Consultation, path: Path) -> str | None:
-        """Decode, clean and keep one uploaded photo; the reason when it is refused."""
-        started = time.perf_counter()
+    def _read_photo(self, state: Consultation, path: Path) -> Photo | ImageError:
+        """An attached file as a clean photo, or why it is not one; the uploaded file is deleted."""
+        with state.lock:
+            state.uploads.discard(path)
+        if self.uploads is not None and self.uploads.known(path):
+            try:
+                return self.uploads.take(path)  # cleaned when it was uploaded
+            except ImageError as err:
+                return err
         try:
             data = path.read_bytes()
         except OSError:
             data = b""
         finally:
             remove_upload(path, self.store.root)  # the original may carry GPS tags: gone at once
-            with state.lock:
-                state.uploads.discard(path)
         try:
-            photo = decode_photo(data, name="That file")
+            return decode_photo(data, name="That file")
+        except ImageError as err:
+            return err
+
+    def _accept_photo(self, state: Consultation, photo: Photo | ImageError) -> str | None:
+        """Keep one photo in the consultation; the reason when it is refused."""
+        started = time.perf_counter()
+        try:
+            if isinstance(photo, ImageError):
+                raise photo
             self._check_room(state, photo.image)
         except ImageError as err:
             log.info("photo rejected session=%s reason=%s", state.id[:8], type(err).__name__)
@@ -139,8 +159,11 @@ class Handlers:
                 if not state.add_piece(answer, value):
                     break  # settled meanwhile (a newer question, a wipe): this stream is no longer shown
                 yield state.messages, self._notice(state)
-            state.finish(answer, answer.reply["content"], stopped=generation.finish_reason == "cancelled",
-                         notices=generation.notices)
+            notices = list(generation.notices)
+            if generation.finish_reason == "timeout":
+                notices.append(state.t("messages.timed_out", seconds=f"{self.engine.request_timeout_s:.0f}"))
+            state.finish(answer, answer.reply["content"], stopped=generation.finish_reason in ("cancelled", "timeout"),
+                         notices=notices)
         except self.out_of_memory:
             state.fail(answer, state.t("messages.out_of_memory"))
             log.warning("answer failed session=%s reason=out-of-memory", state.id[:8])
@@ -216,6 +239,8 @@ class Handlers:
         expired = self.store.expired()
         for key in expired:
             self._forget(self.store.remove(key))
+        if self.uploads is not None:
+            self.uploads.sweep(self.upload_ttl_s)
         sweep_uploads(self.store.root, self.upload_ttl_s)
         return len(expired)
 

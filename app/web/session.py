@@ -30,7 +30,6 @@ from model.clinical.safety import red_flags
 from app.privacy import remove_upload, session_dir
 
 Message = dict[str, Any]
-MAX_PHOTOS = 8  # photos one consultation may hold
 
 
 class Wiped(RuntimeError):

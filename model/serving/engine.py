@@ -34,8 +34,8 @@ from model.weights.policy import cpu_advice
 
 class Generation:
     """An answer being streamed: iterate it for text pieces (or `events()` for the queue position
-    too); afterwards read `text`, `tokens`, `finish_reason` (stop | eos | length | cancelled), `stats`
-    and `notices`. Everything here is written in the consumer's thread, from the request's events."""
+    too); afterwards read `text`, `tokens`, `finish_reason` (stop | eos | length | cancelled |
+    timeout), `stats` and `notices`. Everything here is written in the consumer's thread, from the request's events."""
 
     def __init__(self, engine: Engine, conversation: Conversation, session: str | None,
                  settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
@@ -98,8 +98,10 @@ class Generation:
 
 class Engine:
     def __init__(self, loaded: LoadedBundle, max_batch: int = 8, kv_cache_bytes: int | None = None,
-                 prefill_chunk: int | None = None, max_images: int = 64, runner: ModelRunner | None = None) -> None:
+                 prefill_chunk: int | None = None, max_images: int = 64, runner: ModelRunner | None = None,
+                 request_timeout_s: float | None = None) -> None:
         self.loaded = loaded
+        self.request_timeout_s = request_timeout_s  # an answer, queue wait included, ends "timeout" after this
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -201,8 +203,9 @@ class Engine:
         stops, eos = ((), None) if fixed_length else (self.template.stop + stop, self.tokenizer.eos_token_id)
         if session_name is None and prefix_cache is not None:
             session_name = self.sessions.closest(prefix_cache, slots)
+        deadline = start + self.request_timeout_s if self.request_timeout_s is not None else None
         request = Request(self.sessions.claim(session_name), slots, embeds, sampler, stops, eos,
-                          settings.max_new_tokens, cancel, self.tokenizer, start, stats)
+                          settings.max_new_tokens, cancel, self.tokenizer, start, stats, deadline)
         self.scheduler.submit(request)
         return request
 

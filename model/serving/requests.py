@@ -69,7 +69,7 @@ class Text:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # stop | eos | length | cancelled
+    reason: str  # stop | eos | length | cancelled | timeout
     tokens: tuple[int, ...]  # generated ids, EOS excluded
     stats: GenerationStats
 
@@ -88,10 +88,11 @@ class Request:
 
     def __init__(self, session, slots: list[Slot], embeds: dict[str, torch.Tensor], sampler: Sampler,
                  stops: tuple[str, ...], eos: int | None, max_new_tokens: int, cancel: threading.Event | None,
-                 tokenizer, start: float, stats: GenerationStats) -> None:
+                 tokenizer, start: float, stats: GenerationStats, deadline: float | None = None) -> None:
         self.session, self.slots, self.embeds = session, slots, embeds
         self.sampler, self.stops, self.eos, self.max_new_tokens = sampler, stops, eos, max_new_tokens
         self.cancel, self.closed = cancel, threading.Event()
+        self.deadline = deadline  # time.perf_counter() past which the answer stops ("timeout")
         self.decoder = IncrementalDecoder(tokenizer)
         self.out: queue.Queue[Event] = queue.Queue()
         self.start, self.decode_start = start, None
@@ -105,7 +106,17 @@ class Request:
 
     @property
     def stopped(self) -> bool:
-        return self.closed.is_set() or (self.cancel is not None and self.cancel.is_set())
+        return self.stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the answer must end now: "cancelled" (its consumer or a cancel event), "timeout"
+        (past its deadline), or None."""
+        if self.closed.is_set() or (self.cancel is not None and self.cancel.is_set()):
+            return "cancelled"
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            return "timeout"
+        return None
 
     def tell_place(self, place: int) -> None:
         if self.position != place:
@@ -131,7 +142,7 @@ class Request:
         if len(self.tokens) >= self.max_new_tokens:
             return self.finish("length")
         if self.stopped:
-            return self.finish("cancelled")
+            return self.finish(self.stop_reason)
         self.next_token = token
         return False
 

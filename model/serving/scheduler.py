@@ -105,18 +105,18 @@ class Scheduler:
     def _drop_stopped_waiting(self) -> None:
         for request in [r for r in self.waiting if r.stopped]:
             self.waiting.remove(request)
-            request.finish("cancelled")
+            request.finish(request.stop_reason or "cancelled")
             self._complete(request)
 
     def _leave_stopped(self) -> None:
         for request in [r for r in self.prefilling if r.stopped]:
             self.prefilling.remove(request)
-            request.finish("cancelled")
+            request.finish(request.stop_reason or "cancelled")
             self._complete(request)
         for row in reversed(range(len(self.decoding))):
             request = self.decoding[row]
             if request.stopped:
-                request.finish("cancelled")
+                request.finish(request.stop_reason or "cancelled")
                 self._leave(row)
 
     def _prefill_chunk(self, request: Request) -> None:

@@ -1,0 +1,163 @@
+"""Photos uploaded from the page: each in a folder of its own, cleaned within the request that brought it.
+
+Gradio names an upload's folder by the file's content hash, so the same photo sent from two tabs
+(or twice in one message) shares one path, and whichever consultation uses or clears it first
+deletes it for the other. Our upload route (Gradio's own, with its login check, over a fresh
+folder per request) gives every upload its own path. Before the request returns, the photo is
+decoded as the chat will decode it (upright, sRGB) and written back from its pixels alone as a
+lossless PNG; the original, with whatever GPS tags it carried, is deleted. A file that is not a
+usable photo leaves an empty file and its reason, told in the chat when it is sent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+from starlette.requests import Request  # at module level: FastAPI reads the route's annotations by name
+
+from model.images.decode import ImageError, Photo, decode_photo
+
+from app.privacy import remove_upload
+
+UPLOADS = "uploads"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    notes: tuple[str, ...]
+    error: ImageError | None
+    made: float
+
+
+class Uploads:
+    """What each cleaned upload was, by its path, until it is sent, cleared or swept."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folder = root / UPLOADS
+        self._items: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self.on_forget: Callable[[str], None] = lambda path: None
+
+    def discard_folder(self, folder: Path) -> None:
+        """A refused upload request's folder and whatever it had received."""
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def new_folder(self) -> Path:
+        """A folder for one upload request, named by the server."""
+        folder = self.folder / secrets.token_hex(16)
+        folder.mkdir(mode=0o700, parents=True)
+        return folder
+
+    def clean(self, path: Path) -> str:
+        """Replace an uploaded original by its pixels alone (or an empty file and the reason it is
+        not a photo); the path to hand to the page."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+        try:
+            photo: Photo | None = decode_photo(data, name="That file")
+            error = None
+        except ImageError as err:
+            photo, error = None, err
+        clean = path.with_name(f"{path.stem[:80] or 'photo'}.png")
+        fd = os.open(clean, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            if photo is not None:
+                photo.image.save(handle, "PNG", compress_level=1)  # lossless: the chat sees these pixels
+        with self._lock:
+            self._items[str(clean)] = _Entry(photo.notes if photo else (), error, time.monotonic())
+        return str(clean)
+
+    def known(self, path: str | Path) -> bool:
+        with self._lock:
+            return str(path) in self._items
+
+    def take(self, path: str | Path) -> Photo:
+        """The photo at a cleaned path (ImageError when it was not one); the file is deleted."""
+        with self._lock:
+            entry = self._items.pop(str(path), None)
+        try:
+            if entry is None:
+                raise ImageError("That file is no longer on the server; please attach the photo again")
+            if entry.error is not None:
+                raise entry.error
+            with Image.open(path, formats=("PNG",)) as image:
+                image.load()
+                pixels = image.convert("RGB")
+            return Photo(pixels, entry.notes)
+        except OSError:
+            raise ImageError("That file is no longer on the server; please attach the photo again") from None
+        finally:
+            self._remove(path)
+
+    def discard(self, path: str | Path) -> None:
+        with self._lock:
+            self._items.pop(str(path), None)
+        self._remove(path)
+
+    def _remove(self, path: str | Path) -> None:
+        remove_upload(Path(path), self.root)
+        self.on_forget(str(path))
+
+    def sweep(self, older_than_s: float) -> int:
+        """Forget entries whose file is gone or older than `older_than_s`."""
+        cutoff = time.monotonic() - older_than_s
+        with self._lock:
+            old = [p for p, e in self._items.items() if e.made < cutoff or not os.path.exists(p)]
+            for path in old:
+                del self._items[path]
+        for path in old:
+            self._remove(path)
+        return len(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any]) -> None:
+    """Our upload route on the parent app, added before Gradio is mounted at / so that it answers
+    first: Gradio's parser and login rule (`gradio_app()`: the mounted Gradio app), over a folder
+    of its own per request, every file cleaned before it answers."""
+    import anyio
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from gradio.route_utils import MultiPartException, upload_fn
+    from gradio.routes import file_upload_statuses
+
+    def logged_in(request: Request) -> bool:  # as Gradio's own login check decides
+        mounted = gradio_app()
+        if mounted.auth is None and mounted.auth_dependency is None:
+            return True
+        token = (request.cookies.get(f"access-token-{mounted.cookie_id}")
+                 or request.cookies.get(f"access-token-unsecure-{mounted.cookie_id}"))
+        return mounted.tokens.get(token) is not None
+
+    async def upload_file(request: Request, upload_id: str | None = None):
+        if not logged_in(request):
+            return JSONResponse({"detail": {"error": "Not authenticated"}}, status_code=401)
+        folder = uploads.new_folder()
+        limit = blocks.max_file_size if blocks.max_file_size is not None else math.inf
+        try:
+            files, _, _ = await upload_fn(request, folder, limit, upload_id, force_move=True,
+                                          upload_progress=file_upload_statuses if upload_id else None)
+        except MultiPartException as exc:
+            uploads.discard_folder(folder)
+            return PlainTextResponse(exc.message, status_code=413 if "maximum allowed size" in exc.message else 400)
+        # identical files in one request land on one path: cleaned once, named as often as sent
+        cleaned = await anyio.to_thread.run_sync(lambda: {f: uploads.clean(Path(f)) for f in dict.fromkeys(files)})
+        blocks.upload_file_set.update(cleaned.values())
+        return [cleaned[f] for f in files]
+
+    uploads.on_forget = blocks.upload_file_set.discard  # Gradio's own set would otherwise only grow
+    app.add_api_route("/gradio_api/upload", upload_file, methods=["POST"], include_in_schema=False)
