@@ -85,7 +85,7 @@ class Guard:
     """An ASGI app around the real one: refuses what must not reach it, bounds what may."""
 
     def __init__(self, app, hosts: HostPolicy, limits: Limits, origins: list[str] = (),
-                 json_only: tuple[str, ...] = ("/v1/",)) -> None:
+                 json_only: tuple[str, ...] = ()) -> None:
         self.app, self.hosts, self.limits = app, hosts, limits
         self.origins = frozenset(o.lower() for o in origins)
         self.json_only = json_only
@@ -117,8 +117,7 @@ class Guard:
         limit = self.limits.of(path)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _refuse(send, scope, 413, api, "request_too_large",
-                                 f"the request is over {limit / 2**20:.0f} MB")
+            return await _too_large(send, scope, api, limit)
         await self._bounded(scope, receive, send, limit, api)
 
     def _same_site(self, origin: str, host: str | None) -> bool:
@@ -158,7 +157,11 @@ class Guard:
             if not over:
                 raise
         if over and not started:
-            await _refuse(send, scope, 413, api, "request_too_large", f"the request is over {limit / 2**20:.0f} MB")
+            await _too_large(send, scope, api, limit)
+
+
+async def _too_large(send, scope, api: bool, limit: int) -> None:
+    await _refuse(send, scope, 413, api, "request_too_large", f"the request is over {limit / 2**20:.0f} MB")
 
 
 async def _refuse(send, scope, status: int, api: bool, code: str, message: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 PREFIX = "skingpt-private-"
 OWNER_FILE = ".owner"  # "<pid> <process start time>": which process this directory belongs to
 SESSIONS = "sessions"
+UPLOADS = "uploads"  # each upload request's own folder (app.web.uploads)
 _ID = re.compile(r"[0-9a-f]{32}")
 _ROOT: Path | None = None
 
@@ -121,7 +122,7 @@ def remove_upload(path: Path, root: Path) -> None:
     path.unlink(missing_ok=True)
     root = root.resolve()
     for parent in path.parents:  # the folders it came in, up to (not including) the top ones
-        if parent in (root, root / "uploads"):
+        if parent in (root, root / UPLOADS):
             break
         try:
             parent.rmdir()  # only succeeds when empty

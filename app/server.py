@@ -14,7 +14,6 @@ from typing import Callable
 
 from app.settings import AppSettings, is_loopback
 
-MAX_UPLOAD_MB = 25  # one photo, as the decoder takes it
 _BODY_LIMIT = 2 * 2**20  # the page's own requests: a question and its settings
 
 
@@ -91,7 +90,9 @@ def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads):
     from fastapi import FastAPI
     from fastapi.middleware.cors import CORSMiddleware
 
-    from app.api.chat import MAX_BODY_BYTES, APIError, ChatAPI, error_response, router
+    from model.images.decode import MAX_BYTES
+
+    from app.api.chat import API_PREFIX, MAX_BODY_BYTES, APIError, ChatAPI, error_response, router
     from app.guard import Guard, HostPolicy, Limits
     from app.web.ui import CSS, JS, THEME
     from app.web.uploads import own_upload_route
@@ -109,13 +110,12 @@ def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads):
     own_upload_route(app, blocks, uploads, gradio_app=lambda: _gradio_app(app))  # before the mount: it answers first
     gr.mount_gradio_app(
         app, blocks, path="", server_name=settings.host, server_port=settings.port, auth=settings.credentials(),
-        footer_links=["api", "settings"], theme=THEME, css=CSS, js=JS, max_file_size=f"{MAX_UPLOAD_MB}mb",
+        footer_links=["api", "settings"], theme=THEME, css=CSS, js=JS, max_file_size=MAX_BYTES,
         ssr_mode=False, show_error=False, enable_monitoring=False, pwa=False, mcp_server=False,
         run_history=False)  # Gradio would otherwise keep every photo and answer in the browser's storage
     hosts = HostPolicy.for_server(settings.host, settings.host_names(), loopback=is_loopback(settings.host))
-    limits = Limits(_BODY_LIMIT, {"/v1/": MAX_BODY_BYTES,
-                                  "/gradio_api/upload": MAX_PHOTOS * MAX_UPLOAD_MB * 2**20 + 2**20})
-    return Guard(app, hosts, limits, origins=settings.origins())
+    limits = Limits(_BODY_LIMIT, {API_PREFIX: MAX_BODY_BYTES, "/gradio_api/upload": MAX_PHOTOS * MAX_BYTES + 2**20})
+    return Guard(app, hosts, limits, origins=settings.origins(), json_only=(API_PREFIX,))
 
 
 def _gradio_app(app):

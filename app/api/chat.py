@@ -38,6 +38,7 @@ log = logging.getLogger("skingpt.api")
 
 MAX_BODY_BYTES = 40 * 2**20  # the largest photo in base64 (4/3 of its 25 MB) and the text; refused while read
 MAX_TEXT_CHARS = 8000  # one message
+API_PREFIX = "/v1/"  # where the API lives: the guard takes JSON only there, and errors there are JSON
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,(.*)", re.DOTALL)
 _FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length"}
 
@@ -372,14 +373,14 @@ def error_response(request, err: Exception):
     (the log names the type, never a stack trace to the client); the web page's own, as plain text."""
     from fastapi.responses import JSONResponse, PlainTextResponse
 
-    if not isinstance(err, APIError) and not request.url.path.startswith("/v1/"):
+    if isinstance(err, APIError):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    if not request.url.path.startswith(API_PREFIX):
         log.error("request failed reason=%s", type(err).__name__)
         return PlainTextResponse("Something went wrong on the server; please try again.", status_code=500)
-    if not isinstance(err, APIError):
-        log.error("api request failed reason=%s", type(err).__name__, exc_info=err)
-        err = APIError(500, "something went wrong on the server; please try again", "internal_error",
-                       kind="server_error")
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    log.error("api request failed reason=%s", type(err).__name__, exc_info=err)
+    return error_response(request, APIError(500, "something went wrong on the server; please try again",
+                                            "internal_error", kind="server_error"))
 
 
 async def _json_body(request: Request) -> Any:

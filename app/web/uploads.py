@@ -26,9 +26,7 @@ from starlette.requests import Request  # at module level: FastAPI reads the rou
 
 from model.images.decode import ImageError, Photo, decode_photo
 
-from app.privacy import remove_upload
-
-UPLOADS = "uploads"
+from app.privacy import UPLOADS, remove_upload
 
 
 @dataclass(frozen=True)
@@ -102,11 +100,6 @@ class Uploads:
         finally:
             self._remove(path)
 
-    def discard(self, path: str | Path) -> None:
-        with self._lock:
-            self._items.pop(str(path), None)
-        self._remove(path)
-
     def _remove(self, path: str | Path) -> None:
         remove_upload(Path(path), self.root)
         self.on_forget(str(path))
@@ -121,9 +114,6 @@ class Uploads:
         for path in old:
             self._remove(path)
         return len(old)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any]) -> None:
