@@ -20,6 +20,7 @@ _BODY_LIMIT = 2 * 2**20  # the page's own requests: a question and its settings
 def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None] = print,
           block: bool = True):
     settings.check_safe()  # before anything is loaded or bound
+    check_port(settings.host, settings.port)  # a taken port is said now, not after the model loads
     keys = settings.api_keys() if not settings.no_api else []
     from app.privacy import private_root
 
@@ -53,7 +54,7 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} {engine.kv_cache_bytes / 2**30:.1f} GiB")
     uploads = Uploads(root)
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
-                        upload_ttl_s=settings.upload_ttl_s, uploads=uploads)
+                        upload_ttl_s=settings.upload_ttl_s, uploads=uploads, model_label=loaded.label)
     concurrency = settings.concurrency or 2 * engine.max_batch  # beyond the batch, the engine's queue says the place
     blocks = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency)
     blocks.queue(default_concurrency_limit=concurrency)
@@ -125,6 +126,20 @@ def _gradio_app(app):
         if isinstance(route, Mount):
             return route.app
     raise RuntimeError("Gradio was not mounted")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, in one plain line, a port another program already listens on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise SystemExit(f"error: cannot listen on {host}:{port} ({err.strerror}): another program is using "
+                             f"the port; choose another with --port N or SKINGPT_PORT=N") from None
 
 
 def _run_server(app, host: str, port: int):

@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import GGUF_MODES, empty_out, model_args, policy
+from cli.common import GGUF_MODES, PRESET_NAMES, empty_out, model_args, policy
 
 
 def register(sub) -> None:
     bench = sub.add_parser("bench", help="load time, encode, TTFT, decode speed, follow-ups vs the reference style")
-    bench.add_argument("--preset", default="tiny", help="with --random-init: the architecture (see `inspect`)")
+    bench.add_argument("--preset", default="tiny", choices=PRESET_NAMES,
+                       help="with --random-init: the architecture (see `inspect`)")
     bench.add_argument("--random-init", action="store_true", help="random weights, no files (int8w / int4 are built one "
                        "layer at a time: a 7B int4 fits in 8 GB)")
     bench.add_argument("--turns", type=int, default=8, help="follow-up turns timed after the first")

@@ -19,11 +19,22 @@ QUANTIZE_BUNDLE_MODES = GGUF_MODES + ("int8w", "int4")
 LANGUAGE_HELP = "language of the questions, answers and report (default: the terminal's locale)"
 
 
+DTYPES = ("auto", "fp32", "fp16", "bf16")  # policy.Dtype, likewise
+PRESET_NAMES = ("skingpt4-vicuna7b", "skingpt4-vicuna13b", "skingpt4-llama2-13b", "small", "tiny", "demo")  # PRESETS
+
+
+def device_name(value: str) -> str:
+    """--device: auto | cpu | cuda | cuda:N, checked while the arguments are read."""
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
+
+
 def model_args(p: argparse.ArgumentParser, more_modes: tuple[str, ...] = (), more_help: str = "") -> None:
     """Flags of every command that loads a bundle (`more_modes`: --quantize choices of that command alone)."""
     p.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    p.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="precision of the weights (default: auto)")
     p.add_argument("--quantize", default="auto", choices=QUANTIZE_MODES + more_modes, help=QUANTIZE_HELP + more_help)
 
 
@@ -50,6 +61,44 @@ def language(args: argparse.Namespace) -> str:
     from model.i18n.catalog import pick
 
     return args.lang or pick(os.environ.get("LC_ALL"), os.environ.get("LC_MESSAGES"), os.environ.get("LANG"))
+
+
+class ArgumentProblem(ValueError):
+    """A flag's value that cannot work, said before anything loads (`main` prints it, exit status 2)."""
+
+
+def check_bundle(weights: str | None) -> None:
+    """A --weights folder that is no bundle is said before anything loads."""
+    if weights and not (Path(weights) / "manifest.json").is_file():
+        what = "does not exist" if not Path(weights).exists() else "is not a SkinGPT bundle (it has no manifest.json)"
+        raise ArgumentProblem(f"--weights {weights} {what}; give a bundle folder (see weights/README.md), "
+                              f"or leave --weights out for the demo")
+
+
+def read_history(path: str | None):
+    """--history FILE (YAML or JSON) as a ClinicalHistory, or None; a bad file is said with its field."""
+    if path is None:
+        return None
+    import yaml
+    from pydantic import ValidationError
+
+    from model.clinical.history import ClinicalHistory
+    from model.clinical.records import validation_message
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))  # JSON is YAML
+    except OSError as err:
+        raise ArgumentProblem(f"--history {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ArgumentProblem(f"--history {path} is not YAML or JSON ({str(err).splitlines()[0]})") from None
+    try:
+        return ClinicalHistory.model_validate(data or {})
+    except ValidationError as err:
+        raise ArgumentProblem(f"--history {path}: {validation_message(err)}") from None
+
+
+HISTORY_HELP = ("the patient's clinical history as YAML or JSON: age, sex, body_site, duration, symptoms, changes, "
+                "treatments, fitzpatrick, notes (every field optional; README: 'Clinical history')")
 
 
 def bundle_path(weights: str | None) -> Path:

@@ -7,10 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import LANGUAGE_HELP, engine, language, model_args, sampling, sampling_args
+from cli.common import (HISTORY_HELP, LANGUAGE_HELP, ArgumentProblem, check_bundle, engine, language, model_args, read_history,
+                        sampling, sampling_args)
 from model.i18n.catalog import LANGUAGES
 
-CHAT_HELP = "Commands: /image PATH adds a photo, /new starts a new consultation, /quit leaves."
+CHAT_HELP = ("Commands: /image PATH adds a photo, /history FILE sets the clinical history, /new starts a new "
+             "consultation, /help shows this, /quit leaves.")
 
 
 def register(sub) -> None:
@@ -21,6 +23,7 @@ def register(sub) -> None:
     ask.add_argument("--report", action="store_true", help="run the structured consultation and print its report")
     ask.add_argument("--pdf", help="with --report: also write the report as a PDF here")
     ask.add_argument("--lang", choices=LANGUAGES, help=LANGUAGE_HELP)
+    ask.add_argument("--history", metavar="FILE", help=HISTORY_HELP)
     model_args(ask)
     sampling_args(ask)
     ask.set_defaults(func=run_ask)
@@ -28,6 +31,7 @@ def register(sub) -> None:
     chat = sub.add_parser("chat", help="a terminal chat that streams")
     chat.add_argument("--image", help="the first photo (or add one with /image PATH)")
     chat.add_argument("--lang", choices=LANGUAGES, help="answer language (default: the terminal's locale)")
+    chat.add_argument("--history", metavar="FILE", help=HISTORY_HELP)
     model_args(chat)
     sampling_args(chat)
     chat.set_defaults(func=run_chat)
@@ -37,46 +41,58 @@ def run_ask(args: argparse.Namespace) -> int:
     from model.clinical.conversation import ImageInput
     from model.images.decode import read_photo_file
 
+    from model.images.quality import assess
+
     lang = language(args)
-    if args.pdf and not args.report:
-        raise SystemExit("error: --pdf writes the report: add --report")
+    if args.pdf and not args.report:  # everything the arguments can say is said before the model loads
+        raise ArgumentProblem("--pdf writes the report: add --report")
+    check_bundle(args.weights)
+    history = read_history(args.history)
     photo = read_photo_file(args.image)
     for note in photo.notes:
         print(f"note: {note}", file=sys.stderr)
+    quality = assess(photo.image)
+    if not quality.ok and not args.json:
+        print(f"note: {quality.notice(lang)}", file=sys.stderr)
     image = ImageInput.of(photo.image)
     model = engine(args)
     if args.report:
-        return _report(args, model, image, lang)
-    return _answer(args, model, image, lang)
+        return _report(args, model, image, lang, history, quality)
+    return _answer(args, model, image, lang, history, quality)
 
 
-def _report(args: argparse.Namespace, model, image, lang: str) -> int:
-    from model.clinical.consultation import consult
+def _report(args: argparse.Namespace, model, image, lang: str, history, quality) -> int:
+    from model.clinical.consultation import consult, new_visit
 
     overrides = sampling(args).overrides()
     report = consult(lambda conv: model.answer(conv, session="ask", **overrides), image, lang=lang,
-                     ranking=model.rank([image]))
+                     ranking=model.rank([image]), history=history, quality=[quality],
+                     details=new_visit(model.loaded.label, [Path(args.image).name]))
     print(report.model_dump_json(indent=2) if args.json else report.markdown())
     if args.pdf:
         from model.clinical.report_pdf import report_pdf
 
-        Path(args.pdf).write_bytes(report_pdf(report))
+        Path(args.pdf).write_bytes(report_pdf(report, [image.image]))
         print(f"PDF report written to {args.pdf}", file=sys.stderr)
     return 0
 
 
-def _answer(args: argparse.Namespace, model, image, lang: str) -> int:
+def _answer(args: argparse.Namespace, model, image, lang: str, history, quality) -> int:
     from model.clinical.consultation import ask_in
     from model.clinical.conversation import Conversation
+    from model.clinical.history import with_history
     from model.clinical.ranking import ranking_text
     from model.i18n.catalog import text
 
     question = args.question or text(lang, "flow.describe")
-    generation = model.stream(Conversation().ask(ask_in(lang, question), [image]), **sampling(args).overrides())
+    conversation = with_history(Conversation().ask(ask_in(lang, question), [image]), history)
+    generation = model.stream(conversation, **sampling(args).overrides())
     if args.json:
         answer = "".join(generation)
         result = {"question": question, "answer": answer.strip(), "finish_reason": generation.finish_reason,
-                  "notices": generation.notices, "disclaimer": text(lang, "disclaimer"), "language": lang}
+                  "notices": generation.notices, "disclaimer": text(lang, "disclaimer"), "language": lang,
+                  "photo_quality": quality.model_dump(),
+                  "clinical_history": history.model_dump(exclude_defaults=True) if history else None}
         if (ranking := model.rank([image])) is not None:
             result.update(differential=[c.model_dump() for c in ranking.conditions],
                           differential_uncertain=ranking.uncertain)
@@ -99,9 +115,12 @@ def run_chat(args: argparse.Namespace) -> int:
     from model.i18n.catalog import text
 
     lang = language(args)
+    check_bundle(args.weights)
+    history = read_history(args.history)
+    first = [ImageInput.of(read_image_file(args.image))] if args.image else []
     model = engine(args)
     print(f"{text(lang, 'disclaimer')}\n{CHAT_HELP}", file=sys.stderr)
-    conversation, pending = Conversation(), [ImageInput.of(read_image_file(args.image))] if args.image else []
+    conversation, pending = Conversation(), first
     while True:
         try:
             line = input("you> ").strip()
@@ -112,16 +131,28 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         if line == "/quit":
             return 0
+        command, _, rest = line.partition(" ")
         if line == "/new":
             model.forget("chat")
-            conversation, pending = Conversation(), []
+            conversation, pending, history = Conversation(), [], None
             print("New consultation: everything before is forgotten.", file=sys.stderr)
-        elif line.startswith("/image "):
-            _add_photo(line.split(" ", 1)[1].strip(), pending)
+        elif command == "/image" and rest.strip():
+            _add_photo(rest.strip(), pending)
+        elif command == "/history" and rest.strip():
+            try:
+                history = read_history(rest.strip())
+                print("Clinical history set; it goes with the first question.", file=sys.stderr)
+            except ArgumentProblem as err:
+                print(f"error: {err}", file=sys.stderr)
+        elif line in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+        elif line.startswith("/") and not line.startswith("//"):  # (// sends a message that starts with /)
+            print(f"Unknown command {command}. {CHAT_HELP}", file=sys.stderr)
         elif not conversation.images and not pending:
             print("Please add a photo first: /image PATH", file=sys.stderr)
         else:
-            conversation = _chat_turn(args, model, conversation.ask(ask_in(lang, line), pending), line, lang)
+            line = line[1:] if line.startswith("//") else line
+            conversation = _chat_turn(args, model, conversation.ask(ask_in(lang, line), pending), line, lang, history)
             pending = []
 
 
@@ -137,14 +168,16 @@ def _add_photo(path: str, pending: list) -> None:
         print(f"error: {err}", file=sys.stderr)
 
 
-def _chat_turn(args: argparse.Namespace, model, conversation, line: str, lang: str):
+def _chat_turn(args: argparse.Namespace, model, conversation, line: str, lang: str, history=None):
     """Stream one answer (Ctrl-C stops it, not the chat); the conversation with the answer added."""
     import threading
 
+    from model.clinical.history import with_history
     from model.clinical.safety import red_flag_notice, red_flags
 
     cancel = threading.Event()
-    generation = model.stream(conversation, session="chat", cancel=cancel, **sampling(args).overrides())
+    generation = model.stream(with_history(conversation, history), session="chat", cancel=cancel,
+                              **sampling(args).overrides())
     print("skingpt> ", end="", flush=True)
     try:
         for piece in generation:
@@ -154,6 +187,6 @@ def _chat_turn(args: argparse.Namespace, model, conversation, line: str, lang: s
     print()
     for notice in generation.notices:
         print(f"note: {notice}", file=sys.stderr)
-    if flags := red_flags(line, generation.text, lang=lang):
+    if flags := red_flags(line, generation.text, lang=lang, also=history.warning_signs() if history else ()):
         print(f"note: {red_flag_notice(flags, lang, markdown=False)}", file=sys.stderr)
     return conversation.answer(generation.text.strip())

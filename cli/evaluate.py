@@ -18,6 +18,9 @@ def register(sub) -> None:
     pr.add_argument("--out", required=True, help="run directory (predictions.jsonl, run.json)")
     pr.add_argument("--labels", help="labels.yaml: check every case's label against it")
     pr.add_argument("--no-report", action="store_true", help="one question per case instead of the consultation")
+    pr.add_argument("--context", choices=("on", "off"), default="on",
+                    help="on: each case's clinical history (its \"history\") goes with the first question; off: "
+                         "withheld. Run both into one --out and `score` sets them side by side")
     model_args(pr)
     sampling_args(pr)
     pr.set_defaults(seed=0, func=predict)
@@ -60,7 +63,7 @@ def predict(args: argparse.Namespace) -> int:
     from model.evaluation.predict import predict as run
 
     path = run(engine(args), args.manifest, args.out, labels=_labels(args), seed=args.seed,
-               report=not args.no_report, settings=sampling(args, seeded=False).overrides())
+               report=not args.no_report, settings=sampling(args, seeded=False).overrides(), context=args.context)
     print(f"predictions in {path}; score them with: python launch.py eval score {args.out} --labels LABELS.yaml")
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from cli import bench, consult, evaluate, serve, train, weights
+from cli.common import ArgumentProblem
 
 COMMANDS = (serve, weights, consult, train, bench, evaluate)  # the order `--help` lists them in
 
@@ -24,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
         argv = ["serve", *argv]  # `python launch.py [--port N ...]` serves the app
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its own usage line
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from model.errors import UserFacingError
 
     try:
         return args.func(args)
-    except UserFacingError as err:
+    except (UserFacingError, ArgumentProblem) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

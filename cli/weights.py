@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from cli.common import QUANTIZE_BUNDLE_MODES, empty_out, record
+from cli.common import PRESET_NAMES, QUANTIZE_BUNDLE_MODES, empty_out, record
 
 
 def register(sub) -> None:
     ins = sub.add_parser("inspect", help="parameter counts, shapes and memory per part (on the meta device)")
     which = ins.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="skingpt4-vicuna7b, skingpt4-vicuna13b, skingpt4-llama2-13b, small, tiny, demo")
+    which.add_argument("--preset", choices=PRESET_NAMES, help="the architecture")
     which.add_argument("--weights", help="a bundle directory (its sha256 hashes are verified)")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.add_argument("--verify", action="store_true",
@@ -26,7 +26,8 @@ def register(sub) -> None:
     conv.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth (LAVIS)")
     conv.add_argument("--hf-blip2", help="a Hugging Face BLIP-2 directory (safetensors), instead of --vit/--blip2")
     conv.add_argument("--finetune", help="skinGPT_v1.pth or a MiniGPT-4 checkpoint (the projection)")
-    conv.add_argument("--preset", help="architecture preset; by default chosen from the projection width")
+    conv.add_argument("--preset", choices=PRESET_NAMES, help="architecture preset; by default chosen from the "
+                                                             "projection width")
     conv.add_argument("--template", default="skingpt4", help="prompt template the weights were trained with")
     conv.add_argument("--out", required=True, help="bundle directory to write")
     conv.add_argument("--link", action="store_true", help="hard-link LLM shards instead of copying (same disk)")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 
-import numpy as np
 import pytest
 from PIL import Image
+from pypdf import PdfReader
+
+from tools.fixtures import skin_photo
 
 from model.serving.sampler import SamplingSettings
 from app.web.handlers import QUICK_PROMPTS, Handlers, SessionStore
@@ -83,13 +86,14 @@ def app(tmp_path):
     return Handlers(engine, SessionStore(tmp_path), max_message_chars=200, out_of_memory=(FakeOOM,)), engine, tmp_path
 
 
-def _upload(root, name="photo.jpg", fmt="JPEG", data=None, size=(64, 48)):
+def _upload(root, name="photo.jpg", fmt="JPEG", data=None, size=(320, 240), image=None):
+    """A good photo of skin (no quality note), unless `data` or `image` says otherwise."""
     folder = root / "gradio-upload-abc"
     folder.mkdir(exist_ok=True)
     path = folder / name
     if data is None:
         buffer = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, fmt)
+        (image or skin_photo(0, size=size)).save(buffer, fmt)
         data = buffer.getvalue()
     path.write_bytes(data)
     return str(path)
@@ -260,9 +264,81 @@ def test_report_writes_markdown_and_pdf(app):
     markdown, files = handlers.report("x", render_pdf=report_pdf, on_step=lambda done, total: steps.append((done, total)))
     assert steps == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5)]
     assert "psoriasis" in markdown and "decision support" in markdown
-    assert [f.rsplit("/", 1)[1] for f in files] == ["skin-report.md", "skin-report.pdf"]
+    assert [f.rsplit("/", 1)[1] for f in files] == ["skin-report.md", "skin-report.pdf", "skin-report-photo-1.jpg"]
     assert open(files[1], "rb").read(5) == b"%PDF-"
     assert all(s == f"{handlers.store.get('x').id}:report" for _, s, _ in engine.calls)
+    # what a clinician files: when, a visit reference, the photo (shown in the Markdown, embedded in the PDF), the model
+    assert re.search(r"Date and time: \d{4}-\d\d-\d\dT\d\d:\d\d", markdown)
+    assert re.search(r"Visit reference: SG-\d{8}-[0-9A-F]{6}", markdown)
+    assert "![Photo 1](skin-report-photo-1.jpg)" in markdown and "Model: SkinGPT" in markdown
+    assert Image.open(files[2]).size == (320, 240)
+    pdf = PdfReader(files[1])
+    text = "".join(page.extract_text() for page in pdf.pages)
+    assert "Visit reference" in text and "Clinical history" in text and "Photo quality" in text
+    assert sum(len(page.images) for page in pdf.pages) == 1
+
+
+def test_clinical_history_goes_into_the_prompt_report_and_warning_signs(app):
+    """Saved from the form: first Human turn after the image, the report's section, the red flags;
+    a malformed field is refused by name; New patient wipes it."""
+    handlers, engine, root = app
+    status, notice = handlers.set_history("h", {"age": 130, "sex": None})
+    assert "not saved" in status and "age" in status and handlers.store.get("h").history is None
+    status, notice = handlers.set_history("h", {"age": 62, "sex": "female", "body_site": "back", "duration": "weeks",
+                                                "symptoms": ["itch", "bleeding"], "changes": ["size"],
+                                                "treatments": "", "fitzpatrick": 5, "notes": None})
+    assert "Saved" in status and "bleeding" in notice and "new or changing" in notice  # raised before any answer
+    list(handlers.submit("h", {"text": "What is this?", "files": [_upload(root)]}))
+    asked = engine.calls[-1][0]
+    assert asked.turns[0].question == ("Patient details: age 62; sex female; body site back; for under a month; "
+                                       "symptoms itch, bleeding; changed in size; Fitzpatrick skin type V. What is this?")
+    assert handlers.store.get("h").conversation.turns[0].question == "What is this?"  # the chat keeps what was typed
+    list(handlers.submit("h", {"text": "And now?", "files": []}))
+    assert engine.calls[-1][0].turns[1].question == "And now?"  # only the first question carries it
+    markdown, _ = handlers.report("h")
+    assert "## Clinical history" in markdown and "- Age (years): 62" in markdown and "- Symptoms: itch, bleeding" in markdown
+    assert engine.calls[-1][0].turns[0].question.startswith("Patient details: age 62;")
+    handlers.new_patient("h")
+    assert handlers.store.get("h").history is None and handlers.store.get("h").flags == []
+    list(handlers.submit("h", {"text": "What is this?", "files": [_upload(root, "again.jpg")]}))
+    assert engine.calls[-1][0].turns[0].question == "What is this?"  # no history: the prompt as before
+
+
+def test_a_poor_photo_is_told_before_the_answer_and_the_patient_may_go_on(app):
+    from PIL import ImageFilter
+
+    handlers, engine, root = app
+    blurred = skin_photo(0, size=(320, 240)).filter(ImageFilter.GaussianBlur(3))
+    history = list(handlers.submit("q", {"text": "What is this?", "files": [_upload(root, image=blurred)]}))[-1][0]
+    note = [m for m in history if (m.get("metadata") or {}).get("title") == "Photo quality"]
+    assert len(note) == 1 and "blurred" in note[0]["content"] and "Hold the phone still" in note[0]["content"]
+    assert history.index(note[0]) < len(history) - 1 and history[-1]["content"].startswith("It looks like eczema")
+    assert handlers.store.get("q").quality[0].problems == ["blurry"]
+    handlers.set_language("z", "zh")
+    list(handlers.submit("z", {"text": "", "files": [_upload(root, "tiny.png", "PNG", image=skin_photo(0, size=(120, 90)))]}))
+    notes = [m["content"] for m in handlers.store.get("z").messages if (m.get("metadata") or {}).get("title") == "照片质量"]
+    assert notes and "照片太小" in notes[0]
+    markdown, _ = handlers.report("q")
+    assert "## Photo quality" in markdown and "Photo 1: It looks blurred." in markdown
+
+
+def test_a_refused_question_is_kept_for_the_box(app):
+    handlers, engine, root = app
+    list(handlers.submit("u", {"text": "What is this rash?", "files": []}))
+    assert handlers.store.get("u").unsent == "What is this rash?"  # no photo yet: the box gets it back
+    bad = _upload(root, "bad.jpg", data=b"not an image")
+    history = list(handlers.submit("u", {"text": "And this?", "files": [bad]}))[-1][0]
+    assert handlers.store.get("u").unsent == "And this?"
+    assert ". Your question was not sent" in history[-1]["content"]  # a full stop between the two sentences
+    list(handlers.submit("u", {"text": "What is this?", "files": [_upload(root)]}))
+    assert handlers.store.get("u").unsent == ""
+
+
+def test_an_empty_answer_says_what_to_try(app):
+    handlers, engine, root = app
+    engine.reply = []
+    history = list(handlers.submit("e", {"text": "What is this?", "files": [_upload(root)]}))[-1][0]
+    assert "Regenerate" in history[-1]["content"] and "(no answer)" not in history[-1]["content"]
 
 
 def test_sessions_are_isolated_and_idle_ones_expire(app):

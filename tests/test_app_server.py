@@ -55,10 +55,13 @@ def test_photo_and_two_questions_then_new_patient(server, tmp_path):
     assert not any("arm.jpg" == p.name for p in server.private.rglob("*"))  # the original upload is gone
 
     markdown, files = client.predict(*SETTINGS, api_name="/report")  # the panel's opening is not API data
-    assert markdown.startswith("# Skin consultation report") and "decision support" in markdown
+    ready, report = markdown.split("\n\n", 1)  # the page says it is ready, then shows it
+    assert "report is ready" in ready and report.startswith("# Skin consultation report")
+    assert "decision support" in report and "## Clinical history" in report and "## Photo quality" in report
     names = sorted(f["path"].rsplit("/", 1)[1] for f in files)
-    assert names == ["skin-report.md", "skin-report.pdf"]
-    assert sorted(p.name for p in _session_files(server)) == ["photo-1.jpg", "skin-report.md", "skin-report.pdf"]
+    assert names == ["skin-report-photo-1.jpg", "skin-report.md", "skin-report.pdf"]
+    assert sorted(p.name for p in _session_files(server)) == ["photo-1.jpg", "skin-report-photo-1.jpg",
+                                                             "skin-report.md", "skin-report.pdf"]
 
     client.predict(api_name="/new_patient")
     assert _session_files(server) == []

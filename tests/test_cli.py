@@ -124,3 +124,93 @@ def test_the_cli_offers_exactly_the_bundle_quantisation_modes():
     from model.weights.bundle import QUANTIZE_BUNDLE_MODES as BUNDLE_MODES
 
     assert QUANTIZE_BUNDLE_MODES == BUNDLE_MODES
+
+
+def test_the_cli_offers_exactly_the_presets_and_dtypes():
+    import typing
+
+    from cli.common import DTYPES, PRESET_NAMES
+    from model.nn.config import PRESETS
+    from model.weights.policy import Dtype
+
+    assert set(PRESET_NAMES) == set(PRESETS) and DTYPES == typing.get_args(Dtype)
+
+
+def test_bad_arguments_are_refused_before_anything_loads(tmp_path):
+    """Each in one plain line, with the command's own usage, in seconds (not after a model load)."""
+    import time
+
+    from tools.fixtures import skin_photo
+
+    skin_photo(0, size=(320, 240)).save(tmp_path / "p.jpg")
+    photo = str(tmp_path / "p.jpg")
+    (tmp_path / "bad.yaml").write_text("age: [1\n")
+    cases = [(("ask", "--image", photo, "--quantize", "int3"), "invalid choice: 'int3'"),
+             (("ask", "--image", photo, "--dtype", "fp8"), "invalid choice: 'fp8'"),
+             (("ask", "--image", photo, "--device", "gpu"), "'gpu' is not a device"),
+             (("ask", "--image", str(tmp_path / "none.jpg")), "does not exist."),
+             (("ask", "--image", photo, "--weights", str(tmp_path / "no-bundle")), "--weights"),
+             (("ask", "--image", photo, "--pdf", "r.pdf"), "--pdf writes the report: add --report"),
+             (("ask", "--image", photo, "--history", str(tmp_path / "bad.yaml")), "is not YAML or JSON"),
+             (("bench", "--preset", "huge"), "invalid choice: 'huge'"),
+             (("ask", "--image", photo, "--bogus"), "launch.py ask: error: unrecognized arguments: --bogus")]
+    for args, message in cases:
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, env=_demo_env(tmp_path))
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert time.monotonic() - started < 12, args  # python, torch's import, no model
+    assert not (tmp_path / "demo").exists()  # nothing was generated or loaded
+    help_text = _run("ask", "--help").stdout
+    assert "{auto,fp32,fp16,bf16}" in help_text and "--history FILE" in help_text
+
+
+def test_ask_with_a_history_file_and_the_photo_quality(tmp_path):
+    from PIL import ImageFilter
+
+    from tools.fixtures import skin_photo
+
+    skin_photo(0, size=(320, 240)).filter(ImageFilter.GaussianBlur(3)).save(tmp_path / "blur.jpg")
+    (tmp_path / "h.json").write_text(json.dumps({"age": 66, "symptoms": ["bleeding"], "fitzpatrick": "IV"}))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "ask", "--image", str(tmp_path / "blur.jpg"),
+                           "--history", str(tmp_path / "h.json"), "--json", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["photo_quality"]["ok"] is False and result["photo_quality"]["problems"] == ["blurry"]
+    assert result["clinical_history"] == {"fitzpatrick": 4, "age": 66, "symptoms": ["bleeding"]}
+    report = subprocess.run([sys.executable, str(ROOT / "launch.py"), "ask", "--image", str(tmp_path / "blur.jpg"),
+                             "--history", str(tmp_path / "h.json"), "--report", "--max-new-tokens", "4"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
+    assert report.returncode == 0, report.stderr
+    assert "note: This photo may be hard to judge: It looks blurred." in report.stderr
+    assert "- Age (years): 66" in report.stdout and "Photo 1: It looks blurred." in report.stdout
+    assert "Visit reference: SG-" in report.stdout and "Model: demo" in report.stdout
+
+
+def test_chat_commands_are_not_sent_to_the_model(tmp_path):
+    from tools.fixtures import skin_photo
+
+    skin_photo(0, size=(320, 240)).save(tmp_path / "p.png")
+    (tmp_path / "h.yaml").write_text("age: 50\nchanges: [colour]\n")
+    script = f"/help\n/bogus\n/image {tmp_path / 'p.png'}\n/history {tmp_path / 'h.yaml'}\nWhat is it?\n/quit\n"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "chat", "--max-new-tokens", "4"], input=script,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "/help shows this" in proc.stderr and "Unknown command /bogus." in proc.stderr
+    assert "Clinical history set" in proc.stderr and proc.stdout.count("skingpt> ") == 1
+    assert "a mole or spot that is new or changing" in proc.stderr  # the history's warning sign
+
+
+def test_serve_on_a_taken_port_says_so_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--port", str(port)], capture_output=True,
+                              text=True, timeout=60, cwd=ROOT, env=_demo_env(tmp_path))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in output and "--port N or SKINGPT_PORT" in output
+    assert "Traceback" not in output and "[1/3]" not in output  # nothing was loaded

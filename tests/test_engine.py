@@ -373,3 +373,16 @@ def test_an_answer_past_its_deadline_ends_as_timeout(tiny_bundle):
     started = time.monotonic()
     "".join(gen)
     assert gen.finish_reason == "timeout" and time.monotonic() - started < 10 and len(gen.tokens) < 800
+
+
+def test_only_printable_text_leaves_the_decoder():
+    """Control characters and lone replacement characters never reach the chat, JSON or a PDF."""
+    from model.serving.detokenize import IncrementalDecoder
+
+    class CodePoints:  # a tokenizer whose ids are code points
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    decoder = IncrementalDecoder(CodePoints())
+    text = "".join(decoder.push(ord(c)) for c in "ok\x07\x1b[1m\x00 \ufffdred\r\n\tdone\x7f\x85") + decoder.flush()
+    assert text == "ok[1m red\n\tdone"

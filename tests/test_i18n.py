@@ -105,7 +105,7 @@ def test_without_a_cjk_font_the_pdf_says_what_to_install_and_the_markdown_stays(
     list(handlers.submit("f", {"text": "", "files": [_upload(tmp_path)]}))
     markdown, files = handlers.report("f", render_pdf=export.report_pdf)
     assert markdown.startswith("# 皮肤问诊报告") and "fonts-wqy-microhei" in markdown
-    assert [f.rsplit("/", 1)[1] for f in files] == ["skin-report.md"]
+    assert [f.rsplit("/", 1)[1] for f in files] == ["skin-report.md", "skin-report-photo-1.jpg"]
 
 
 def test_cli_writes_a_chinese_report_and_pdf(tmp_path):

@@ -13,7 +13,7 @@ PACKAGES = ("model", "app", "tools", "cli")
 ALLOWED = {"model": {"model"}, "app": {"app", "model"}, "tools": {"tools", "model", "app"},
            "cli": {"cli", "model", "app", "tools"}}
 # inside the library, each folder imports only folders listed before it
-LIBRARY_LAYERS = ("errors", "metrics", "nn", "images", "i18n", "clinical", "weights", "serving", "evaluation", "training")
+LIBRARY_LAYERS = ("errors", "metrics", "i18n", "nn", "images", "clinical", "weights", "serving", "evaluation", "training")
 MAX_FUNCTION_LINES = 80
 
 

@@ -260,3 +260,14 @@ def test_bench_writes_a_random_gguf_bundle_and_times_it_beside_llama_cpp(tmp_pat
     assert sources["quantized_from"]["mode"] == "q8_0" and sources["quantized_from"]["runtime"] == "llama.cpp"
     again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "using the bundle already at" in again.stderr
+
+
+def test_a_gguf_bundle_keeps_the_policy_s_encoder_compute(gguf_bundles):
+    """`encoder_compute="stored"` (training's, and a caller's choice) reached torch bundles only."""
+    from torch.nn.utils import parametrize
+
+    from model.weights.policy import LoadPolicy
+
+    stored = load_bundle(gguf_bundles["f32"], LoadPolicy(encoder_compute="stored"))
+    assert stored.policy.encoder_compute == "stored"
+    assert not parametrize.is_parametrized(stored.model.vision.blocks[0].attn.qkv)

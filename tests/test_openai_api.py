@@ -111,6 +111,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     ({"messages": [_ask("What is it?")]}, 400, "image_required"),
     ({"model": "gpt-4o"}, 404, "model_not_found"),
     ({"temperature": 7}, 400, "invalid_value"),
+    ({"clinical_history": {"age": "old"}}, 400, "invalid_value"),
+    ({"clinical_history": {"body_site": "back", "allergies": "none"}}, 400, "invalid_value"),
 ])
 def test_bad_requests_get_clear_errors_in_the_api_format(api_server, change, status, code):
     body = {"model": MODEL, "messages": [_ask("What is it?", _data_url())], "max_tokens": 4, **change}
@@ -120,6 +122,27 @@ def test_bad_requests_get_clear_errors_in_the_api_format(api_server, change, sta
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and set(error) == {"message", "type", "param", "code"}
     assert "Traceback" not in response.text
+
+
+def test_clinical_history_and_photo_quality_extension_fields(client):
+    """`clinical_history` (validated like the form) goes into the prompt: more prompt tokens; a malformed
+    one names its field. `photo_quality` comes back per photo, whole or streamed."""
+    messages = [_ask("What is it?", _data_url(data=_jpeg_of_seed(21)))]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    history = {"age": 70, "body_site": "face", "symptoms": ["bleeding"], "changes": ["size"], "fitzpatrick": "II"}
+    told = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"clinical_history": history})
+    assert told.usage.prompt_tokens > plain.usage.prompt_tokens + 15
+    assert plain.model_extra["photo_quality"] == [{"ok": False, "problems": ["small", "little_skin"]}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                       extra_body={"clinical_history": {"age": 300}})
+    assert err.value.body["param"] == "clinical_history.age" and "120" in err.value.body["message"]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True,
+                                            extra_body={"clinical_history": history})
+    first = next(iter(stream))
+    assert first.model_extra["photo_quality"][0]["problems"] == ["small", "little_skin"]
+    stream.close()
 
 
 def test_the_official_client_raises_typed_errors(client):

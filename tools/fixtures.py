@@ -303,3 +303,37 @@ def write_labelled_images(out: str | Path, per_class: int = 60, size: int = 48, 
     manifest = out / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
+
+
+# Approximate skin colours of Fitzpatrick types I-VI in sRGB (a photo in daylight).
+FITZPATRICK_TONES = {1: (241, 209, 188), 2: (232, 186, 158), 3: (208, 152, 118), 4: (168, 112, 80),
+                     5: (118, 76, 52), 6: (72, 46, 34)}
+
+
+def skin_photo(seed: int = 0, size: tuple[int, int] = (960, 720), tone: int = 3):
+    """A made close-up of skin, in focus and in daylight: lit unevenly, with a fine texture, a lesion
+    with an irregular border and a few hairs. The photo-quality thresholds are chosen on it and on
+    its spoilt copies (blurred, dark, overexposed, shrunk)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    yy, xx = np.mgrid[:height, :width] / np.array([height, width]).reshape(2, 1, 1)
+    light = 1.05 - 0.35 * ((xx - 0.4) ** 2 + (yy - 0.45) ** 2)  # (H, W): brighter near one spot
+    coarse = np.asarray(Image.fromarray(rng.normal(128, 40, (height // 16, width // 16)).clip(0, 255).astype(np.uint8))
+                        .resize((width, height), Image.Resampling.BICUBIC), dtype=float) - 128
+    base = np.array(FITZPATRICK_TONES[tone], dtype=float)
+    pixels = base * light[..., None] + 0.12 * coarse[..., None] + rng.normal(0, 3.5, (height, width, 1))
+    angle = np.arctan2(yy - 0.5, (xx - 0.5) * width / height)
+    radius = 0.18 * (1 + 0.15 * np.sin(3 * angle + rng.uniform(0, 6)) + 0.07 * np.sin(7 * angle))
+    lesion = np.hypot(yy - 0.5, (xx - 0.5) * width / height) < radius
+    mottle = rng.normal(0, 8, (int(lesion.sum()), 1))
+    pixels[lesion] = pixels[lesion] * np.array([0.55, 0.45, 0.42]) + mottle
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):  # hairs
+        x, y = rng.uniform(0, width), rng.uniform(0, height)
+        dx, dy = rng.normal(0, width / 6, 2)
+        draw.line([(x, y), (x + dx, y + dy)], fill=tuple(int(c * 0.3) for c in FITZPATRICK_TONES[tone]), width=2)
+    return image

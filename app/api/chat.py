@@ -28,6 +28,8 @@ from fastapi import Request  # at module level: FastAPI reads the routes' annota
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.clinical.conversation import Conversation, ConversationError, ImageInput, Turn
+from model.clinical.history import ClinicalHistory, with_history
+from model.images.quality import assess
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
 from model.images.decode import MAX_BYTES, ImageError, ImageTooLarge, decode_photo
@@ -91,6 +93,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = None
     prompt_cache_key: str | None = Field(None, min_length=1, max_length=256)  # OpenAI's name: which cache to share
+    clinical_history: ClinicalHistory | None = None  # our extension: the history form's fields (README)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Prepared:
     stream: bool
     prompt_images: int
     cache_key: str | None = None
+    photo_quality: list[dict[str, Any]] | None = None  # per photo in the request, in order
 
 
 class ChatAPI:
@@ -154,7 +158,9 @@ class ChatAPI:
         sampling = SamplingSettings(max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p,
                                     seed=request.seed)
         settings: dict[str, Any] = {"stop": tuple(stops), **sampling.overrides()}
-        return Prepared(conversation, settings, request.stream, images, request.prompt_cache_key)
+        quality = [assess(image.image).model_dump(include={"ok", "problems"}) for image in conversation.images]
+        return Prepared(with_history(conversation, request.clinical_history), settings, request.stream, images,
+                        request.prompt_cache_key, quality)
 
     def _conversation(self, messages: list[_Message]) -> tuple[Conversation, int]:
         system = "\n".join(_text(m, i) for i, m in enumerate(messages) if m.role in ("system", "developer"))
@@ -243,7 +249,7 @@ class ChatAPI:
                 "model": self.model_id, "choices": [{
                     "index": 0, "message": {"role": "assistant", "content": text.strip()},
                     "finish_reason": _FINISH.get(generation.finish_reason, "stop")}],
-                "usage": _usage(generation)}
+                "usage": _usage(generation), "photo_quality": prepared.photo_quality}
 
     def chunks(self, prepared: Prepared, generation) -> Iterator[dict[str, Any]]:
         """Chunk objects of a streamed answer; the last carries finish_reason and usage."""
@@ -254,7 +260,7 @@ class ChatAPI:
             return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
 
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"role": "assistant", "content": ""}, photo_quality=prepared.photo_quality)
         first = True
         pieces = iter(generation)
         while (piece := _run(lambda: next(pieces, None))) is not None:

@@ -14,13 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pydantic import ValidationError
+
 from model.clinical.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
 from model.images.decode import ImageError, Photo, decode_photo
 from model.clinical.consultation import ask_in, extract_diagnosis
+from model.clinical.history import ClinicalHistory, with_history
+from model.clinical.records import validation_message
 from model.clinical.safety import red_flag_notice
 from model.i18n.catalog import LANGUAGES
+from model.images.quality import assess
 
 from app.privacy import remove_upload, sweep_uploads
 from app.settings import MAX_PHOTOS
@@ -42,6 +47,7 @@ class Handlers:
     out_of_memory: tuple[type[BaseException], ...] = ()
     upload_ttl_s: float = 15 * 60
     uploads: Uploads | None = None  # uploads cleaned by our upload route (None: files are read as they are)
+    model_label: str = "SkinGPT"  # the model as reports name it (`LoadedBundle.label`)
 
     # -- submitting a message (photos and/or text) --------------------------------------------------
     def submit(self, session: str, message: dict | str | None,
@@ -49,6 +55,7 @@ class Handlers:
         state = self.store.get(session)
         state.settle()
         text, files = _split_message(message)
+        state.unsent = text  # given back to the box unless the question is asked
         read: dict[str, Photo | ImageError] = {}  # a photo attached twice is read once, and kept twice
         for path in files:
             if path not in read:
@@ -56,7 +63,7 @@ class Handlers:
         refusals = [why for why in (self._accept_photo(state, read[path]) for path in files) if why]
         if refusals:  # one message per refused photo, and the question waits for a usable one
             if text.strip():
-                refusals[-1] += " " + state.t("messages.not_sent")
+                refusals[-1] = _sentence(refusals[-1]) + " " + state.t("messages.not_sent")
             for why in refusals:
                 state.error(why)
             yield state.messages, self._notice(state)
@@ -75,6 +82,7 @@ class Handlers:
             yield state.error(state.t("messages.photo_first")), self._notice(state)
             return
         with state.lock:  # the question is shown as typed; the model is asked it in the page's language
+            state.unsent = ""
             state.messages.append({"role": "user", "content": text.strip()})
             state.conversation = state.conversation.ask(ask_in(state.lang, text.strip()), state.pending)
             state.pending = []
@@ -117,21 +125,24 @@ class Handlers:
         except ImageError as err:
             log.info("photo rejected session=%s reason=%s", state.id[:8], type(err).__name__)
             return str(err)
-        buffer = io.BytesIO()
-        photo.image.save(buffer, "JPEG", quality=92)  # re-encoded from pixels alone: no EXIF, GPS or ICC
+        quality = assess(photo.image)
         with state.lock:
             state.photos += 1
-            try:
-                clean = state.write_file(f"photo-{state.photos}.jpg", buffer.getvalue())
+            try:  # re-encoded from pixels alone: no EXIF, GPS or ICC
+                clean = state.write_file(f"photo-{state.photos}.jpg", _jpeg(photo.image))
             except Wiped:
                 return "This consultation was cleared; please attach the photo again."
             state.photo_bytes += _pixel_bytes(photo.image)
             state.pending.append(ImageInput.of(photo.image))
             state.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
             for note in photo.notes:
-                state.messages.append({"role": "assistant", "content": note, "metadata": {"title": "Note"}})
-        log.info("photo accepted session=%s size=%dx%d ms=%.0f", state.id[:8], *photo.image.size,
-                 (time.perf_counter() - started) * 1000)
+                state.messages.append({"role": "assistant", "content": note, "metadata": {"title": state.t("titles.note")}})
+            state.quality.append(quality)
+            if not quality.ok:  # said at once, before any answer; the patient may still go on
+                state.messages.append({"role": "assistant", "content": quality.notice(state.lang),
+                                       "metadata": {"title": state.t("quality.title")}})
+        log.info("photo accepted session=%s size=%dx%d quality=%s ms=%.0f", state.id[:8], *photo.image.size,
+                 ",".join(quality.problems) or "ok", (time.perf_counter() - started) * 1000)
         return None
 
     def _check_room(self, state: Consultation, image) -> None:
@@ -150,8 +161,8 @@ class Handlers:
         started = time.perf_counter()
         generation = None
         try:
-            generation = self.engine.stream(state.conversation, session=state.id, cancel=answer.cancel,
-                                            **settings.overrides())
+            generation = self.engine.stream(with_history(state.conversation, state.history), session=state.id,
+                                            cancel=answer.cancel, **settings.overrides())
             for kind, value in generation.events():
                 if kind == "queued":  # every batch slot is busy: say where this answer stands (shown, not kept)
                     yield state.messages + [_waiting(state, value)], self._notice(state)
@@ -210,6 +221,22 @@ class Handlers:
         state = self.store.get(session)
         yield from self.submit(session, {"text": state.t(f"prompts.{key}"), "files": []}, settings)
 
+    def set_history(self, session: str, fields: dict[str, Any]) -> tuple[str, str]:
+        """Save the clinical history form (blank fields dropped): (what the form should say, the
+        warning-sign notice). A malformed value is refused with the field named; nothing changes."""
+        state = self.store.get(session)
+        fields = {k: v.strip() if isinstance(v, str) else v for k, v in fields.items()}
+        given = {k: v for k, v in fields.items() if v not in (None, "", [])}
+        try:
+            history = ClinicalHistory.model_validate(given)
+        except ValidationError as err:
+            return state.t("history.invalid", problem=validation_message(err)), self._notice(state)
+        with state.lock:
+            state.history = None if history.is_empty() else history
+            state.refresh_flags()
+        log.info("history saved session=%s fields=%d", state.id[:8], len(given))  # which fields: never their values
+        return (state.t("history.saved") if state.history else ""), self._notice(state)
+
     def set_language(self, session: str, lang: str) -> None:
         self.store.get(session).lang = lang if lang in LANGUAGES else "en"
 
@@ -250,7 +277,7 @@ class Handlers:
         """The structured consultation over the consultation's first photo: Markdown + files.
         `on_step(done, total)` is told before each question (a progress bar). New patient (or the
         tab closing) stops it, and nothing is written into a wiped consultation."""
-        from model.clinical.consultation import STEPS, consult
+        from model.clinical.consultation import STEPS, consult, new_visit
 
         state = self.store.get(session)
         images = list(state.conversation.images) + state.pending
@@ -269,12 +296,17 @@ class Handlers:
 
         try:
             rank = getattr(self.engine, "rank", None)
-            report = consult(ask, images[0], lang=state.lang, ranking=rank(images[-3:]) if rank else None)
+            photos = [state.write_file(f"skin-report-photo-{n}.jpg", _jpeg(image.image))
+                      for n, image in enumerate(images, 1)]
+            report = consult(ask, images[0], lang=state.lang, ranking=rank(images[-3:]) if rank else None,
+                             history=state.history, quality=state.quality,
+                             details=new_visit(self.model_label, [p.name for p in photos]))
             markdown = report.markdown()
             files = [str(state.write_file("skin-report.md", markdown.encode()))]
             if render_pdf is not None:
                 try:
-                    files.append(str(state.write_file("skin-report.pdf", render_pdf(report))))
+                    files.append(str(state.write_file("skin-report.pdf",
+                                                      render_pdf(report, [image.image for image in images]))))
                 except UserFacingError as err:  # no font for it: the Markdown still stands
                     markdown += f"\n\n*PDF: {err}*"
         except Wiped:
@@ -285,7 +317,7 @@ class Handlers:
         except UserFacingError as err:
             return str(err), []
         log.info("report session=%s", state.id[:8])
-        return markdown, files
+        return markdown, files + [str(p) for p in photos]
 
     def differential(self, session: str) -> str:
         """The bundle's calibrated ranking for the consultation's last (up to 3) photos, as HTML with
@@ -342,7 +374,18 @@ def _ranking_html(state: Consultation, ranking, named: str | None) -> str:
 def _waiting(state: Consultation, place: int) -> Message:
     ahead = place - 1
     text = state.t("messages.queue_next") if ahead == 0 else state.t("messages.queue_ahead", ahead=ahead)
-    return {"role": "assistant", "content": text, "metadata": {"title": "In the queue"}}
+    return {"role": "assistant", "content": text, "metadata": {"title": state.t("titles.queue")}}
+
+
+def _sentence(message: str) -> str:
+    """A message ending as a sentence does, so that another can follow it."""
+    return message if message.rstrip().endswith((".", "!", "?", "。", "！", "？")) else message.rstrip() + "."
+
+
+def _jpeg(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
 
 
 def _pixel_bytes(image) -> int:

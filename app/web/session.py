@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from model.clinical.conversation import Conversation, ImageInput
+from model.clinical.history import ClinicalHistory
 from model.i18n.catalog import text
 from model.clinical.safety import red_flags
+from model.images.quality import PhotoQuality
 
 from app.privacy import remove_upload, session_dir
 
@@ -63,6 +65,9 @@ class Consultation:
     lock: threading.RLock = field(default_factory=threading.RLock)
     lang: str = "en"  # of the page: messages, notices, quick questions, answers, reports
     ranking: tuple | None = None  # (photo keys, the differential for them): computed once per set of photos
+    history: ClinicalHistory | None = None  # the clinical history form, as last saved
+    quality: list[PhotoQuality] = field(default_factory=list)  # one per accepted photo, in order
+    unsent: str = ""  # a question that was refused (no photo yet, a bad file): the box gets it back
 
     def t(self, key: str, **fields) -> str:
         """A message in this consultation's language."""
@@ -98,14 +103,20 @@ class Consultation:
                 return
             self.answering = None
             answer_text = answer_text.strip()
-            shown = answer_text or "(no answer)"
+            shown = answer_text or self.t("messages.no_text")
             answer.reply["content"] = shown + (f"\n\n*{self.t('messages.stopped')}*" if stopped else "")
             if self.conversation.pending is not None:
                 self.conversation = self.conversation.answer(answer_text)
             for notice in notices:
-                self.messages.append({"role": "assistant", "content": notice, "metadata": {"title": "Note"}})
+                self.messages.append({"role": "assistant", "content": notice, "metadata": {"title": self.t("titles.note")}})
+            self.refresh_flags()
+
+    def refresh_flags(self) -> None:
+        """The warning signs of every question, answer and the clinical history."""
+        with self.lock:
             self.flags = red_flags(*(t.question for t in self.conversation.turns),
-                                   *(t.answer or "" for t in self.conversation.turns), lang=self.lang)
+                                   *(t.answer or "" for t in self.conversation.turns), lang=self.lang,
+                                   also=self.history.warning_signs() if self.history else ())
 
     def fail(self, answer: Answer, message: str) -> None:
         """The answer broke off: drop the open question (its photos wait for the retry) and say why."""
@@ -135,7 +146,7 @@ class Consultation:
 
     def error(self, message: str) -> list[Message]:
         with self.lock:
-            self.messages.append({"role": "assistant", "content": message, "metadata": {"title": "Cannot do that"}})
+            self.messages.append({"role": "assistant", "content": message, "metadata": {"title": self.t("titles.error")}})
             return self.messages
 
     # -- files --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Iterator
 import gradio as gr
 
 from app.web.handlers import QUICK_PROMPTS, Handlers
+from model.clinical.history import BODY_SITES, CHANGES, DURATIONS, SEXES, SYMPTOMS
 from model.i18n.catalog import LANGUAGES, pick, text
 from model.serving.sampler import SamplingSettings
 
@@ -25,8 +26,11 @@ CSS = """
 #disclaimer {font-size:0.92em}
 #red-flag p {background:#fee2e2;color:#7f1d1d;border:1px solid #ef4444;padding:10px 14px;border-radius:8px}
 .quick button {min-width:0}
-/* the image viewer inside chat messages offers "Share" (to a public hub) whatever the chatbot's buttons say */
-#chat button[aria-label="Share"], #chat button[title="Share"] {display:none !important}
+/* the question box's Stop shows only while an answer is being written (the box is locked meanwhile) */
+#message .stop-button {display:none !important}
+#message:has(textarea:disabled) .stop-button {display:inline-flex !important}
+/* the footer's separator stays behind when its neighbour (Use via API) is hidden */
+footer .divider {display:none !important}
 /* long answers wrap instead of scrolling sideways */
 #chat .message, #chat .prose {overflow-wrap:anywhere}
 #chat img {max-width:100%;height:auto}
@@ -46,34 +50,96 @@ footer, footer a, footer button, .show-api, .settings {color:#374151 !important}
 /* read by screen readers, not shown: the finished answer, announced once */
 .sr-only {position:absolute !important;width:1px;height:1px;padding:0;margin:-1px;overflow:hidden !important;
           clip:rect(0,0,0,0);white-space:nowrap;border:0}
+/* New patient asks first (a confirm dialog); this button, which the dialog presses, is the wipe itself */
+#new-patient-confirmed {display:none !important}
+#history-status p {margin:0}
 /* phones: the photo and question box on the first screen */
 @media (max-width: 640px) {
-  #demo-banner {font-size:0.8em;padding:6px 10px;font-weight:600}
+  #demo-banner {font-size:0.75em;padding:4px 8px;font-weight:600;line-height:1.25}
+  .quick {flex-wrap:wrap}
+  .quick button {flex:1 1 45%;min-height:44px;white-space:normal}
   #title h1 {font-size:1.35em;margin:0 0 2px}
   #title p, #disclaimer p {font-size:0.82em;margin:0}
-  .quick button, #new-patient {min-height:44px}
+  #new-patient {min-height:44px}
 }
 """
 
 # In the browser, once the page is there: the chat log is not read aloud token by token (the finished
 # answer is announced once, from #answer-live); the red-flag notice is an alert; an image button
-# without a name gets one; decorative footer images get an empty alt. Nothing is fetched.
+# without a name gets one; decorative footer images get an empty alt. Gradio's own Share (to a public
+# hub) and Clear (the display only: the consultation would stay on the server) buttons are removed,
+# found by their icons so that every browser language is covered, with the slot they leave; its
+# English-only labels follow the page's language. Nothing is fetched.
 JS = """
 () => {
+  const ICONS_TO_DROP = ['M23,20a5,5', 'M4,6V8H6V28'];  // Share, Clear
+  const ZH = {'Copy conversation': '复制对话', 'Copy message': '复制消息', 'Fullscreen': '全屏',
+              'Exit fullscreen mode': '退出全屏', 'Enlarge the photo': '放大照片'};
+  const EN = Object.fromEntries(Object.entries(ZH).map(([en, zh]) => [zh, en]));
   const mend = () => {
+    document.querySelectorAll('#chat button').forEach(b => {
+      const d = (b.querySelector('svg path') || {getAttribute: () => ''}).getAttribute('d') || '';
+      if (ICONS_TO_DROP.some(icon => d.startsWith(icon)) && b.style.display !== 'none') {
+        b.style.display = 'none';
+        const slot = b.closest('.icon-button-wrapper');
+        if (slot && [...slot.querySelectorAll('button')].every(x => x.style.display === 'none')) { slot.style.display = 'none'; }
+      }
+    });
+    const names = document.documentElement.lang.startsWith('zh') ? ZH : EN;
+    document.querySelectorAll('#chat button[aria-label], #chat button[title]').forEach(b => {
+      const now = b.getAttribute('aria-label') || b.getAttribute('title');
+      if (names[now]) { b.setAttribute('aria-label', names[now]); b.setAttribute('title', names[now]); }
+    });
     document.querySelectorAll('#chat [aria-live]').forEach(e => e.setAttribute('aria-live', 'off'));
     const flag = document.querySelector('#red-flag');
     if (flag) { flag.setAttribute('role', 'alert'); }
     const live = document.querySelector('#answer-live');
     if (live) { live.setAttribute('aria-live', 'polite'); live.setAttribute('aria-atomic', 'true'); }
     document.querySelectorAll('#chat .image-container button, #chat button.image-button').forEach(b => {
-      if (!b.getAttribute('aria-label') && !b.innerText.trim()) { b.setAttribute('aria-label', 'Enlarge the photo'); }
+      if (!b.getAttribute('aria-label') && !b.innerText.trim()) {
+        b.setAttribute('aria-label', document.documentElement.lang.startsWith('zh') ? '放大照片' : 'Enlarge the photo');
+      }
     });
     document.querySelectorAll('footer img').forEach(i => i.setAttribute('alt', ''));
   };
   mend();
   new MutationObserver(mend).observe(document.body, {subtree: true, childList: true});
+  // follow the conversation: as an answer streams, the chat's own scroll box and the page keep the
+  // newest text in view (unless the reader has scrolled up to read back), and the question box stays reachable
+  let following = true;
+  const box = () => [...document.querySelectorAll('#chat, #chat *')].find(e => e.scrollHeight > e.clientHeight + 4 &&
+      ['auto', 'scroll'].includes(getComputedStyle(e).overflowY));
+  document.addEventListener('scroll', (e) => {
+    const b = box();
+    if (b && e.target === b) { following = b.scrollHeight - b.scrollTop - b.clientHeight < 80; }
+  }, true);
+  const follow = () => {
+    if (!following) { return; }
+    const b = box();
+    if (b) { b.scrollTop = b.scrollHeight; }
+    const messages = document.querySelectorAll('#chat .message-row, #chat .message');
+    const last = messages[messages.length - 1];
+    if (last && last.getBoundingClientRect().bottom > window.innerHeight) {
+      last.scrollIntoView({block: 'end'});
+    }
+  };
+  const chat = document.querySelector('#chat');
+  if (chat) { new MutationObserver(follow).observe(chat, {subtree: true, childList: true, characterData: true}); }
 }
+"""
+# New patient: asked first, in the page's language; the hidden button does the wipe (and is the API's /new_patient)
+CONFIRM_WIPE = """
+() => {
+  const zh = document.documentElement.lang.startsWith('zh');
+  const ask = zh ? '清除这位患者的照片、对话、病史和报告？此操作无法撤销。'
+                 : 'Clear the photos, conversation, history and report of this patient? This cannot be undone.';
+  if (window.confirm(ask)) { document.querySelector('#new-patient-confirmed').click(); }
+}
+"""
+# The report: into view when it is ready, its downloads first
+SHOW_REPORT = """
+() => setTimeout(() => { const r = document.querySelector('#report-panel');
+                         if (r) { r.scrollIntoView({block: 'start'}); } }, 300)
 """
 FOCUS_QUESTION = "() => { const box = document.querySelector('#message textarea'); if (box) { box.focus(); } }"
 
@@ -86,11 +152,81 @@ def _banner(lang: str) -> str:
 
 
 def _title(lang: str, model_name: str) -> str:
-    return f"# SkinGPT\n{text(lang, 'ui.tagline')} Model: `{model_name}`."
+    return f"# SkinGPT\n{text(lang, 'ui.tagline')} {text(lang, 'ui.model')}: `{model_name}`"
 
 
 def _disclaimer(lang: str) -> str:
     return f"**{text(lang, 'disclaimer')}** {text(lang, 'emergency')}"
+
+
+@dataclass
+class HistoryForm:
+    """The clinical history form: every field optional (`model.clinical.history.ClinicalHistory`)."""
+
+    panel: gr.Accordion
+    hint: gr.Markdown
+    age: gr.Textbox
+    sex: gr.Dropdown
+    body_site: gr.Dropdown
+    duration: gr.Dropdown
+    symptoms: gr.CheckboxGroup
+    changes: gr.CheckboxGroup
+    treatments: gr.Textbox
+    fitzpatrick: gr.Dropdown
+    notes: gr.Textbox
+    save: gr.Button
+    status: gr.Markdown
+
+    FIELDS = ("age", "sex", "body_site", "duration", "symptoms", "changes", "treatments", "fitzpatrick", "notes")
+
+    @property
+    def inputs(self) -> list:
+        return [getattr(self, name) for name in self.FIELDS]
+
+    def cleared(self) -> list:
+        """Values of `inputs` for a new patient."""
+        return ["", None, None, None, [], [], "", None, ""]
+
+
+def _choices(lang: str, section: str, keys) -> list[tuple[str, str]]:
+    return [(text(lang, f"history.{section}.{key}"), key) for key in keys]
+
+
+def _history_form(lang: str = "en") -> HistoryForm:
+    t = lambda key: text(lang, f"history.{key}")  # noqa: E731
+    with gr.Accordion(t("form_title"), open=False, elem_id="history") as panel:
+        hint = gr.Markdown(t("hint"))
+        with gr.Row():
+            # text, not a number field: an empty number field reads as 0, which is an age
+            age = gr.Textbox(label=t("age"), max_length=3, elem_id="history-age", placeholder=t("age_example"))
+            sex = gr.Dropdown(_choices(lang, "sexes", SEXES), value=None, label=t("sex"))
+            body_site = gr.Dropdown(_choices(lang, "sites", BODY_SITES), value=None, label=t("body_site"))
+            duration = gr.Dropdown(_choices(lang, "durations", DURATIONS), value=None, label=t("duration"))
+        symptoms = gr.CheckboxGroup(_choices(lang, "symptom_names", SYMPTOMS), label=t("symptoms"))
+        changes = gr.CheckboxGroup(_choices(lang, "change_names", CHANGES), label=t("changes"))
+        with gr.Row():
+            treatments = gr.Textbox(label=t("treatments"), max_length=300, max_lines=2)
+            fitzpatrick = gr.Dropdown(_choices(lang, "fitzpatrick_types", range(1, 7)), value=None,
+                                      label=t("fitzpatrick"))
+        notes = gr.Textbox(label=t("notes"), max_length=300, lines=2, max_lines=4)
+        save = gr.Button(text(lang, "ui.save_history"), size="sm")
+        status = gr.Markdown("", elem_id="history-status")
+    return HistoryForm(panel, hint, age, sex, body_site, duration, symptoms, changes, treatments, fitzpatrick, notes,
+                       save, status)
+
+
+def _relabel_history(form: HistoryForm, lang: str) -> dict:
+    t = lambda key: text(lang, f"history.{key}")  # noqa: E731
+    return {form.panel: gr.update(label=t("form_title")), form.hint: gr.update(value=t("hint")),
+            form.age: gr.update(label=t("age"), placeholder=t("age_example")),
+            form.sex: gr.update(label=t("sex"), choices=_choices(lang, "sexes", SEXES)),
+            form.body_site: gr.update(label=t("body_site"), choices=_choices(lang, "sites", BODY_SITES)),
+            form.duration: gr.update(label=t("duration"), choices=_choices(lang, "durations", DURATIONS)),
+            form.symptoms: gr.update(label=t("symptoms"), choices=_choices(lang, "symptom_names", SYMPTOMS)),
+            form.changes: gr.update(label=t("changes"), choices=_choices(lang, "change_names", CHANGES)),
+            form.treatments: gr.update(label=t("treatments")),
+            form.fitzpatrick: gr.update(label=t("fitzpatrick"), choices=_choices(lang, "fitzpatrick_types", range(1, 7))),
+            form.notes: gr.update(label=t("notes")), form.save: gr.update(value=text(lang, "ui.save_history"))}
 
 
 @dataclass
@@ -118,6 +254,8 @@ class Page:
     report_panel: gr.Accordion
     report_md: gr.Markdown
     report_files: gr.File
+    history: HistoryForm
+    wipe: gr.Button  # hidden: what New patient's confirm dialog presses
 
     @property
     def sampling_inputs(self) -> list:
@@ -132,13 +270,17 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
         model_events = {"concurrency_id": "device", "concurrency_limit": concurrency}
         answers = _wire_answers(page, handlers, model_events)
         report_event = _wire_report(page, handlers, model_events)
+        _wire_history(page, handlers)
+
         def wipe(request: gr.Request):
             history, flag = handlers.new_patient(request.session_hash)
-            return history, flag, None, handlers.store.get(request.session_hash).t("ui.report_hint"), None
+            return (history, flag, None, handlers.store.get(request.session_hash).t("ui.report_hint"), None, "",
+                    "", *page.history.cleared())
 
-        page.new_patient.click(lambda: "", None, [page.ranked], queue=False, api_visibility="private")
-        page.new_patient.click(wipe, None, [page.chatbot, page.notice, page.box, page.report_md, page.report_files],
-                               api_name="new_patient", cancels=[*answers, report_event])
+        page.new_patient.click(None, None, None, js=CONFIRM_WIPE, queue=False, api_visibility="private")
+        page.wipe.click(wipe, None, [page.chatbot, page.notice, page.box, page.report_md, page.report_files,
+                                     page.ranked, page.history.status, *page.history.inputs],
+                        api_name="new_patient", cancels=[*answers, report_event])
 
         def on_unload(request: gr.Request) -> None:
             handlers.end_session(request.session_hash)  # the tab closed: nothing of it is kept
@@ -164,24 +306,26 @@ def _layout(demo_mode: bool, model_name: str) -> Page:
     box = gr.MultimodalTextbox(
         file_types=["image"], file_count="multiple", sources=["upload"], elem_id="message",
         placeholder=t("ui.box_placeholder"), show_label=False, submit_btn=True, stop_btn=True)
+    history = _history_form("en")
     with gr.Row(elem_classes="quick"):
         quick = [gr.Button(t(f"ui.{key}"), size="sm", variant="secondary") for key in QUICK_PROMPTS]
     with gr.Row():
         regenerate = gr.Button(t("ui.regenerate"), size="sm")
         report_btn = gr.Button(t("ui.full_report"), size="sm", elem_id="full-report")
         new_patient = gr.Button(t("ui.new_patient"), size="sm", variant="stop", elem_id="new-patient")
+        wipe = gr.Button("wipe", elem_id="new-patient-confirmed", size="sm")
     with gr.Accordion(t("ui.settings"), open=False) as settings_panel:
         max_new = gr.Slider(16, 600, value=300, step=1, label=t("ui.max_length"))
         sample = gr.Checkbox(value=False, label=t("ui.sampling"))
         temperature = gr.Slider(0.1, 1.5, value=1.0, step=0.05, label=t("ui.temperature"))
         top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label=t("ui.top_p"))
-    with gr.Accordion(t("ui.full_report"), open=False) as report_panel:
-        report_md = gr.Markdown(t("ui.report_hint"))
+    with gr.Accordion(t("ui.full_report"), open=False, elem_id="report-panel") as report_panel:
         report_files = gr.File(label=t("ui.download"), file_count="multiple", interactive=False,
-                               elem_id="report-files")
+                               elem_id="report-files")  # first: the downloads are what a clinician files
+        report_md = gr.Markdown(t("ui.report_hint"), elem_id="report-text")
     return Page(language, banner, title, disclaimer, chatbot, notice, live, ranked, box, quick, regenerate,
                 report_btn, new_patient, settings_panel, max_new, sample, temperature, top_p, report_panel,
-                report_md, report_files)
+                report_md, report_files, history, wipe)
 
 
 def _relabel(page: Page, lang: str, model_name: str) -> dict:
@@ -201,6 +345,7 @@ def _relabel(page: Page, lang: str, model_name: str) -> dict:
                page.report_md: gr.update(value=tr("ui.report_hint")),
                page.report_files: gr.update(label=tr("ui.download"))}
     updates.update({button: gr.update(value=tr(f"ui.{key}")) for button, key in zip(page.quick, QUICK_PROMPTS)})
+    updates.update(_relabel_history(page.history, lang))
     return updates
 
 
@@ -235,7 +380,9 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
                                      _sampling(max_new_tokens, do_sample, temp, p))) as updates:
             for history, flag in updates:
                 yield history, flag, cleared
-        yield history, flag, gr.MultimodalTextbox(interactive=True)
+        unsent = handlers.store.get(request.session_hash).unsent  # a refused question stays in the box
+        yield history, flag, (gr.MultimodalTextbox(value={"text": unsent, "files": []}, interactive=True) if unsent
+                              else gr.MultimodalTextbox(interactive=True))  # (no value: what is typed now stays)
 
     inputs = page.sampling_inputs
     ask_event = page.box.submit(ask, [page.box, *inputs], [page.chatbot, page.notice, page.box], api_name="ask",
@@ -247,20 +394,22 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
     page.box.change(attached, [page.box], None, queue=False, api_visibility="private")
 
     def again(max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
-        yield from handlers.regenerate(request.session_hash, _sampling(max_new_tokens, do_sample, temp, p))
+        yield from _locking_box(handlers.regenerate(request.session_hash, _sampling(max_new_tokens, do_sample, temp, p)))
 
-    events = [ask_event, page.regenerate.click(again, inputs, [page.chatbot, page.notice], api_name="regenerate",
-                                               **model_events)]
+    answering = [page.chatbot, page.notice, page.box]  # the box is locked while an answer is written: its Stop shows
+    events = [ask_event, page.regenerate.click(again, inputs, answering, api_name="regenerate", **model_events)]
     for button, key in zip(page.quick, QUICK_PROMPTS):
         def quick_ask(max_new_tokens, do_sample, temp, p, request: gr.Request, _key=key) -> Iterator:
-            yield from handlers.ask_quick(request.session_hash, _key, _sampling(max_new_tokens, do_sample, temp, p))
-        events.append(button.click(quick_ask, inputs, [page.chatbot, page.notice], api_visibility="private",
-                                   **model_events))
+            yield from _locking_box(handlers.ask_quick(request.session_hash, _key,
+                                                       _sampling(max_new_tokens, do_sample, temp, p)))
+        events.append(button.click(quick_ask, inputs, answering, api_visibility="private", **model_events))
 
     def stop(request: gr.Request) -> None:
         handlers.stop(request.session_hash)
 
     page.box.stop(stop, None, None, api_name="stop", cancels=events, queue=False)
+    page.box.stop(lambda: gr.MultimodalTextbox(interactive=True), None, [page.box], queue=False,
+                  api_visibility="private")  # a cancelled answer never reaches its own last update
 
     def differential(request: gr.Request) -> str:
         return handlers.differential(request.session_hash)
@@ -272,6 +421,15 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
     return events
 
 
+def _locking_box(updates: Iterator) -> Iterator:
+    """(history, notice) updates, with the question box locked until the answer ends (what it holds stays)."""
+    with closing(updates):  # a cancel (Stop, a closed tab) reaches the handler, which keeps the partial answer
+        history, flag = [], ""
+        for history, flag in updates:
+            yield history, flag, gr.MultimodalTextbox(interactive=False)
+    yield history, flag, gr.MultimodalTextbox(interactive=True)
+
+
 def _wire_report(page: Page, handlers: Handlers, model_events: dict):
     def report(max_new_tokens, do_sample, temp, p, request: gr.Request, progress=gr.Progress()):
         from model.clinical.report_pdf import report_pdf
@@ -281,10 +439,28 @@ def _wire_report(page: Page, handlers: Handlers, model_events: dict):
 
         markdown, files = handlers.report(request.session_hash, _sampling(max_new_tokens, do_sample, temp, p),
                                           render_pdf=report_pdf, on_step=step)
+        if files:
+            markdown = handlers.store.get(request.session_hash).t("ui.report_ready") + "\n\n" + markdown
         return markdown, files or None, gr.Accordion(open=True)
 
-    return page.report_btn.click(report, page.sampling_inputs, [page.report_md, page.report_files, page.report_panel],
-                                 api_name="report", **model_events)
+    event = page.report_btn.click(report, page.sampling_inputs, [page.report_md, page.report_files, page.report_panel],
+                                  api_name="report", **model_events)
+    event.then(None, None, None, js=SHOW_REPORT, api_visibility="private")
+    return event
+
+
+def _wire_history(page: Page, handlers: Handlers) -> None:
+    """Saved on Save (the gradio_client endpoint /history) and whenever a field changes."""
+    form = page.history
+
+    def save(age, sex, body_site, duration, symptoms, changes, treatments, fitzpatrick, notes, request: gr.Request):
+        fields = {"age": age, "sex": sex, "body_site": body_site, "duration": duration, "symptoms": symptoms,
+                  "changes": changes, "treatments": treatments, "fitzpatrick": fitzpatrick, "notes": notes}
+        return handlers.set_history(request.session_hash, fields)
+
+    form.save.click(save, form.inputs, [form.status, page.notice], api_name="history", queue=False)
+    for field in form.inputs:
+        field.change(save, form.inputs, [form.status, page.notice], api_visibility="private", queue=False)
 
 
 def _announce(history) -> str:

@@ -14,7 +14,9 @@ from typing import Callable
 from pydantic import BaseModel
 
 from model.clinical.conversation import Conversation, ImageInput
+from model.clinical.history import ClinicalHistory, with_history
 from model.clinical.ranking import RankedCondition, Ranking, ranking_markdown
+from model.images.quality import PhotoQuality
 from model.i18n.catalog import text
 from model.clinical.safety import DISCLAIMER, red_flag_advice, red_flags
 
@@ -44,6 +46,15 @@ DEFAULT_FLOW: tuple[ConsultStep, ...] = flow("en")
 DEFAULT_SEE_DOCTOR = text("en", "report.default_see_doctor")
 
 
+class VisitDetails(BaseModel):
+    """What a clinician files with a report: when, which visit, which photos, which model."""
+
+    created: str  # local date and time, ISO 8601 to the minute, with its UTC offset
+    visit: str  # a reference to quote (drawn per report; it names no patient)
+    photos: list[str] = []  # the photo files written beside the report, in order
+    model: str  # the bundle's name and version
+
+
 class ConsultationReport(BaseModel):
     visible_features: list[str]
     diagnosis: str | None  # None when no answer named a condition
@@ -59,6 +70,9 @@ class ConsultationReport(BaseModel):
     lang: str = "en"  # of the headings, the disclaimer and the warning signs
     differential: list[RankedCondition] | None = None  # the bundle's calibrated ranking, when it has a head
     differential_uncertain: bool = False
+    history: ClinicalHistory | None = None
+    photo_quality: list[PhotoQuality] = []  # one per photo the consultation holds, in order
+    details: VisitDetails | None = None
 
     def heading(self, key: str) -> str:
         return text(self.lang, f"report.{key}")
@@ -66,9 +80,31 @@ class ConsultationReport(BaseModel):
     def differential_lines(self) -> list[str]:
         return ranking_markdown(self.differential or [], self.differential_uncertain, self.lang)
 
+    def detail_lines(self) -> list[str]:
+        d, h = self.details, self.heading
+        if d is None:
+            return []
+        return [f"{h('created')}: {d.created}", f"{h('visit')}: {d.visit}", f"{h('photos')}: {len(d.photos)}",
+                f"{h('model')}: {d.model}"]
+
+    def history_lines(self) -> list[str]:
+        if self.history is None or self.history.is_empty():
+            return [text(self.lang, "history.none")]
+        return self.history.lines(self.lang)
+
+    def quality_lines(self) -> list[str]:
+        """One line per photo: fine, or what is wrong with it and how to retake it."""
+        caption = lambda n: self.heading("photo_caption").format(n=n)  # noqa: E731
+        return [f"{caption(n)}: " + (text(self.lang, "quality.ok") if q.ok else " ".join(q.tips(self.lang)))
+                for n, q in enumerate(self.photo_quality, 1)]
+
     def markdown(self) -> str:
         h = self.heading
         lines = [f"# {h('title')}", "", f"> {self.disclaimer}", ""]
+        if self.details is not None:
+            lines += [f"## {h('details')}"] + [f"- {line}" for line in self.detail_lines()] + [""]
+            lines += [f"![{h('photo_caption').format(n=n)}]({name})" for n, name in enumerate(self.details.photos, 1)]
+            lines += [""] if self.details.photos else []
         if self.red_flags:
             lines += [f"**{h('warning_signs')}:** {red_flag_advice(self.red_flags, self.lang)}", ""]
         lines += [f"## {h('most_likely')}", self.diagnosis or h("none_named"), ""]
@@ -77,6 +113,9 @@ class ConsultationReport(BaseModel):
         if self.differentials:
             lines += [f"## {h('other')}"] + [f"- {d}" for d in self.differentials] + [""]
         lines += [f"## {h('features')}"] + [f"- {f}" for f in self.visible_features] + [""]
+        lines += [f"## {text(self.lang, 'history.title')}"] + [f"- {line}" for line in self.history_lines()] + [""]
+        if self.photo_quality:
+            lines += [f"## {text(self.lang, 'quality.title')}"] + [f"- {line}" for line in self.quality_lines()] + [""]
         lines += [f"## {h('causes')}", self.causes, "", f"## {h('treatment')}", self.treatment, "",
                   f"## {h('see_doctor')}", self.see_doctor, "", f"## {h('full')}"]
         for key, question in self.questions.items():
@@ -85,18 +124,22 @@ class ConsultationReport(BaseModel):
 
 
 def consult(ask: Callable[[Conversation], str], image: ImageInput, steps: tuple[ConsultStep, ...] | None = None,
-            lang: str = "en", ranking: Ranking | None = None) -> ConsultationReport:
+            lang: str = "en", ranking: Ranking | None = None, history: ClinicalHistory | None = None,
+            quality: list[PhotoQuality] | None = None, details: VisitDetails | None = None) -> ConsultationReport:
     """Walk the flow (by default the language's) over one photo; `ask(conversation)` returns the
     answer to its pending question (an engine's `answer`, bound to a session so that each step
-    reuses the cache). A calibrated `ranking` (the bundle's differential head) joins the report."""
+    reuses the cache). A calibrated `ranking` (the bundle's differential head) joins the report; the
+    clinical `history` goes into the prompt (see `model.clinical.history`), the warning signs and
+    the report, with the photos' `quality` and the visit's `details`."""
     conversation = Conversation()
     answers: dict[str, str] = {}
     steps = steps or flow(lang)
     for n, step in enumerate(steps):
         conversation = conversation.ask(step.question, [image] if n == 0 else [])
-        answers[step.key] = ask(conversation).strip()
+        answers[step.key] = ask(with_history(conversation, history)).strip()
         conversation = conversation.answer(answers[step.key])
-    report = build_report(answers, {s.key: s.question for s in steps}, lang)
+    report = build_report(answers, {s.key: s.question for s in steps}, lang, history)
+    report.photo_quality, report.details = list(quality or []), details
     if ranking is not None:
         report.differential, report.differential_uncertain = ranking.conditions, ranking.uncertain
     return report
@@ -140,7 +183,8 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+|(?<=[。！？])|\n+", text) if len(s.strip()) > 2]
 
 
-def build_report(answers: dict[str, str], questions: dict[str, str], lang: str = "en") -> ConsultationReport:
+def build_report(answers: dict[str, str], questions: dict[str, str], lang: str = "en",
+                 history: ClinicalHistory | None = None) -> ConsultationReport:
     description = " ".join(answers.get(k, "") for k in ("describe", "features"))
     diagnosis, differentials = extract_diagnosis(answers.get("describe", "") or description)
     features = [s for s in _sentences(description) if not _NAMING.search(s)]
@@ -149,5 +193,16 @@ def build_report(answers: dict[str, str], questions: dict[str, str], lang: str =
         visible_features=features, diagnosis=diagnosis, differentials=differentials,
         causes=answers.get("causes", ""), treatment=answers.get("treatment", ""),
         see_doctor=answers.get("see_doctor") or text(lang, "report.default_see_doctor"),
-        red_flags=red_flags(*answers.values(), lang=lang), answers=answers, questions=questions, full_text=full,
-        disclaimer=text(lang, "disclaimer"), lang=lang)
+        red_flags=red_flags(*answers.values(), lang=lang, also=history.warning_signs() if history else ()),
+        answers=answers, questions=questions, full_text=full, disclaimer=text(lang, "disclaimer"), lang=lang,
+        history=history)
+
+
+def new_visit(model: str, photos: list[str] | None = None) -> VisitDetails:
+    """The details of a report written now: local time, a fresh visit reference, the photo files."""
+    import secrets
+    from datetime import datetime
+
+    now = datetime.now().astimezone()
+    return VisitDetails(created=now.isoformat(timespec="minutes"),
+                        visit=f"SG-{now:%Y%m%d}-{secrets.token_hex(3).upper()}", photos=photos or [], model=model)

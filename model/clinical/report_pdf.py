@@ -4,12 +4,17 @@ installed by the set-up and the Dockerfile): nothing is fetched, and the text st
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
 
 from model.clinical.consultation import ConsultationReport
 from model.errors import UserFacingError
 from model.clinical.safety import red_flag_advice
+from model.i18n.catalog import text
 
 CJK_FONTS = (Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
              Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc"),
@@ -31,10 +36,14 @@ def _latin1(value: str) -> str:
         "latin-1", "replace").decode("latin-1")
 
 
-def report_pdf(report: ConsultationReport) -> bytes:
+def report_pdf(report: ConsultationReport, photos: Sequence[Image.Image] = ()) -> bytes:
+    """The report, with the consultation's `photos` (as `report.details.photos` names them) on it."""
     from fpdf import FPDF
 
-    needs_cjk = report.lang != "en" or bool(_BEYOND_LATIN1.search(report.full_text + "".join(report.red_flags)))
+    logging.getLogger("fontTools").setLevel(logging.ERROR)  # it logs each subsetting step of every PDF
+
+    everything = report.full_text + "".join(report.red_flags) + "".join(report.history_lines())
+    needs_cjk = report.lang != "en" or bool(_BEYOND_LATIN1.search(everything))
     font = cjk_font() if needs_cjk else None
     if report.lang != "en" and font is None:  # (an English report falls back to core fonts and '?')
         raise FontMissing("the PDF needs a font for Chinese text and none is installed: run "
@@ -57,6 +66,13 @@ def report_pdf(report: ConsultationReport) -> bytes:
 
     write(report.heading("title"), 16, "B", 9)
     write(report.disclaimer, 10.5, "I")
+    if report.details is not None:
+        heading("details")
+        write("\n".join(report.detail_lines()), 10.5)
+        for n, photo in enumerate(photos, 1):
+            scale = min(70 / photo.width, 60 / photo.height)  # mm: about a third of the page's width
+            pdf.image(photo.convert("RGB"), w=photo.width * scale, h=photo.height * scale)
+            write(report.heading("photo_caption").format(n=n), 9)
     if report.red_flags:
         heading("warning_signs")
         write(red_flag_advice(report.red_flags, report.lang), 10.5, "B")
@@ -70,6 +86,13 @@ def report_pdf(report: ConsultationReport) -> bytes:
         write("\n".join(f"- {d}" for d in report.differentials), 10.5)
     heading("features")
     write("\n".join(f"- {f}" for f in report.visible_features) or "-", 10.5)
+    pdf.ln(2)
+    write(text(report.lang, "history.title"), 13, "B", 7)
+    write("\n".join(report.history_lines()), 10.5)
+    if report.photo_quality:
+        pdf.ln(2)
+        write(text(report.lang, "quality.title"), 13, "B", 7)
+        write("\n".join(report.quality_lines()), 10.5)
     for key, value in (("causes", report.causes), ("treatment", report.treatment), ("see_doctor", report.see_doctor)):
         heading(key)
         write(value or "-", 10.5)

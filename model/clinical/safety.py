@@ -39,10 +39,11 @@ URGENT_ADVICE = text("en", "urgent_advice")
 DISCLAIMER = text("en", "disclaimer")
 
 
-def red_flags(*texts: str, lang: str = "en") -> list[str]:
-    """The reasons (in `lang`) whose pattern appears in any of the texts, in table order, without repeats."""
+def red_flags(*texts: str, lang: str = "en", also: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The reasons (in `lang`) whose pattern appears in any of the texts, or whose id is in `also`
+    (what a clinical history raises), in table order, without repeats."""
     joined = "\n".join(texts)
-    return [text(lang, f"red_flags.{key}") for key, pattern in _COMPILED if pattern.search(joined)]
+    return [text(lang, f"red_flags.{key}") for key, pattern in _COMPILED if key in also or pattern.search(joined)]
 
 
 def red_flag_advice(flags: list[str], lang: str = "en") -> str:

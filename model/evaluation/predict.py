@@ -1,7 +1,11 @@
 """Run the engine over a case manifest: one JSON line per case, resumable, with provenance.
 
 cases.jsonl, one case a line (image paths relative to the manifest):
-    {"image": "cases/0001.jpg", "diagnosis": "psoriasis", "fitzpatrick": "V", "id": "0001"}
+    {"image": "cases/0001.jpg", "diagnosis": "psoriasis", "fitzpatrick": "V", "id": "0001",
+     "history": {"age": 34, "body_site": "arm", "symptoms": ["itch"]}}
+`history` (optional) is the clinical history form's fields (`model.clinical.history`). A run with
+`context="on"` gives it to the model, one with `"off"` does not; both may share a run directory (each
+row records its context), and `eval score` then sets them side by side.
 Images are read where they are; nothing about a case is copied, only its path is recorded.
 """
 
@@ -14,6 +18,7 @@ from typing import Any, Callable
 
 from model.clinical.consultation import DEFAULT_FLOW, consult
 from model.clinical.conversation import Conversation, ImageInput
+from model.clinical.history import ClinicalHistory, with_history
 from model.errors import UserFacingError
 from model.images.decode import ImageError, read_image_file
 from model.clinical.records import SkinTyped, read_jsonl
@@ -30,6 +35,15 @@ class EvalCase(SkinTyped):
     image: str
     diagnosis: str | None = None
     id: str | None = None
+    history: ClinicalHistory | None = None
+
+
+CONTEXTS = ("on", "off")  # the clinical history given to the model, or withheld
+
+
+def run_key(row: dict) -> str:
+    """A prediction's place in a run: its case and context (rows written before contexts existed: off)."""
+    return f"{row['id']}@{row.get('context', 'off')}"
 
 
 def read_cases(manifest: str | Path, labels: LabelSet | None = None) -> list[tuple[EvalCase, Path]]:
@@ -63,21 +77,26 @@ def read_cases(manifest: str | Path, labels: LabelSet | None = None) -> list[tup
 
 
 def done_ids(out: Path) -> set[str]:
+    """`run_key`s already in the run."""
     path = out / PREDICTIONS
     if not path.is_file():
         return set()
     ids = set()
     for line in path.read_text().splitlines():
         try:
-            ids.add(json.loads(line)["id"])
+            ids.add(run_key(json.loads(line)))
         except (json.JSONDecodeError, KeyError):
             continue  # a line cut off by an interruption is redone
     return ids
 
 
 def predict(engine, manifest: str | Path, out: str | Path, *, labels: LabelSet | None = None, seed: int = 0,
-            report: bool = True, settings: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> Path:
-    """Answer every case not yet in out/predictions.jsonl; return that file's path."""
+            report: bool = True, settings: dict[str, Any] | None = None, say: Callable[[str], None] = print,
+            context: str = "on") -> Path:
+    """Answer every case not yet in out/predictions.jsonl in this `context` (on: each case's clinical
+    history goes with its first question); return that file's path."""
+    if context not in CONTEXTS:
+        raise EvalError(f"context must be on or off, not {context!r}")
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -86,20 +105,24 @@ def predict(engine, manifest: str | Path, out: str | Path, *, labels: LabelSet |
     settings = {"do_sample": False, **(settings or {})}
     provenance = {"bundle_sha256": engine.loaded.bundle_hash, "bundle": str(engine.loaded.path),
                   "model": engine.config.name, "template": engine.config.prompt_template, "seed": seed,
-                  "settings": settings, "flow": [s.question for s in DEFAULT_FLOW] if report else None}
+                  "settings": settings, "flow": [s.question for s in DEFAULT_FLOW] if report else None,
+                  "context": context}
     (out / "run.json").write_text(json.dumps({"manifest": str(Path(manifest).resolve()), **provenance}, indent=2))
     finished = done_ids(out)
-    todo = [(c, p) for c, p in cases if c.id not in finished]
+    todo = [(c, p) for c, p in cases if f"{c.id}@{context}" not in finished]
     if finished:
         say(f"resuming: {len(finished)} case(s) already done, {len(todo)} to go")
     with open(out / PREDICTIONS, "a") as sink:
         for case, path in tqdm(todo, desc="cases", unit="case"):
-            sink.write(json.dumps(_one(engine, case, path, seed, report, settings, provenance)) + "\n")
+            history = case.history if context == "on" else None
+            row = _one(engine, case, path, seed, report, settings, provenance, history)
+            sink.write(json.dumps({**row, "context": context}) + "\n")
             sink.flush()
     return out / PREDICTIONS
 
 
-def _one(engine, case: EvalCase, path: Path, seed: int, report: bool, settings: dict, provenance: dict) -> dict:
+def _one(engine, case: EvalCase, path: Path, seed: int, report: bool, settings: dict, provenance: dict,
+         history: ClinicalHistory | None = None) -> dict:
     row = {"id": case.id, "image": case.image, "label": case.diagnosis, "fitzpatrick": case.fitzpatrick}
     try:
         image = ImageInput.of(read_image_file(path))
@@ -109,10 +132,10 @@ def _one(engine, case: EvalCase, path: Path, seed: int, report: bool, settings: 
     ranking = engine.rank([image]) if getattr(engine, "rank", None) else None  # the bundle's head, if any
     if report:
         result = consult(lambda conv: engine.answer(conv, session=session, seed=seed, **settings), image,
-                         ranking=ranking)
+                         ranking=ranking, history=history)
         answer, report_dict = result.answers["describe"], result.model_dump()
     else:
-        conversation = Conversation().ask(DEFAULT_FLOW[0].question, [image])
+        conversation = with_history(Conversation().ask(DEFAULT_FLOW[0].question, [image]), history)
         answer, report_dict = engine.answer(conversation, session=session, seed=seed, **settings), None
     engine.forget(session)
     engine.forget_images([image.key])

@@ -30,8 +30,12 @@ def cases_from_run(rows: list[dict], labels: LabelSet) -> tuple[list[Case], dict
 
 
 def score(run: str | Path, labels: LabelSet, n_boot: int = 1000, seed: int = 0, plots: bool = True) -> dict[str, Any]:
+    """The run's metrics (of its context-on rows when it holds both contexts), and with both, the
+    two side by side (`context`)."""
     run = Path(run)
-    rows = read_predictions(run)
+    every = read_predictions(run)
+    contexts = {r.get("context", "off") for r in every}
+    rows = [r for r in every if r.get("context", "off") == "on"] if contexts == {"on", "off"} else every
     cases, skipped = cases_from_run(rows, labels)
     if not cases:
         raise EvalError(f"{run} has no labelled predictions to score (give cases a \"diagnosis\")")
@@ -40,6 +44,9 @@ def score(run: str | Path, labels: LabelSet, n_boot: int = 1000, seed: int = 0, 
     head = differential_score(rows, labels, n_boot, seed, run if plots else None)
     if head is not None:
         result["differential"] = head
+    if contexts == {"on", "off"}:
+        result["context"] = {c: summary(cases_from_run([r for r in every if r.get("context", "off") == c], labels)[0],
+                                        labels.classes, n_boot, seed) for c in ("off", "on")}
     (run / "score.json").write_text(json.dumps(result, indent=2))
     (run / "report.md").write_text(markdown(result))
     if plots:
@@ -101,6 +108,8 @@ def markdown(result: dict) -> str:
                          f"{_with_ci(block['balanced'])} |")
         else:
             lines.append(f"| {label} | 0 | n/a | n/a | n/a |")
+    if "context" in result:
+        lines += context_table(result["context"])
     lines += ["", "## Per class", "", "| class | support | precision | recall |", "|---|---|---|---|"]
     for cls, m in result["per_class"].items():
         lines.append(f"| {cls} | {m['support']} | {_pct(m['precision'])} | {_pct(m['recall'])} |")
@@ -127,6 +136,20 @@ def markdown(result: dict) -> str:
                   for c, m in head["per_class"].items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def context_table(blocks: dict[str, dict]) -> list[str]:
+    """Top-1 and top-3 without and with the clinical history, overall and per Fitzpatrick group."""
+    off, on = blocks["off"], blocks["on"]
+    lines = ["", "## Image alone against image with clinical history", "",
+             "| group | n | top-1 without | top-1 with | top-3 without | top-3 with |", "|---|---|---|---|---|---|"]
+    groups = [("all", off["overall"], on["overall"])]
+    groups += [(f"Fitzpatrick {name}" if name != "unknown" else "skin type unknown", off["by_skin_tone"][name],
+                on["by_skin_tone"][name]) for name in off["by_skin_tone"] if off["by_skin_tone"][name]["n"]]
+    for label, a, b in groups:
+        lines.append(f"| {label} | {a['n']} | {_with_ci(a['top1'])} | {_with_ci(b['top1'])} | {_with_ci(a['top3'])} | "
+                     f"{_with_ci(b['top3'])} |")
+    return lines
 
 
 def write_plots(result: dict, out: Path) -> None:

@@ -48,7 +48,7 @@ class Photo:
 def _too_large(name: str, pixels: int) -> ImageError:
     return ImageTooLarge(f"{name} is too large: {pixels / 10**6:,.0f} megapixels, and the limit is "
                       f"{MAX_PIXELS // 10**6} megapixels. Please send a smaller photo (most phones can share a "
-                      f"reduced size)")
+                      f"reduced size).")
 
 
 @contextlib.contextmanager
@@ -64,9 +64,9 @@ def _opening(name: str) -> Iterator[None]:
         claimed = re.search(r"size \((\d+) pixels\)", str(err))
         raise _too_large(name, int(claimed.group(1)) if claimed else 2 * MAX_PIXELS) from err
     except UnidentifiedImageError as err:
-        raise ImageError(f"{name} is not a photo this app can read; please send a {FORMAT_NAMES} image") from err
+        raise ImageError(f"{name} is not a photo this app can read; please send a {FORMAT_NAMES} image.") from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # truncated or corrupt data
-        raise ImageError(f"{name} could not be read: it seems damaged or incomplete. Please send it again") from err
+        raise ImageError(f"{name} could not be read: it seems damaged or incomplete. Please send it again.") from err
 
 
 def _check_pixels(name: str, image: Image.Image) -> None:
@@ -78,10 +78,10 @@ def _check_pixels(name: str, image: Image.Image) -> None:
 def decode_photo(data: bytes, name: str = "the file") -> Photo:
     """Bytes of an uploaded file -> a clean, upright sRGB image with no metadata, and notes."""
     if not data:
-        raise ImageError(f"{name} is empty; please choose a photo ({FORMAT_NAMES})")
+        raise ImageError(f"{name} is empty; please choose a photo ({FORMAT_NAMES}).")
     if len(data) > MAX_BYTES:
         raise ImageTooLarge(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB. "
-                         f"Please send a smaller photo (most phones can share a reduced size)")
+                         f"Please send a smaller photo (most phones can share a reduced size).")
     notes: list[str] = []
     with _opening(name):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
@@ -93,7 +93,7 @@ def decode_photo(data: bytes, name: str = "the file") -> Photo:
         image.seek(0)
         image.load()
     if min(image.size) < MIN_SIDE:
-        raise ImageError(f"{name} is only {image.size[0]}x{image.size[1]} pixels; please send a real photo")
+        raise ImageError(f"{name} is only {image.size[0]}x{image.size[1]} pixels; please send a real photo.")
     upright = to_rgb(_to_srgb(ImageOps.exif_transpose(image), image.info.get("icc_profile")))
     clean = Image.new("RGB", upright.size)  # a new image from the pixels alone: no metadata survives
     clean.frombytes(upright.tobytes())
@@ -136,7 +136,7 @@ def _stored(path: str | Path) -> Path:
     """A photo file that exists and is within the byte limit."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"{path} does not exist")
+        raise ImageError(f"{path} does not exist.")
     if path.stat().st_size > MAX_BYTES:
-        raise ImageError(f"{path} is larger than {MAX_BYTES // 2**20} MB; please use a smaller photo")
+        raise ImageError(f"{path} is larger than {MAX_BYTES // 2**20} MB; please use a smaller photo.")
     return path

@@ -7,11 +7,22 @@ it decodes a short window (the tokens since the last complete piece, plus the fe
 context such as SentencePiece's word-start spaces) and releases text only once the window decodes
 to something that does not end in a replacement character. The cost per token is a decode of a few
 tokens, not of the whole answer.
+
+Only printable text leaves: control characters (but newline and tab) and replacement characters for
+bytes that formed no character are dropped, so none reaches the chat, JSON or a PDF.
 """
 
 from __future__ import annotations
 
+import re
+
 REPLACEMENT = "\ufffd"
+_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
+
+
+def printable(text: str) -> str:
+    """`text` without control characters (newline and tab kept) or replacement characters."""
+    return _HIDDEN.sub("", text)
 
 
 class IncrementalDecoder:
@@ -33,14 +44,14 @@ class IncrementalDecoder:
         if len(after) <= len(before) or after.endswith(REPLACEMENT):
             return ""  # an unfinished character: wait for its other bytes
         self._prefix, self._read = self._read, len(self.ids)
-        return after[len(before):]
+        return printable(after[len(before):])
 
     def flush(self) -> str:
         """What is still held back at the end; bytes that never formed a character are dropped."""
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
-        return after[len(before):].rstrip(REPLACEMENT)
+        return printable(after[len(before):])
 
 
 def visible(text: str, stops: tuple[str, ...]) -> tuple[int, bool]:

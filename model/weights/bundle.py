@@ -321,6 +321,14 @@ class LoadedBundle:
         """One digest over the manifest's file hashes: names this exact set of weights."""
         return manifest_hash(self.manifest)
 
+    @property
+    def label(self) -> str:
+        """The model as a report names it: preset, bundle folder, when the bundle was written, and the
+        start of `bundle_hash` (its version: any change to any file changes it)."""
+        written = str(self.manifest.get("created", ""))[:10]
+        folder = self.path.name if self.path.name != self.config.name else ""
+        return " · ".join(p for p in (self.config.name, folder, written, self.bundle_hash[:12]) if p)
+
 
 def load_config(bundle: Path) -> SkinGPTConfig:
     try:
@@ -380,7 +388,7 @@ def _load_gguf(bundle: Path, config: SkinGPTConfig, manifest: dict[str, Any], po
     with safe_open(str(bundle / ENCODER_FILE), framework="pt") as handle:
         stored = handle.get_slice(next(k for k in handle.keys() if not k.startswith("ln_vision."))).get_dtype()
     dtype = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}[stored]
-    concrete = LoadPolicy(device="cpu", dtype=dtype, quantize="none")
+    concrete = LoadPolicy(device="cpu", dtype=dtype, quantize="none", encoder_compute=policy.encoder_compute)
     llm = ExternalLLM(config.llm)  # its empty table on the CPU: where image embeddings go
     with torch.device("meta"):
         model = SkinGPT(config, llm)
