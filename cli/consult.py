@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import (HISTORY_HELP, LANGUAGE_HELP, ArgumentProblem, check_bundle, engine, language, model_args, read_history,
-                        sampling, sampling_args)
+from cli.common import (HISTORY_HELP, LANGUAGE_HELP, ArgumentProblem, check_bundle, engine, language, model_args,
+                        read_history, sampling, sampling_args)
 from model.i18n.catalog import LANGUAGES
 
 CHAT_HELP = ("Commands: /image PATH adds a photo, /history FILE sets the clinical history, /new starts a new "
@@ -40,7 +40,6 @@ def register(sub) -> None:
 def run_ask(args: argparse.Namespace) -> int:
     from model.clinical.conversation import ImageInput
     from model.images.decode import read_photo_file
-
     from model.images.quality import assess
 
     lang = language(args)

@@ -136,11 +136,10 @@ class Handlers:
             state.pending.append(ImageInput.of(photo.image))
             state.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
             for note in photo.notes:
-                state.messages.append({"role": "assistant", "content": note, "metadata": {"title": state.t("titles.note")}})
+                state.note(note)
             state.quality.append(quality)
             if not quality.ok:  # said at once, before any answer; the patient may still go on
-                state.messages.append({"role": "assistant", "content": quality.notice(state.lang),
-                                       "metadata": {"title": state.t("quality.title")}})
+                state.note(quality.notice(state.lang), "quality.title")
         log.info("photo accepted session=%s size=%dx%d quality=%s ms=%.0f", state.id[:8], *photo.image.size,
                  ",".join(quality.problems) or "ok", (time.perf_counter() - started) * 1000)
         return None

@@ -108,7 +108,7 @@ class Consultation:
             if self.conversation.pending is not None:
                 self.conversation = self.conversation.answer(answer_text)
             for notice in notices:
-                self.messages.append({"role": "assistant", "content": notice, "metadata": {"title": self.t("titles.note")}})
+                self.note(notice)
             self.refresh_flags()
 
     def refresh_flags(self) -> None:
@@ -145,8 +145,12 @@ class Consultation:
                 self.answering.cancel.set()
 
     def error(self, message: str) -> list[Message]:
+        return self.note(message, "titles.error")
+
+    def note(self, message: str, title: str = "titles.note") -> list[Message]:
+        """A message of the app's own beside the answers, under a title (a key of `titles.*`, `quality.title`)."""
         with self.lock:
-            self.messages.append({"role": "assistant", "content": message, "metadata": {"title": self.t("titles.error")}})
+            self.messages.append({"role": "assistant", "content": message, "metadata": {"title": self.t(title)}})
             return self.messages
 
     # -- files --------------------------------------------------------------------------------

@@ -107,8 +107,13 @@ JS = """
   // follow the conversation: as an answer streams, the chat's own scroll box and the page keep the
   // newest text in view (unless the reader has scrolled up to read back), and the question box stays reachable
   let following = true;
-  const box = () => [...document.querySelectorAll('#chat, #chat *')].find(e => e.scrollHeight > e.clientHeight + 4 &&
-      ['auto', 'scroll'].includes(getComputedStyle(e).overflowY));
+  let scroller = null;  // found once (Gradio 6: #chat itself), not by styling every element on each token
+  const box = () => {
+    if (scroller && scroller.isConnected) { return scroller; }
+    scroller = [...document.querySelectorAll('#chat, #chat *')].find(e => e.scrollHeight > e.clientHeight + 4 &&
+        ['auto', 'scroll'].includes(getComputedStyle(e).overflowY)) || null;
+    return scroller;
+  };
   document.addEventListener('scroll', (e) => {
     const b = box();
     if (b && e.target === b) { following = b.scrollHeight - b.scrollTop - b.clientHeight < 80; }
@@ -225,7 +230,8 @@ def _relabel_history(form: HistoryForm, lang: str) -> dict:
             form.symptoms: gr.update(label=t("symptoms"), choices=_choices(lang, "symptom_names", SYMPTOMS)),
             form.changes: gr.update(label=t("changes"), choices=_choices(lang, "change_names", CHANGES)),
             form.treatments: gr.update(label=t("treatments")),
-            form.fitzpatrick: gr.update(label=t("fitzpatrick"), choices=_choices(lang, "fitzpatrick_types", range(1, 7))),
+            form.fitzpatrick: gr.update(label=t("fitzpatrick"),
+                                        choices=_choices(lang, "fitzpatrick_types", range(1, 7))),
             form.notes: gr.update(label=t("notes")), form.save: gr.update(value=text(lang, "ui.save_history"))}
 
 
@@ -394,7 +400,8 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
     page.box.change(attached, [page.box], None, queue=False, api_visibility="private")
 
     def again(max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
-        yield from _locking_box(handlers.regenerate(request.session_hash, _sampling(max_new_tokens, do_sample, temp, p)))
+        settings = _sampling(max_new_tokens, do_sample, temp, p)
+        yield from _locking_box(handlers.regenerate(request.session_hash, settings))
 
     answering = [page.chatbot, page.notice, page.box]  # the box is locked while an answer is written: its Stop shows
     events = [ask_event, page.regenerate.click(again, inputs, answering, api_name="regenerate", **model_events)]

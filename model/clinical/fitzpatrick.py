@@ -21,5 +21,10 @@ def check(value: int | None) -> int | None:
     return value
 
 
+def roman(value: int) -> str:
+    """3 -> 'III'."""
+    return next(name for name, number in _ROMAN.items() if number == value)
+
+
 def group(value: int | None) -> str | None:
     return next((name for name, types in GROUPS.items() if value in types), None)

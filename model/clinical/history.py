@@ -20,6 +20,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
+from model.clinical import fitzpatrick
 from model.clinical.conversation import Conversation, Turn
 from model.clinical.records import SkinTyped
 from model.i18n.catalog import text
@@ -69,7 +70,7 @@ class ClinicalHistory(SkinTyped):
         fields = (("age {}", self.age), ("sex {}", self.sex), ("body site {}", self.body_site),
                   ("for {}", DURATION_WORDS.get(self.duration or "")), ("symptoms {}", ", ".join(self.symptoms)),
                   ("changed in {}", ", ".join(self.changes)), ("treatments tried: {}", self.treatments),
-                  ("Fitzpatrick skin type {}", _ROMAN.get(self.fitzpatrick or 0)), ("notes: {}", self.notes))
+                  ("Fitzpatrick skin type {}", self.fitzpatrick and fitzpatrick.roman(self.fitzpatrick)), ("notes: {}", self.notes))
         parts = [form.format(value) for form, value in fields if value not in (None, "")]
         return f"Patient details: {'; '.join(parts)}." if parts else ""
 
@@ -82,7 +83,7 @@ class ClinicalHistory(SkinTyped):
                 ("duration", self.duration and t(f"durations.{self.duration}")),
                 ("symptoms", ", ".join(t(f"symptom_names.{s}") for s in self.symptoms)),
                 ("changes", ", ".join(t(f"change_names.{c}") for c in self.changes)),
-                ("treatments", self.treatments), ("fitzpatrick", self.fitzpatrick and _ROMAN[self.fitzpatrick]),
+                ("treatments", self.treatments), ("fitzpatrick", self.fitzpatrick and fitzpatrick.roman(self.fitzpatrick)),
                 ("notes", self.notes)]
         return [f"{t(key)}: {value}" for key, value in rows if value]
 
@@ -100,8 +101,6 @@ class ClinicalHistory(SkinTyped):
             keys.append("rapid_growth")
         return keys
 
-
-_ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI"}
 
 
 def with_history(conversation: Conversation, history: ClinicalHistory | None) -> Conversation:

@@ -41,9 +41,14 @@ class EvalCase(SkinTyped):
 CONTEXTS = ("on", "off")  # the clinical history given to the model, or withheld
 
 
+def context_of(row: dict) -> str:
+    """A prediction's context (rows written before contexts existed: off)."""
+    return row.get("context", "off")
+
+
 def run_key(row: dict) -> str:
-    """A prediction's place in a run: its case and context (rows written before contexts existed: off)."""
-    return f"{row['id']}@{row.get('context', 'off')}"
+    """A prediction's place in a run: its case and context."""
+    return f"{row['id']}@{context_of(row)}"
 
 
 def read_cases(manifest: str | Path, labels: LabelSet | None = None) -> list[tuple[EvalCase, Path]]:
@@ -109,7 +114,7 @@ def predict(engine, manifest: str | Path, out: str | Path, *, labels: LabelSet |
                   "context": context}
     (out / "run.json").write_text(json.dumps({"manifest": str(Path(manifest).resolve()), **provenance}, indent=2))
     finished = done_ids(out)
-    todo = [(c, p) for c, p in cases if f"{c.id}@{context}" not in finished]
+    todo = [(c, p) for c, p in cases if run_key({"id": c.id, "context": context}) not in finished]
     if finished:
         say(f"resuming: {len(finished)} case(s) already done, {len(todo)} to go")
     with open(out / PREDICTIONS, "a") as sink:

@@ -10,7 +10,7 @@ from typing import Any
 from model.evaluation.labels import LabelSet, _norm
 from model.evaluation.metrics import summary
 from model.metrics import Case, calibration_error
-from model.evaluation.predict import EvalError, read_predictions
+from model.evaluation.predict import CONTEXTS, EvalError, context_of, read_predictions
 
 
 def cases_from_run(rows: list[dict], labels: LabelSet) -> tuple[list[Case], dict[str, int]]:
@@ -34,19 +34,20 @@ def score(run: str | Path, labels: LabelSet, n_boot: int = 1000, seed: int = 0, 
     two side by side (`context`)."""
     run = Path(run)
     every = read_predictions(run)
-    contexts = {r.get("context", "off") for r in every}
-    rows = [r for r in every if r.get("context", "off") == "on"] if contexts == {"on", "off"} else every
+    by_context = {c: [r for r in every if context_of(r) == c] for c in CONTEXTS}
+    both = all(by_context.values())
+    rows = by_context["on"] if both else every
     cases, skipped = cases_from_run(rows, labels)
     if not cases:
         raise EvalError(f"{run} has no labelled predictions to score (give cases a \"diagnosis\")")
-    result = {"run": str(run), "classes": list(labels.classes), "skipped": skipped,
-              **summary(cases, labels.classes, n_boot, seed)}
+    scored = summary(cases, labels.classes, n_boot, seed)
+    result = {"run": str(run), "classes": list(labels.classes), "skipped": skipped, **scored}
     head = differential_score(rows, labels, n_boot, seed, run if plots else None)
     if head is not None:
         result["differential"] = head
-    if contexts == {"on", "off"}:
-        result["context"] = {c: summary(cases_from_run([r for r in every if r.get("context", "off") == c], labels)[0],
-                                        labels.classes, n_boot, seed) for c in ("off", "on")}
+    if both:
+        without = cases_from_run(by_context["off"], labels)[0]
+        result["context"] = {"off": summary(without, labels.classes, n_boot, seed), "on": scored}
     (run / "score.json").write_text(json.dumps(result, indent=2))
     (run / "report.md").write_text(markdown(result))
     if plots:
