@@ -16,6 +16,7 @@ QUANTIZE_HELP = ("auto (the default: on a CPU, for an LLM over 2 GiB, the fastes
 # bundle.quantize_bundle's modes (GGUF for llama.cpp, then PyTorch's weight-only), likewise
 GGUF_MODES = ("q4_k_m", "q4_0", "q8_0", "f16", "f32")
 QUANTIZE_BUNDLE_MODES = GGUF_MODES + ("int8w", "int4")
+ENCODER_MODES = ("bf16", "int8")  # encoder_int8.ENCODER_MODES, likewise
 LANGUAGE_HELP = "language of the questions, answers and report (default: the terminal's locale)"
 
 

@@ -120,10 +120,12 @@ def test_the_cli_offers_exactly_the_load_policy_modes():
 
 
 def test_the_cli_offers_exactly_the_bundle_quantisation_modes():
-    from cli.common import QUANTIZE_BUNDLE_MODES
+    from cli.common import ENCODER_MODES, QUANTIZE_BUNDLE_MODES
     from model.weights.bundle import QUANTIZE_BUNDLE_MODES as BUNDLE_MODES
+    from model.weights.encoder_int8 import ENCODER_MODES as STORED_ENCODER_MODES
 
     assert QUANTIZE_BUNDLE_MODES == BUNDLE_MODES
+    assert ENCODER_MODES == STORED_ENCODER_MODES
 
 
 def test_the_cli_offers_exactly_the_presets_and_dtypes():

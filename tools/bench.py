@@ -29,7 +29,7 @@ from model.nn.config import SkinGPTConfig
 from model.clinical.conversation import Conversation, ImageInput
 from model.serving.engine import Engine
 from model.weights.policy import WEIGHT_ONLY, LoadPolicy, PolicyError, fast_cpu_encoder, module_bytes
-from model.nn.skingpt import ENCODER_PARTS, SkinGPT, build_skingpt, tokenize_prompt
+from model.nn.skingpt import ENCODER_PARTS, SkinGPT, build_skingpt
 from model.weights.weight_only import assemble, entries, from_random, write_quantized
 from model.weights.summary import format_bytes
 
@@ -166,7 +166,8 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> 
     engine.answer(conversation, session="warmup", fixed_length=True, **settings)  # kernels, allocator
     engine.forget("warmup")
     first = engine.stream(conversation, session="bench", fixed_length=True, **settings)
-    conversation = conversation.answer("".join(first).strip())
+    opening, conversation = conversation, conversation.answer("".join(first).strip())
+    bare_tps = _bare_decode(engine, opening, new_tokens)  # right after, on the same prompt: the same positions
 
     rows = []
     for turn in range(1, turns + 1):
@@ -182,7 +183,6 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> 
                      "speedup": baseline.stats.time_to_first_token_s / max(ours.stats.time_to_first_token_s, 1e-9)})
         conversation = conversation.answer(answer)
 
-    bare_tps = _bare_decode(engine, new_tokens)
     result = {
         "model": loaded.config.name, "runtime": loaded.runtime, "device": _device_name(engine),
         "dtype": _llm_dtype(loaded),
@@ -281,17 +281,22 @@ def format_concurrency(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _bare_decode(engine: Engine, new_tokens: int) -> float:
-    """Greedy decoding with nothing but LLM forwards and argmax: the floor the engine is held to."""
-    from model.serving.kv_cache import new_cache
+def _bare_decode(engine: Engine, conversation: Conversation, new_tokens: int) -> float:
+    """Greedy decoding of the first turn's prompt (the same positions the engine was timed at) with
+    nothing but LLM forwards and argmax: the floor the engine is held to."""
+    from model.nn.skingpt import IMAGE_TOKEN_ID
+    from model.serving.requests import ImageSlot
 
-    model, tok = engine.model, engine.tokenizer
-    ids = tokenize_prompt(tok, "###Human: <Img><ImageHere></Img> Describe it.###Assistant:",
-                          engine.config.image_placeholder, engine.config.qformer.num_query_tokens)
+    slots, images, _ = engine.prompt.slots(conversation, engine.config.generation.max_context - new_tokens)
+    embeds = {image.key: engine.encode(image) for image in images}
     if engine.loaded.runtime == "llama.cpp":
-        return _bare_runner_decode(engine, ids, new_tokens)
-    image = engine.encode(bench_photo(0)).unsqueeze(0)
+        return _bare_runner_decode(engine, slots, embeds, new_tokens)
+    model = engine.model
+    ids = [IMAGE_TOKEN_ID if isinstance(s, ImageSlot) else s for s in slots]
+    image = torch.stack([embeds[image.key] for image in images])  # (N, Q, D)
     with torch.no_grad():
+        from model.serving.kv_cache import new_cache
+
         cache = new_cache()
         embeds = model.embed_inputs(torch.tensor([ids], device=engine.device), image)
         logits = model.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
@@ -302,24 +307,17 @@ def _bare_decode(engine: Engine, new_tokens: int) -> float:
             logits = model.llm(input_ids=torch.tensor([[token]], device=engine.device), past_key_values=cache,
                                use_cache=True).logits
             token = int(logits[0, -1].argmax())
+        _sync(str(engine.device))
         elapsed = time.perf_counter() - start
     return (new_tokens - 1) / elapsed
 
 
-def _bare_runner_decode(engine: Engine, ids: list[int], new_tokens: int) -> float:
+def _bare_runner_decode(engine: Engine, slots: list, embeds: dict[str, torch.Tensor], new_tokens: int) -> float:
     """The same loop on a runtime of its own (llama.cpp): the runner's prefill and decode calls alone,
     on an engine with nothing else in flight."""
-    from model.nn.skingpt import IMAGE_TOKEN_ID
-    from model.serving.requests import ImageSlot
-
-    image = engine.encode(bench_photo(0))
-    slots, j = [], 0
-    for i in ids:
-        slots.append(ImageSlot("bench", j) if i == IMAGE_TOKEN_ID else i)
-        j += i == IMAGE_TOKEN_ID
     runner = engine.runner
     state = runner.new_state()
-    token = int(runner.prefill(state, slots, {"bench": image}).argmax())
+    token = int(runner.prefill(state, slots, embeds).argmax())
     runner.join(state)
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
@@ -327,6 +325,7 @@ def _bare_runner_decode(engine: Engine, ids: list[int], new_tokens: int) -> floa
     elapsed = time.perf_counter() - start
     runner.free(runner.leave(0))  # the only row: nothing else decodes during the bench
     return (new_tokens - 1) / elapsed
+
 
 
 def _device_name(engine: Engine) -> str:

@@ -28,7 +28,7 @@ from model.serving.runner import ModelRunner, TorchRunner
 from model.serving.sampler import Sampler
 from model.serving.scheduler import Scheduler
 from model.serving.sessions import SessionCache
-from model.weights.bundle import LoadedBundle, load_bundle, quantized_mode
+from model.weights.bundle import LoadedBundle, load_bundle
 from model.weights.policy import cpu_advice
 
 
@@ -224,21 +224,12 @@ def open_engine(bundle: str | Path, policy, *, record: Path | None = None, say: 
 
 def make_runner(loaded: LoadedBundle, device_lock: threading.Lock, max_batch: int,
                 kv_cache_bytes: int | None) -> ModelRunner:
-    """torch for a bundle of torch weights; llama.cpp for a GGUF bundle, with a KV pool of
-    `kv_cache_bytes` (default, and at least: one full context), allocated up front."""
+    """torch for a bundle of torch weights; llama.cpp for a GGUF bundle (the runner sizes its own pool)."""
     if loaded.runtime == "torch":
         return TorchRunner(loaded.model, device_lock)
-    from model.serving.llama_runner import LlamaRunner, kv_bytes_per_position
+    from model.serving.llama_runner import LlamaRunner
 
-    llm, context = loaded.config.llm, min(loaded.config.generation.max_context, loaded.config.llm.max_position_embeddings)
-    mode = quantized_mode(loaded.manifest)
-    # An f32 file is for checking against torch: its cache is exact too. For a quantised LLM an 8-bit cache
-    # costs nothing its weights have not already lost, and halves the pool (a 7B's context: 1.0 -> 0.53 GiB).
-    # (q8_0 rows are blocks of 32: a head narrower than that, as in the tiny test models, stays f16.)
-    kv_type = mode if mode in ("f32", "f16") else "q8_0" if (llm.hidden_size // llm.num_heads) % 32 == 0 else "f16"
-    cells = max(context, (kv_cache_bytes or 0) // kv_bytes_per_position(llm, kv_type))
-    return LlamaRunner(loaded.gguf, llm, device_lock, kv_cells=cells, max_sequences=max(4 * max_batch, 32),
-                       kv_type=kv_type)
+    return LlamaRunner.for_bundle(loaded, device_lock, max_batch, kv_cache_bytes)
 
 
 def default_kv_budget(device: torch.device) -> int:

@@ -104,6 +104,23 @@ class LlamaRunner:
         self._free_seqs: deque[int] = deque(range(max_sequences))
         self.rows: list[LlamaState] = []
 
+    @classmethod
+    def for_bundle(cls, loaded, device_lock: threading.Lock, max_batch: int,
+                   kv_cache_bytes: int | None) -> LlamaRunner:
+        """The runner of a GGUF bundle: a KV pool of `kv_cache_bytes` (default, and at least: one full
+        context), allocated up front, and sequences for four times the batch (idle sessions keep theirs)."""
+        from model.weights.bundle import quantized_mode
+
+        llm = loaded.config.llm
+        context = min(loaded.config.generation.max_context, llm.max_position_embeddings)
+        mode = quantized_mode(loaded.manifest)
+        # An f32 file is for checking against torch: its cache is exact too. For a quantised LLM an 8-bit cache
+        # costs nothing its weights have not already lost, and halves the pool (a 7B's context: 1.0 -> 0.53 GiB).
+        # (q8_0 rows are blocks of 32: a head narrower than that, as in the tiny test models, stays f16.)
+        kv_type = mode if mode in ("f32", "f16") else "q8_0" if (llm.hidden_size // llm.num_heads) % 32 == 0 else "f16"
+        cells = max(context, (kv_cache_bytes or 0) // kv_bytes_per_position(llm, kv_type))
+        return cls(loaded.gguf, llm, device_lock, kv_cells=cells, max_sequences=max(4 * max_batch, 32), kv_type=kv_type)
+
     # -- ModelRunner -----------------------------------------------------------------------------
     def new_state(self) -> LlamaState:
         return LlamaState(self.bytes_per_position)

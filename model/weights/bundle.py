@@ -32,6 +32,7 @@ from model.nn.llm import ExternalLLM, LLMLoadError, config_from_dir, load_llm, l
 from model.weights.policy import (WEIGHT_ONLY, LoadPolicy, Sizing, bnb_config, choose_policy, fast_cpu_encoder,
                            module_bytes, quantized_linear_params)
 from model.nn.skingpt import ENCODER_PARTS, SkinGPT
+from model.weights.encoder_int8 import ENCODER_MODES, install_int8_linears, int8_note, quantise_encoder, stored_int8
 from model.weights.gguf_llm import GGUF_FILE, GGUF_MODES, require_llama_cpp
 from model.weights.weight_only import (entries, from_float_files, kernel_speeds, load_quantized_llm, read_quantization,
                           require_kernels, write_quantized, TensorFiles)
@@ -217,29 +218,60 @@ def save_model_bundle(out: str | Path, model: SkinGPT, tokenizer: Any,
     return save_bundle(out, model.config, model.encoder_state_dict(), write_llm, sources)
 
 
-def quantize_bundle(source: str | Path, out: str | Path, mode: str) -> Path:
-    """Write a copy of a float bundle whose LLM is quantised, reading and writing one tensor at a time:
-    int8w / int4 (PyTorch's weight-only kernels), or one GGUF file for llama.cpp (f32, f16, or q8_0 /
-    q4_0 / q4_k_m by llama.cpp's own quantiser). The encoder is stored in bf16 (as it was for f32), the
-    quantisation recorded, every file hashed."""
+def quantize_bundle(source: str | Path, out: str | Path, mode: str | None, encoder: str = "bf16") -> Path:
+    """Write a copy of a bundle with its LLM and/or its encoder quantised, reading and writing one LLM
+    tensor at a time.
+
+    `mode` quantises a float bundle's LLM: int8w / int4 (PyTorch's weight-only kernels), or one GGUF
+    file for llama.cpp (f32, f16, or q8_0 / q4_0 / q4_k_m by llama.cpp's own quantiser). None keeps the
+    LLM as it is (an already quantised bundle: only its encoder changes). The encoder is stored in bf16
+    (as it was for f32), or with `encoder="int8"` its ViT linears in int8 (see `encoder_int8`). The
+    quantisation is recorded, every file hashed."""
     source, out = Path(source), Path(out)
+    if encoder not in ENCODER_MODES:
+        raise BundleError(f"the encoder is stored as {' or '.join(ENCODER_MODES)}, not {encoder!r}")
     manifest = verify_bundle(source)
     config = load_config(source)
-    if read_quantization(source / LLM_DIR) is not None or (source / LLM_DIR / GGUF_FILE).is_file():
-        raise BundleError(f"{source} is already quantised; quantise the float bundle it was made from")
+    quantised = read_quantization(source / LLM_DIR) is not None or (source / LLM_DIR / GGUF_FILE).is_file()
+    origin = dict(manifest.get("sources", {}).get("quantized_from", {}))
+    if mode is None and not quantised and encoder == "bf16":
+        raise BundleError("say what to quantise: --mode for the LLM, --encoder int8 for the image encoder")
+    if mode is not None and quantised:
+        raise BundleError(f"{source}'s LLM is already quantised; quantise the float bundle it was made from, "
+                          f"or leave out --mode to change only its encoder")
+    with safe_open(str(source / ENCODER_FILE), framework="pt") as handle:
+        if stored_int8(handle.keys()):
+            raise BundleError(f"{source}'s encoder is int8 already; quantise the bundle it was made from")
     if mode in GGUF_MODES and mode not in ("f32", "f16"):
         require_llama_cpp()  # before anything is written
     (out / LLM_DIR).mkdir(parents=True, exist_ok=True)
     for rel in bundle_files(source):
-        if rel.parts[0] != LLM_DIR and rel.as_posix() != ENCODER_FILE:
+        keep_llm = rel.parts[0] == LLM_DIR and (mode is None or not rel.name.endswith((".safetensors",
+                                                                                      ".safetensors.index.json")))
+        if (rel.parts[0] != LLM_DIR and rel.as_posix() != ENCODER_FILE) or keep_llm:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / rel, out / rel)  # the config, a differential head
-        elif rel.parts[0] == LLM_DIR and not rel.name.endswith((".safetensors", ".safetensors.index.json")):
-            shutil.copyfile(source / rel, out / rel)  # the LLM's config.json and tokenizer
+            copy = _link_or_copy if rel.name == GGUF_FILE else shutil.copyfile  # the config, a head, the tokenizer
+            copy(source / rel, out / rel)
     with safe_open(str(source / ENCODER_FILE), framework="pt") as handle:
-        encoder = {k: handle.get_tensor(k) if mode == "f32" else _half(k, handle.get_tensor(k)) for k in handle.keys()}
-    save_file(encoder, str(out / ENCODER_FILE), metadata={"format": BUNDLE_FORMAT})
-    del encoder
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    if encoder == "int8":
+        tensors = quantise_encoder(tensors)  # from the stored values, before any other rounding
+    if mode not in (None, "f32"):
+        tensors = {k: v if k.endswith(".scale") else _half(k, v) for k, v in tensors.items()}
+    save_file(tensors, str(out / ENCODER_FILE), metadata={"format": BUNDLE_FORMAT})
+    del tensors
+    if mode is not None:
+        origin = {"bundle": str(source.resolve()), "bundle_hash": manifest_hash(manifest), "mode": mode,
+                  **_write_llm(source, out, config, mode)}
+    else:
+        origin["encoder_from"] = {"bundle": str(source.resolve()), "bundle_hash": manifest_hash(manifest)}
+    if encoder != "bf16":
+        origin["encoder"] = encoder
+    write_manifest(out, {**manifest.get("sources", {}), "quantized_from": origin})
+    return out
+
+
+def _write_llm(source: Path, out: Path, config: SkinGPTConfig, mode: str) -> dict[str, str]:
     files = TensorFiles(source / LLM_DIR)
     try:
         if mode in GGUF_MODES:
@@ -251,9 +283,15 @@ def quantize_bundle(source: str | Path, out: str | Path, mode: str) -> Path:
         files.check_all_used(source / LLM_DIR)
     finally:
         files.close()
-    origin = {"bundle": str(source.resolve()), "bundle_hash": manifest_hash(manifest), "mode": mode, **made}
-    write_manifest(out, {**manifest.get("sources", {}), "quantized_from": origin})
-    return out
+    return made
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the disk allows (a GGUF LLM is gigabytes, and never written in place), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def write_gguf_llm(llm_dir: Path, cfg: Any, tokenizer: Any, fetch: Any, mode: str) -> dict[str, str]:
@@ -368,7 +406,7 @@ def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: boo
         model = SkinGPT(config, llm)  # encoder parts allocate nothing until their weights arrive
     load_encoder(model, bundle / ENCODER_FILE, device=device, dtype=dtype)
     footprint = {part: module_bytes(getattr(model, part)) for part in (*ENCODER_PARTS, "llm")}
-    note = "; ".join(n for n in (note, fast_cpu_encoder(policy, model.vision)) if n)
+    note = "; ".join(n for n in (note, fast_cpu_encoder(policy, model.vision), int8_note(model.vision)) if n)
     from model.clinical.differential import DifferentialHead
 
     return LoadedBundle(model.eval(), load_tokenizer(llm_dir), config, bundle, manifest, device, footprint,
@@ -386,8 +424,9 @@ def _load_gguf(bundle: Path, config: SkinGPTConfig, manifest: dict[str, Any], po
         raise BundleError(f"{bundle} holds its LLM as a GGUF file, which runs on the CPU through llama.cpp; "
                           f"for a GPU, load the float bundle it was made from")
     with safe_open(str(bundle / ENCODER_FILE), framework="pt") as handle:
-        stored = handle.get_slice(next(k for k in handle.keys() if not k.startswith("ln_vision."))).get_dtype()
-    dtype = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}[stored]
+        kinds = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}  # the first float tensor's (not an int8 weight's)
+        dtype = next(kinds[d] for k in handle.keys() if not k.startswith("ln_vision.") and not k.endswith(".scale")
+                     and (d := handle.get_slice(k).get_dtype()) in kinds)
     concrete = LoadPolicy(device="cpu", dtype=dtype, quantize="none", encoder_compute=policy.encoder_compute)
     llm = ExternalLLM(config.llm)  # its empty table on the CPU: where image embeddings go
     with torch.device("meta"):
@@ -398,7 +437,7 @@ def _load_gguf(bundle: Path, config: SkinGPTConfig, manifest: dict[str, Any], po
     footprint["llm"] = gguf.stat().st_size
     mode = quantized_mode(manifest) or "gguf"
     note = "; ".join(n for n in (f"llama.cpp runs the bundle's LLM ({mode} GGUF) on the CPU",
-                                 fast_cpu_encoder(concrete, model.vision)) if n)
+                                 fast_cpu_encoder(concrete, model.vision), int8_note(model.vision)) if n)
     from model.clinical.differential import DifferentialHead
 
     return LoadedBundle(model.eval(), load_tokenizer(bundle / LLM_DIR), config, bundle, manifest, "cpu", footprint,
@@ -447,11 +486,14 @@ def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype)
     """Strictly load the encoder file into a model whose encoder parts may still be on `meta`."""
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    check_state(shapes(model.encoder_state_dict()), shapes(tensors), str(path))
+    check_state(int8_shapes(shapes(model.encoder_state_dict()), tensors), shapes(tensors), str(path))
+    scales = {k[: -len(".qweight")] + ".scale" for k in tensors if k.endswith(".qweight")}  # kept in fp32
     for part in ENCODER_PARTS:
         part_dtype = torch.float32 if part == "ln_vision" else dtype  # ln_vision always runs in fp32
-        sub = {k.split(".", 1)[1]: v.to(device=device, dtype=part_dtype)
+        sub = {k.split(".", 1)[1]: v.to(device=device, dtype=v.dtype if k in scales or not v.is_floating_point() else part_dtype)
                for k, v in tensors.items() if k.split(".", 1)[0] == part and "." in k}
+        if part == "vision":
+            install_int8_linears(model.vision, sub, dtype)
         if part == "query_tokens":
             model.query_tokens = nn.Parameter(tensors["query_tokens"].to(device=device, dtype=dtype),
                                               requires_grad=False)
@@ -462,6 +504,17 @@ def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype)
         param.requires_grad_(False)  # serving freezes everything; training opts parts back in
         if param.is_meta and not name.startswith("llm."):  # the LLM is its loader's
             raise BundleError(f"internal error: {name} was not loaded from {path}")
+
+
+def int8_shapes(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+    """The float encoder's shapes as an encoder file with int8 ViT linears stores them (see `encoder_int8`)."""
+    out = dict(expected)
+    for name in stored_int8(tensors):
+        if name in out:
+            shape = out.pop(name)
+            stem = name[: -len(".weight")]
+            out[stem + ".qweight"], out[stem + ".scale"] = shape, shape[:1]
+    return out
 
 
 def _materialise_key_bias(vit: nn.Module) -> None:

@@ -55,7 +55,8 @@ def describe_bundle(path: str | Path, record: Path | None = None) -> dict[str, A
     info["bundle"] = {"path": str(path), "files": len(manifest["files"]), "sha256_verified": True,
                       "bytes": sum(e["bytes"] for e in manifest["files"].values()),
                       "sources": manifest.get("sources", {}),
-                      "quantization": _quantization(Path(path), manifest)}
+                      "quantization": _quantization(Path(path), manifest),
+                      "encoder": manifest.get("sources", {}).get("quantized_from", {}).get("encoder", "as converted")}
     return info
 
 
@@ -84,6 +85,8 @@ def format_text(info: dict[str, Any]) -> str:
         lines += ["", f"bundle {b['path']}: {b['files']} files, {format_bytes(b['bytes'])}, sha256 verified"]
         if b.get("quantization"):
             lines.append(f"  the LLM is stored quantised to {b['quantization']}")
+        if b.get("encoder") == "int8":
+            lines.append("  the image encoder's ViT linears are stored in int8 (opt-in; see weights/README.md)")
         lines += [f"  {role}: {_source(src)}" for role, src in b["sources"].items()]
     return "\n".join(lines)
 
