@@ -326,8 +326,7 @@ def test_the_chat_follows_the_conversation_and_the_page_speaks_one_language(serv
     page.wait_for_selector("#message .stop-button", state="visible", timeout=30_000)  # while it answers
     idle = "() => !document.querySelector('#message textarea').disabled"
     for question in ("还有什么特征？", "怎么治疗？"):
-        page.wait_for_function(idle, timeout=120_000)
-        page.wait_for_timeout(3000)  # as a person would: the box settles after it is unlocked
+        page.wait_for_function(idle, timeout=120_000, polling=20)  # sent the moment the box opens: never dropped
         page.fill("#message textarea", question)
         page.press("#message textarea", "Enter")
         page.wait_for_function(f"() => document.querySelector('#chat').innerText.includes('{question}')", timeout=30_000)

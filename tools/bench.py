@@ -168,6 +168,13 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> 
     first = engine.stream(conversation, session="bench", fixed_length=True, **settings)
     opening, conversation = conversation, conversation.answer("".join(first).strip())
     bare_tps = _bare_decode(engine, opening, new_tokens)  # right after, on the same prompt: the same positions
+    peer, peak_rss = None, None
+    if loaded.runtime == "llama.cpp":  # the peer, timed by llama.cpp itself on the same file, right after too
+        # serving's peak is taken before the peer's context exists (llama.cpp's pool is allocated up front,
+        # so the follow-ups below add next to nothing)
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        plain = list(range(3, 3 + first.stats.prompt_tokens))  # a plain token prompt of the first turn's length
+        peer = engine.runner.plain_timing(plain, new_tokens)
 
     rows = []
     for turn in range(1, turns + 1):
@@ -193,14 +200,13 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> 
         "bare_decode_tokens_per_s": bare_tps,
         "engine_overhead": 1 - first.stats.decode_tokens_per_s / bare_tps if bare_tps else None,
         "followups": rows,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
         "weight_bytes": sum(loaded.footprint.values()),
     }
     result.update(_bandwidth(result, loaded, device))
-    if loaded.runtime == "llama.cpp":  # the peer, timed by llama.cpp itself on the same file, in this run
-        plain = list(range(3, 3 + first.stats.prompt_tokens))  # a plain token prompt of the first turn's length
-        result["llama_cpp"] = engine.runner.plain_timing(plain, new_tokens)
+    if peer is not None:
+        result["llama_cpp"] = peer
     return result
 
 

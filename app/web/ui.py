@@ -387,8 +387,8 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
             for history, flag in updates:
                 yield history, flag, cleared
         unsent = handlers.store.get(request.session_hash).unsent  # a refused question stays in the box
-        yield history, flag, (gr.MultimodalTextbox(value={"text": unsent, "files": []}, interactive=True) if unsent
-                              else gr.MultimodalTextbox(interactive=True))  # (no value: what is typed now stays)
+        yield history, flag, (gr.MultimodalTextbox(value={"text": unsent, "files": []}, interactive=False) if unsent
+                              else gr.MultimodalTextbox(interactive=False))  # `_unlock` opens it after the event
 
     inputs = page.sampling_inputs
     ask_event = page.box.submit(ask, [page.box, *inputs], [page.chatbot, page.notice, page.box], api_name="ask",
@@ -422,19 +422,24 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
         return handlers.differential(request.session_hash)
 
     for event in events:
-        event.then(_announce, [page.chatbot], [page.live], queue=False, api_visibility="private").then(
+        event.then(_unlock, [page.chatbot], [page.live, page.box], queue=False, api_visibility="private").then(
             None, None, None, js=FOCUS_QUESTION).then(  # the keyboard is back in the question box
             differential, None, [page.ranked], api_visibility="private", **model_events)
     return events
 
 
 def _locking_box(updates: Iterator) -> Iterator:
-    """(history, notice) updates, with the question box locked until the answer ends (what it holds stays)."""
+    """(history, notice) updates, with the question box locked (what it holds stays); `_unlock` opens it."""
     with closing(updates):  # a cancel (Stop, a closed tab) reaches the handler, which keeps the partial answer
-        history, flag = [], ""
         for history, flag in updates:
             yield history, flag, gr.MultimodalTextbox(interactive=False)
-    yield history, flag, gr.MultimodalTextbox(interactive=True)
+
+
+def _unlock(history) -> tuple[str, gr.MultimodalTextbox]:
+    """After an answering event has ended: the answer for the live region, and the question box open.
+    Not in the event's own last update: a question sent between that update and the event's end is
+    dropped by Gradio (an event already pending takes no second submit)."""
+    return _announce(history), gr.MultimodalTextbox(interactive=True)
 
 
 def _wire_report(page: Page, handlers: Handlers, model_events: dict):

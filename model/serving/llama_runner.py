@@ -223,26 +223,50 @@ class LlamaRunner:
 
     # -- llama.cpp's own timing (the bench's peer figure) -----------------------------------------
     def plain_timing(self, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
-        """Prefill `prompt` on a spare sequence (one batch, when it fits), then decode `new_tokens` greedily, one
-        token a call, and report llama.cpp's own perf counters (time inside llama.cpp only)."""
+        """llama.cpp's own speed on this model, as llama-bench measures it: a context of its own with
+        llama.cpp's defaults (f16 cache, one sequence, just the positions needed) rather than ours, so
+        that nothing our serving context chooses (the pooled cache, its 8-bit type, many sequences)
+        can slow the peer and hide it. Prefill `prompt` in one batch, decode `new_tokens` greedily one
+        token a call; llama.cpp's perf counters (time inside llama.cpp only)."""
         llama = self.llama
+        params = llama.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = len(prompt) + new_tokens
+        params.n_threads = params.n_threads_batch = self.threads
+        params.no_perf = False
         with self.device_lock, self._lock:
-            state = self.new_state()
-            state.seq = self._take_sequence()
+            ctx = llama.llama_init_from_model(self.model, params)
+            if not ctx:
+                raise GGUFError("llama.cpp could not make a context to time itself")
             try:
-                llama.llama_perf_context_reset(self.ctx)
-                token = int(self._feed(state, prompt, {}).argmax())
-                prefill = llama.llama_perf_context(self.ctx)
-                llama.llama_perf_context_reset(self.ctx)
-                for _ in range(new_tokens):
-                    token = int(self._feed(state, [token], {}).argmax())
-                decode = llama.llama_perf_context(self.ctx)
+                prefill, token = self._timed(ctx, list(prompt), 1)
+                decode, _ = self._timed(ctx, [token], new_tokens, position=len(prompt))
             finally:
-                self.free(state)
+                llama.llama_free(ctx)
         return {"prompt_tokens": prefill.n_p_eval, "prefill_ms": prefill.t_p_eval_ms,
                 "decode_tokens": decode.n_eval, "decode_ms": decode.t_eval_ms,
                 "prefill_tokens_per_s": 1000 * prefill.n_p_eval / max(prefill.t_p_eval_ms, 1e-9),
                 "decode_tokens_per_s": 1000 * decode.n_eval / max(decode.t_eval_ms, 1e-9)}
+
+    def _timed(self, ctx, ids: list[int], calls: int, position: int = 0):
+        """`calls` llama_decode calls on sequence 0 of `ctx`: `ids` first, then each time the greedy token
+        the previous call chose. llama.cpp's perf counters over them, and the last token chosen."""
+        llama = self.llama
+        batch = llama.llama_batch_init(len(ids), 0, 1)
+        try:
+            llama.llama_perf_context_reset(ctx)
+            for _ in range(calls):
+                for i, token in enumerate(ids):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, position + i, 1, 0
+                    batch.logits[i] = i == len(ids) - 1
+                batch.n_tokens = len(ids)
+                if llama.llama_decode(ctx, batch) != 0:
+                    raise GGUFError("llama.cpp failed to decode while timing itself")
+                position += len(ids)
+                logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(ctx, len(ids) - 1), shape=(self.n_vocab,))
+                ids = [int(logits.argmax())]
+            return llama.llama_perf_context(ctx), ids[0]
+        finally:
+            llama.llama_batch_free(batch)
 
     def close(self) -> None:
         """Free the context and its KV pool (the model stays loaded for other runners)."""
