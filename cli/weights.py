@@ -81,7 +81,8 @@ def quantize(args: argparse.Namespace) -> int:
     from model.weights.bundle import quantize_bundle
 
     if args.mode is None and args.encoder == "bf16":
-        raise ArgumentProblem("quantize: say what to quantise: --mode for the LLM, --encoder int8 for the image encoder")
+        raise ArgumentProblem("quantize: say what to quantise: --mode for the LLM, --encoder int8 for the image "
+                              "encoder")
     out = Path(args.out)
     empty_out(out)
     quantize_bundle(args.weights, out, args.mode, args.encoder)

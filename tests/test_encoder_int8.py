@@ -43,7 +43,8 @@ def test_rows_are_quantised_symmetrically_within_half_a_step():
 
 
 def test_the_file_holds_the_vit_linears_as_int8_and_the_rest_as_it_was(tiny_bundle, int8_bundle):
-    with safe_open(str(int8_bundle / ENCODER_FILE), "pt") as new, safe_open(str(tiny_bundle / ENCODER_FILE), "pt") as old:
+    with safe_open(str(int8_bundle / ENCODER_FILE), "pt") as new, \
+            safe_open(str(tiny_bundle / ENCODER_FILE), "pt") as old:
         quantised = [k for k in old.keys() if is_quantised_name(k)]
         assert quantised and all(k.startswith("vision.blocks.") for k in quantised)
         for key in quantised:

@@ -487,10 +487,11 @@ def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype)
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     check_state(int8_shapes(shapes(model.encoder_state_dict()), tensors), shapes(tensors), str(path))
-    scales = {k[: -len(".qweight")] + ".scale" for k in tensors if k.endswith(".qweight")}  # kept in fp32
+    scales = {k[: -len(".qweight")] + ".scale" for k in tensors if k.endswith(".qweight")}
+    as_stored = {k for k, v in tensors.items() if k in scales or not v.is_floating_point()}  # int8 weights, fp32 scales
     for part in ENCODER_PARTS:
         part_dtype = torch.float32 if part == "ln_vision" else dtype  # ln_vision always runs in fp32
-        sub = {k.split(".", 1)[1]: v.to(device=device, dtype=v.dtype if k in scales or not v.is_floating_point() else part_dtype)
+        sub = {k.split(".", 1)[1]: v.to(device=device, dtype=v.dtype if k in as_stored else part_dtype)
                for k, v in tensors.items() if k.split(".", 1)[0] == part and "." in k}
         if part == "vision":
             install_int8_linears(model.vision, sub, dtype)
