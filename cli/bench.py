@@ -18,6 +18,8 @@ def register(sub) -> None:
                        "layer at a time: a 7B int4 fits in 8 GB)")
     bench.add_argument("--turns", type=int, default=8, help="follow-up turns timed after the first")
     bench.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per answer (EOS ignored)")
+    bench.add_argument("--repeat", type=int, default=1, help="time the first answer, its bare loop and llama.cpp's "
+                       "own figure N times back to back and report medians (a busy host moves by 10%% or more)")
     bench.add_argument("--concurrency", help="also serve N sessions at once (e.g. 1,2,4,8), against the same N "
                                               "one after another")
     bench.add_argument("--save", help="with --random-init: also write the model as a bundle here (weight-only modes "
@@ -65,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.random_init and not args.weights:
         raise SystemExit("error: pass --preset NAME --random-init, or --weights DIR")
     levels = _levels(args)
+    if args.repeat < 1:
+        raise SystemExit("error: --repeat must be at least 1")
     if args.save and not args.random_init:
         raise SystemExit("error: --save writes a --random-init model; to quantise a bundle use `launch.py quantize`")
     weights = args.weights
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                                     Path(args.save) if args.save else None, max_batch=max(levels or [8]))
     if engine.loaded.note:
         print(engine.loaded.note, file=sys.stderr)
-    result = bench(engine, load_s, turns=args.turns, new_tokens=args.new_tokens)
+    result = bench(engine, load_s, turns=args.turns, new_tokens=args.new_tokens, repeats=args.repeat)
     result["api_followups"] = followup_ttft(engine, args.turns, args.new_tokens)
     if levels:
         result["concurrency"] = run_concurrency(engine, levels, new_tokens=args.new_tokens)

@@ -247,7 +247,7 @@ def test_bench_writes_a_random_gguf_bundle_and_times_it_beside_llama_cpp(tmp_pat
 
     save = tmp_path / "tiny-q8_0"
     args = [sys.executable, str(ROOT / "launch.py"), "bench", "--preset", "tiny", "--random-init", "--quantize", "q8_0",
-            "--save", str(save), "--turns", "1", "--new-tokens", "8", "--concurrency", "1,2", "--json"]
+            "--save", str(save), "--turns", "1", "--new-tokens", "8", "--concurrency", "1,2", "--repeat", "3", "--json"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -255,6 +255,11 @@ def test_bench_writes_a_random_gguf_bundle_and_times_it_beside_llama_cpp(tmp_pat
     own = result["llama_cpp"]  # llama.cpp's own counters on the same file
     assert own["prompt_tokens"] == result["first_turn_prompt_tokens"] and own["decode_tokens"] == 8
     assert own["decode_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+    repeats = result["repeats"]  # three back-to-back triples: ours, the bare loop, llama.cpp's own
+    assert len(repeats) == 3 and all(r["llama_cpp"]["decode_tokens"] == 8 for r in repeats)
+    ratios = sorted(r["decode_tokens_per_s"] / r["llama_cpp"]["decode_tokens_per_s"] for r in repeats)
+    assert result["decode_vs_llama_cpp"] == pytest.approx(ratios[1])  # the median of each repeat's own ratio
+    assert result["decode_tokens_per_s"] == sorted(r["decode_tokens_per_s"] for r in repeats)[1]
     assert [row["sessions"] for row in result["concurrency"]] == [1, 2]
     sources = json.loads((save / "manifest.json").read_text())["sources"]
     assert sources["quantized_from"]["mode"] == "q8_0" and sources["quantized_from"]["runtime"] == "llama.cpp"

@@ -148,7 +148,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> dict[str, Any]:
+def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, repeats: int = 1) -> dict[str, Any]:
+    """The bench's figures. The first answer, its bare loop and (llama.cpp) the peer are timed `repeats`
+    times back to back, each time on a fresh session: their figures are medians, and the ratios the
+    medians of each repeat's own ratio (a busy host moves all three of one repeat together)."""
     loaded = engine.loaded
     device = loaded.device
     settings = {"max_new_tokens": new_tokens, "do_sample": False}
@@ -165,21 +168,29 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> 
     conversation = Conversation().ask("Please describe the skin condition in this photo.", [bench_photo(0)])
     engine.answer(conversation, session="warmup", fixed_length=True, **settings)  # kernels, allocator
     engine.forget("warmup")
-    first = engine.stream(conversation, session="bench", fixed_length=True, **settings)
-    opening, conversation = conversation, conversation.answer("".join(first).strip())
-    bare_tps = _bare_decode(engine, opening, new_tokens)  # right after, on the same prompt: the same positions
-    peer, peak_rss = None, None
-    if loaded.runtime == "llama.cpp":  # the peer, timed by llama.cpp itself on the same file, right after too
-        # serving's peak is taken before the peer's context exists (llama.cpp's pool is allocated up front,
-        # so the follow-ups below add next to nothing)
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        plain = list(range(3, 3 + first.stats.prompt_tokens))  # a plain token prompt of the first turn's length
-        peer = engine.runner.plain_timing(plain, new_tokens)
+    opening, peak_rss, paired = conversation, None, []
+    for repeat in range(repeats):
+        first = engine.stream(opening, session=f"bench{repeat}", fixed_length=True, **settings)
+        text = "".join(first).strip()
+        if repeat:
+            engine.forget(f"bench{repeat}")
+        else:
+            conversation = opening.answer(text)  # the follow-ups go on from the first repeat's session
+        pair = {"ttft_ms": first.stats.time_to_first_token_s * 1000, "prompt_tokens": first.stats.prompt_tokens,
+                "decode_tokens_per_s": first.stats.decode_tokens_per_s,
+                "bare_decode_tokens_per_s": _bare_decode(engine, opening, new_tokens)}  # right after, same prompt
+        if loaded.runtime == "llama.cpp":  # the peer, timed by llama.cpp itself on the same file, right after too
+            # serving's peak is taken before the peer's context exists (llama.cpp's pool is allocated up
+            # front, so the follow-ups below add next to nothing)
+            peak_rss = peak_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            plain = list(range(3, 3 + first.stats.prompt_tokens))  # a plain token prompt of the same length
+            pair["llama_cpp"] = engine.runner.plain_timing(plain, new_tokens)
+        paired.append(pair)
 
     rows = []
     for turn in range(1, turns + 1):
         conversation = conversation.ask(QUESTIONS[(turn - 1) % len(QUESTIONS)])
-        ours = engine.stream(conversation, session="bench", fixed_length=True, **settings)
+        ours = engine.stream(conversation, session="bench0", fixed_length=True, **settings)
         answer = "".join(ours).strip()
         baseline = engine.stream(conversation, session=None, fixed_length=True, max_new_tokens=1, do_sample=False)
         "".join(baseline)
@@ -190,23 +201,31 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32) -> 
                      "speedup": baseline.stats.time_to_first_token_s / max(ours.stats.time_to_first_token_s, 1e-9)})
         conversation = conversation.answer(answer)
 
+    median = lambda key: statistics.median(p[key] for p in paired)  # noqa: E731
     result = {
         "model": loaded.config.name, "runtime": loaded.runtime, "device": _device_name(engine),
         "dtype": _llm_dtype(loaded),
         "load_s": load_s, "image_encode_ms": statistics.median(encode_ms),
-        "first_turn_ttft_ms": first.stats.time_to_first_token_s * 1000,
-        "first_turn_prompt_tokens": first.stats.prompt_tokens,
-        "decode_tokens_per_s": first.stats.decode_tokens_per_s,
-        "bare_decode_tokens_per_s": bare_tps,
-        "engine_overhead": 1 - first.stats.decode_tokens_per_s / bare_tps if bare_tps else None,
+        "first_turn_ttft_ms": median("ttft_ms"),
+        "first_turn_prompt_tokens": paired[0]["prompt_tokens"],
+        "decode_tokens_per_s": median("decode_tokens_per_s"),
+        "bare_decode_tokens_per_s": median("bare_decode_tokens_per_s"),
+        "engine_overhead": statistics.median(1 - p["decode_tokens_per_s"] / p["bare_decode_tokens_per_s"]
+                                             for p in paired if p["bare_decode_tokens_per_s"]) if paired else None,
+        "repeats": paired,
         "followups": rows,
         "peak_rss_bytes": peak_rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
         "weight_bytes": sum(loaded.footprint.values()),
     }
     result.update(_bandwidth(result, loaded, device))
-    if peer is not None:
-        result["llama_cpp"] = peer
+    if loaded.runtime == "llama.cpp":
+        peers = [p["llama_cpp"] for p in paired]
+        result["llama_cpp"] = {key: statistics.median(p[key] for p in peers) for key in peers[0]}
+        result["decode_vs_llama_cpp"] = statistics.median(
+            p["decode_tokens_per_s"] / p["llama_cpp"]["decode_tokens_per_s"] for p in paired)
+        result["ttft_vs_llama_cpp_prefill"] = statistics.median(
+            p["ttft_ms"] / p["llama_cpp"]["prefill_ms"] for p in paired)
     return result
 
 
@@ -382,9 +401,11 @@ def format_table(r: dict[str, Any]) -> str:
     if r.get("llama_cpp"):
         own = r["llama_cpp"]
         lines.insert(5, f"llama.cpp's own       prefill {own['prefill_tokens_per_s']:.1f} tokens/s "
-                        f"({own['prompt_tokens']} positions in {own['prefill_ms']:.0f} ms), decode "
-                        f"{own['decode_tokens_per_s']:.1f} tokens/s: ours is {r['decode_tokens_per_s'] / own['decode_tokens_per_s']:.0%} "
-                        f"of it; first token {r['first_turn_ttft_ms'] / own['prefill_ms']:.2f}x its prefill")
+                        f"({own['prompt_tokens']:.0f} positions in {own['prefill_ms']:.0f} ms), decode "
+                        f"{own['decode_tokens_per_s']:.1f} tokens/s: ours is {r['decode_vs_llama_cpp']:.0%} "
+                        f"of it; first token {r['ttft_vs_llama_cpp_prefill']:.2f}x its prefill")
+    if len(r.get("repeats", [])) > 1:
+        lines.insert(5, f"(medians of {len(r['repeats'])} back-to-back repeats; ratios: the median of each repeat's own)")
     lines += ["", f"peak RSS              {format_bytes(r['peak_rss_bytes'])}",
               f"weights               {format_bytes(r['weight_bytes'])}"]
     if r.get("peak_cuda_bytes") is not None:

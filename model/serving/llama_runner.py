@@ -75,7 +75,8 @@ class LlamaRunner:
         self.threads = threads or default_threads()
         self._lock = threading.RLock()  # every llama.cpp call; free() comes from other threads
         self.make_room: Callable[[], bool] = lambda: False
-        self.model = _load_model(llama, Path(gguf))
+        self.gguf, self._table = Path(gguf), None  # the token table, mapped when a photo's chunk first needs it
+        self.model = _load_model(llama, self.gguf)
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self.model))
         self.n_embd = llama.llama_model_n_embd(self.model)
         if (self.n_vocab, self.n_embd) != (cfg.vocab_size, cfg.hidden_size):
@@ -169,8 +170,16 @@ class LlamaRunner:
 
     # -- llama.cpp ---------------------------------------------------------------------------------
     def _feed(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Slots after what the state's sequence holds, in runs of one kind that fit llama.cpp's batch;
-        (V,) logits of the last."""
+        """Slots after what the state's sequence holds; (V,) logits of the last. A chunk with a photo
+        goes in as embeddings only (its words as the rows of llama.cpp's own token table): one
+        `llama_decode` rather than one per run of each kind, each of which reads every weight."""
+        if len(slots) > 1 and any(isinstance(s, ImageSlot) for s in slots):
+            parts = [slots[i:i + self.n_batch] for i in range(0, len(slots), self.n_batch)]
+            for i, part in enumerate(parts):
+                self._fill(self._embeds, len(part), state, i == len(parts) - 1, embeds=self._rows(part, embeds))
+                self._run(self._embeds, len(part))
+                state.length += len(part)
+            return self._logits(1)[0]
         runs = _runs(slots, self.n_batch)
         for i, run in enumerate(runs):
             last = i == len(runs) - 1
@@ -183,6 +192,18 @@ class LlamaRunner:
                 self._run(self._tokens, len(run))
             state.length += len(run)
         return self._logits(1)[0]
+
+    def _rows(self, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(T, D) fp32 input rows: an image slot's query embedding, or a token's row of the GGUF's token
+        table, dequantised as llama.cpp's own lookup does (the same values, so the same answer)."""
+        if self._table is None:
+            import gguf
+
+            self._table = next(t for t in gguf.GGUFReader(self.gguf).tensors if t.name == "token_embd.weight")
+        ids = [s for s in slots if not isinstance(s, ImageSlot)]
+        words = iter(torch.from_numpy(_dequantize(self._table, ids)) if ids else ())
+        return torch.stack([embeds[s.key][s.index].float() if isinstance(s, ImageSlot) else next(words)
+                            for s in slots]).contiguous()
 
     def _take_sequence(self) -> int:
         while not self._free_seqs:
@@ -276,6 +297,16 @@ class LlamaRunner:
                 self.llama.llama_batch_free(self._embeds)
                 self.llama.llama_free(self.ctx)
                 self.ctx = None
+
+
+def _dequantize(table, ids: list[int]) -> np.ndarray:
+    """Rows `ids` of a GGUF tensor as fp32 (T, D), by the gguf package's reference dequantiser."""
+    from gguf import GGMLQuantizationType, quants
+
+    rows = table.data[ids]
+    if table.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return np.ascontiguousarray(rows, dtype=np.float32)
+    return quants.dequantize(rows, table.tensor_type).astype(np.float32, copy=False)
 
 
 def _runs(slots: Sequence[Slot], longest: int) -> list[list[Slot]]:
