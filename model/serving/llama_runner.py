@@ -1,12 +1,13 @@
 """The llama.cpp model runner: the LLM of a GGUF bundle, run by llama.cpp on the CPU through
 llama-cpp-python's low-level API. The image encoder and Q-Former stay in torch; their 32 query
-embeddings enter llama.cpp as an embeddings batch, text as token ids (our tokenizer's).
+embeddings enter llama.cpp as an embeddings batch, text as our tokenizer's ids (or, beside a photo,
+their rows of the GGUF's token table).
 
 One llama.cpp context serves every consultation. Its KV cache is unified (one pool of `kv_cells`
 positions that every sequence draws from, allocated when the context is made), and each session's
 state is one llama.cpp sequence:
-- prefill feeds a chunk to the session's sequence (runs of ids and of image embeddings, one
-  `llama_decode` each, since a llama.cpp batch holds either);
+- prefill feeds a chunk to the session's sequence: token ids, or, for a chunk with a photo (a batch
+  holds ids or embeddings, not both), embeddings only, its words as rows of the GGUF's token table;
 - the decode batch is one `llama_decode` of one token per row, each row its own sequence;
 - trim removes a sequence's tail (`llama_memory_seq_rm`), so regenerate and cancel keep the prefix;
 - a freed state gives its sequence back.
@@ -75,8 +76,8 @@ class LlamaRunner:
         self.threads = threads or default_threads()
         self._lock = threading.RLock()  # every llama.cpp call; free() comes from other threads
         self.make_room: Callable[[], bool] = lambda: False
-        self.gguf, self._table = Path(gguf), None  # the token table, mapped when a photo's chunk first needs it
-        self.model = _load_model(llama, self.gguf)
+        self.model = _load_model(llama, Path(gguf))
+        self._table = _token_table(Path(gguf))  # words of a prompt with a photo go in as its rows (see `_feed`)
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self.model))
         self.n_embd = llama.llama_model_n_embd(self.model)
         if (self.n_vocab, self.n_embd) != (cfg.vocab_size, cfg.hidden_size):
@@ -170,36 +171,26 @@ class LlamaRunner:
 
     # -- llama.cpp ---------------------------------------------------------------------------------
     def _feed(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Slots after what the state's sequence holds; (V,) logits of the last. A chunk with a photo
-        goes in as embeddings only (its words as the rows of llama.cpp's own token table): one
+        """Slots after what the state's sequence holds, in parts that fit llama.cpp's batch; (V,) logits of
+        the last. A batch holds token ids or embeddings, not both: a chunk with a photo goes in as
+        embeddings only (its words as rows of the GGUF's own token table), so that it is one
         `llama_decode` rather than one per run of each kind, each of which reads every weight."""
-        if len(slots) > 1 and any(isinstance(s, ImageSlot) for s in slots):
-            parts = [slots[i:i + self.n_batch] for i in range(0, len(slots), self.n_batch)]
-            for i, part in enumerate(parts):
-                self._fill(self._embeds, len(part), state, i == len(parts) - 1, embeds=self._rows(part, embeds))
+        photo = any(isinstance(s, ImageSlot) for s in slots)
+        parts = [slots[i:i + self.n_batch] for i in range(0, len(slots), self.n_batch)]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if photo:
+                self._fill(self._embeds, len(part), state, last, embeds=self._rows(part, embeds))
                 self._run(self._embeds, len(part))
-                state.length += len(part)
-            return self._logits(1)[0]
-        runs = _runs(slots, self.n_batch)
-        for i, run in enumerate(runs):
-            last = i == len(runs) - 1
-            if isinstance(run[0], ImageSlot):
-                rows = torch.stack([embeds[s.key][s.index] for s in run]).float().contiguous()  # (T, D)
-                self._fill(self._embeds, len(run), state, last, embeds=rows)
-                self._run(self._embeds, len(run))
             else:
-                self._fill(self._tokens, len(run), state, last, tokens=run)
-                self._run(self._tokens, len(run))
-            state.length += len(run)
+                self._fill(self._tokens, len(part), state, last, tokens=part)
+                self._run(self._tokens, len(part))
+            state.length += len(part)
         return self._logits(1)[0]
 
     def _rows(self, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(T, D) fp32 input rows: an image slot's query embedding, or a token's row of the GGUF's token
         table, dequantised as llama.cpp's own lookup does (the same values, so the same answer)."""
-        if self._table is None:
-            import gguf
-
-            self._table = next(t for t in gguf.GGUFReader(self.gguf).tensors if t.name == "token_embd.weight")
         ids = [s for s in slots if not isinstance(s, ImageSlot)]
         words = iter(torch.from_numpy(_dequantize(self._table, ids)) if ids else ())
         return torch.stack([embeds[s.key][s.index].float() if isinstance(s, ImageSlot) else next(words)
@@ -299,6 +290,13 @@ class LlamaRunner:
                 self.ctx = None
 
 
+def _token_table(gguf_file: Path):
+    """The GGUF's token embedding table, mapped (rows are read as a prompt needs them)."""
+    import gguf
+
+    return next(t for t in gguf.GGUFReader(gguf_file).tensors if t.name == "token_embd.weight")
+
+
 def _dequantize(table, ids: list[int]) -> np.ndarray:
     """Rows `ids` of a GGUF tensor as fp32 (T, D), by the gguf package's reference dequantiser."""
     from gguf import GGMLQuantizationType, quants
@@ -307,19 +305,6 @@ def _dequantize(table, ids: list[int]) -> np.ndarray:
     if table.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         return np.ascontiguousarray(rows, dtype=np.float32)
     return quants.dequantize(rows, table.tensor_type).astype(np.float32, copy=False)
-
-
-def _runs(slots: Sequence[Slot], longest: int) -> list[list[Slot]]:
-    """Split a chunk into runs of token ids and runs of image embeddings (a llama.cpp batch holds one
-    kind), none longer than `longest` positions (llama.cpp's batch)."""
-    runs: list[list[Slot]] = []
-    for slot in slots:
-        image = isinstance(slot, ImageSlot)
-        if runs and isinstance(runs[-1][0], ImageSlot) == image and len(runs[-1]) < longest:
-            runs[-1].append(slot)
-        else:
-            runs.append([slot])
-    return runs
 
 
 _MODELS: dict[tuple[Path, int], object] = {}  # loaded once a process, shared by every runner

@@ -32,7 +32,8 @@ from model.nn.llm import ExternalLLM, LLMLoadError, config_from_dir, load_llm, l
 from model.weights.policy import (WEIGHT_ONLY, LoadPolicy, Sizing, bnb_config, choose_policy, fast_cpu_encoder,
                            module_bytes, quantized_linear_params)
 from model.nn.skingpt import ENCODER_PARTS, SkinGPT
-from model.weights.encoder_int8 import ENCODER_MODES, install_int8_linears, int8_note, quantise_encoder, stored_int8
+from model.weights.encoder_int8 import (ENCODER_MODES, install_int8_linears, int8_note, int8_scales,
+                                        quantise_encoder, stored_int8)
 from model.weights.gguf_llm import GGUF_FILE, GGUF_MODES, require_llama_cpp
 from model.weights.weight_only import (entries, from_float_files, kernel_speeds, load_quantized_llm, read_quantization,
                           require_kernels, write_quantized, TensorFiles)
@@ -257,7 +258,8 @@ def quantize_bundle(source: str | Path, out: str | Path, mode: str | None, encod
     if encoder == "int8":
         tensors = quantise_encoder(tensors)  # from the stored values, before any other rounding
     if mode not in (None, "f32"):
-        tensors = {k: v if k.endswith(".scale") else _half(k, v) for k, v in tensors.items()}
+        scales = int8_scales(tensors)
+        tensors = {k: v if k in scales else _half(k, v) for k, v in tensors.items()}
     save_file(tensors, str(out / ENCODER_FILE), metadata={"format": BUNDLE_FORMAT})
     del tensors
     if mode is not None:
@@ -425,7 +427,8 @@ def _load_gguf(bundle: Path, config: SkinGPTConfig, manifest: dict[str, Any], po
                           f"for a GPU, load the float bundle it was made from")
     with safe_open(str(bundle / ENCODER_FILE), framework="pt") as handle:
         kinds = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}  # the first float tensor's (not an int8 weight's)
-        dtype = next(kinds[d] for k in handle.keys() if not k.startswith("ln_vision.") and not k.endswith(".scale")
+        scales = int8_scales(handle.keys())
+        dtype = next(kinds[d] for k in handle.keys() if not k.startswith("ln_vision.") and k not in scales
                      and (d := handle.get_slice(k).get_dtype()) in kinds)
     concrete = LoadPolicy(device="cpu", dtype=dtype, quantize="none", encoder_compute=policy.encoder_compute)
     llm = ExternalLLM(config.llm)  # its empty table on the CPU: where image embeddings go
@@ -487,7 +490,7 @@ def load_encoder(model: SkinGPT, path: Path, *, device: str, dtype: torch.dtype)
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     check_state(int8_shapes(shapes(model.encoder_state_dict()), tensors), shapes(tensors), str(path))
-    scales = {k[: -len(".qweight")] + ".scale" for k in tensors if k.endswith(".qweight")}
+    scales = int8_scales(tensors)
     as_stored = {k for k, v in tensors.items() if k in scales or not v.is_floating_point()}  # int8 weights, fp32 scales
     for part in ENCODER_PARTS:
         part_dtype = torch.float32 if part == "ln_vision" else dtype  # ln_vision always runs in fp32

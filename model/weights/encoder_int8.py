@@ -76,6 +76,11 @@ def quantise_encoder(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def int8_scales(keys) -> set[str]:
+    """The names of an encoder file's fp32 row scales (beside its `.qweight` keys): kept in fp32."""
+    return {k[: -len(".qweight")] + ".scale" for k in keys if k.endswith(".qweight")}
+
+
 def stored_int8(keys) -> list[str]:
     """The float weight names an encoder file stores as int8 (from its `.qweight` keys)."""
     return sorted(k[: -len(".qweight")] + ".weight" for k in keys if k.endswith(".qweight"))
