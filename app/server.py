@@ -44,7 +44,7 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
     kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
     engine = open_engine(bundle, policy, record=record, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes,
-                         request_timeout_s=settings.request_timeout_s,
+                         request_timeout_s=settings.request_timeout_s, hold=_gate(settings.test_decode_gate),
                          say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
     loaded = engine.loaded
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
@@ -75,6 +75,11 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
         while server.started and not server.should_exit:
             time.sleep(0.5)
     return server
+
+
+def _gate(path: str | None) -> Callable[[], bool] | None:
+    """The test hook SKINGPT_TEST_DECODE_GATE: decoding holds while its file exists."""
+    return None if path is None else Path(path).exists
 
 
 def _key_line(keys: list[str]) -> str:

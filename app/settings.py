@@ -45,6 +45,9 @@ class AppSettings(BaseSettings):
     upload_ttl_s: int = 15 * 60  # a photo attached but never sent is deleted after this long
     max_photo_mb: int = 1024  # decoded photos held in memory, all consultations together
     cache_dir: str | None = None  # bundle verification records; default $XDG_CACHE_HOME/skingpt
+    # a test hook, not a flag: while this file exists, answers wait before each decode step (and the log
+    # says "decode held"), so tests hang up or stop answers known to be under way on a machine of any speed
+    test_decode_gate: str | None = None
 
     @field_validator("api_key")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,23 +57,49 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, process, url: str, private: Path, log: Path):
-        self.process, self.url, self.private, self.log = process, url, private, log
+    def __init__(self, process, url: str, private: Path, log: Path, gate: Path):
+        self.process, self.url, self.private, self.log, self.gate = process, url, private, log, gate
 
     def output(self) -> str:
         return self.log.read_text()
 
+    def mark(self) -> int:
+        """Where the log ends now: `wait_for` looks only at what comes after it."""
+        return len(self.output())
+
+    def wait_for(self, pattern: str, since: int = 0, limit_s: float = 120) -> re.Match:
+        """The first line matching `pattern` logged after `since` (the limit is a safety net, not the test)."""
+        import time
+
+        deadline = time.monotonic() + limit_s
+        while not (match := re.search(pattern, self.output()[since:])):
+            assert self.process.poll() is None, f"the server stopped:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in the log within {limit_s} s:\n{self.output()[-3000:]}"
+            time.sleep(0.05)
+        return match
+
+    @contextmanager
+    def holding(self):
+        """Decoding holds while inside (the SKINGPT_TEST_DECODE_GATE hook): an answer started in here
+        stays under way, after its first token, until the block ends."""
+        self.gate.touch()
+        try:
+            yield
+        finally:
+            self.gate.unlink(missing_ok=True)
+
 
 def start_server(work: Path, **env_extra: str):
     """`python launch.py` as a user starts it (loopback, a free port); yields a Server, then stops it."""
-    import re
     import signal
     import subprocess
     import sys
     import time
 
     port = _free_port()
-    env = {**os.environ, "SKINGPT_DEMO_BUNDLE": str(work / "demo"), "SKINGPT_PORT": str(port), **env_extra}
+    gate = work / "decode-gate"
+    env = {**os.environ, "SKINGPT_DEMO_BUNDLE": str(work / "demo"), "SKINGPT_PORT": str(port),
+           "SKINGPT_TEST_DECODE_GATE": str(gate), **env_extra}
     log = work / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, str(ROOT / "launch.py")], cwd=ROOT, env=env, stdout=out,
@@ -86,7 +114,7 @@ def start_server(work: Path, **env_extra: str):
     if not match:
         process.kill()
         pytest.fail(f"server did not start:\n{log.read_text()}")
-    server = Server(process, match.group(1), Path(match.group(2)), log)
+    server = Server(process, match.group(1), Path(match.group(2)), log, gate)
     yield server
     process.send_signal(signal.SIGTERM)
     try:

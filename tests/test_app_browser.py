@@ -322,8 +322,9 @@ def test_the_chat_follows_the_conversation_and_the_page_speaks_one_language(serv
 
     page.set_input_files("#message input[type=file]", str(photo))
     page.wait_for_selector("#message img, #message .thumbnail-item", timeout=30_000)
-    page.press("#message textarea", "Enter")
-    page.wait_for_selector("#message .stop-button", state="visible", timeout=30_000)  # while it answers
+    with server.holding():  # the answer stays under way (the test gate) until Stop has been seen
+        page.press("#message textarea", "Enter")
+        page.wait_for_selector("#message .stop-button", state="visible", timeout=30_000)  # while it answers
     idle = "() => !document.querySelector('#message textarea').disabled"
     for question in ("还有什么特征？", "怎么治疗？"):
         page.wait_for_function(idle, timeout=120_000, polling=20)  # sent the moment the box opens: never dropped
@@ -331,8 +332,7 @@ def test_the_chat_follows_the_conversation_and_the_page_speaks_one_language(serv
         page.press("#message textarea", "Enter")
         page.wait_for_function(f"() => document.querySelector('#chat').innerText.includes('{question}')", timeout=30_000)
     page.wait_for_function(idle, timeout=120_000)
-    page.wait_for_timeout(500)
-    assert not page.locator("#message .stop-button").is_visible()
+    page.wait_for_selector("#message .stop-button", state="hidden", timeout=30_000)  # Stop goes with the answer
     chat = page.evaluate("() => { const c = document.querySelector('#chat'); "
                          "return [c.scrollHeight, c.scrollTop + c.clientHeight]; }")
     assert chat[0] > chat[1] - 2 > 0 and chat[0] - chat[1] < 40, chat  # scrolled to the newest text
@@ -363,9 +363,9 @@ def test_the_report_comes_into_view_downloads_first(server, browser_page, tmp_pa
     page.click("#full-report")
     page.wait_for_function("() => (document.querySelector('#report-text') || {innerText: ''}).innerText"
                            ".includes('report is ready')", timeout=180_000)
-    page.wait_for_timeout(800)
-    top = page.evaluate("() => document.querySelector('#report-panel').getBoundingClientRect().top")
-    assert 0 <= top < PHONE["height"] / 3, top  # brought into view
+    in_view = f"() => {{ const top = document.querySelector('#report-panel').getBoundingClientRect().top; " \
+              f"return top >= 0 && top < {PHONE['height'] / 3}; }}"
+    page.wait_for_function(in_view, timeout=30_000)  # brought into view (it scrolls smoothly: waited for, not slept)
     order = page.evaluate("() => { const f = document.querySelector('#report-files'), t = "
                           "document.querySelector('#report-text'); return f.compareDocumentPosition(t); }")
     assert order & 4  # the downloads come before the text (DOCUMENT_POSITION_FOLLOWING)

@@ -217,6 +217,8 @@ def test_cancelled_answers_keep_the_consultation_working(server, tmp_path):
 
 
 def test_new_patient_stops_a_running_report_on_the_server(server, tmp_path):
+    """The report's answer is held (the test gate) after its first token, so New patient always
+    lands while it is under way; the report's handler then returns having written nothing."""
     import time
 
     client = Client(server.url, verbose=False, download_files=False)
@@ -224,13 +226,16 @@ def test_new_patient_stops_a_running_report_on_the_server(server, tmp_path):
     client.predict({"text": "", "files": [handle_file(str(_photo_with_gps(tmp_path / "leg.jpg")))]}, *SETTINGS,
                    api_name="/ask")
     (mine,) = set(_session_folders(server)) - before
-    job = client.submit(600, False, 1.0, 0.9, api_name="/report")
-    time.sleep(0.5)  # the report is under way
-    client.predict(api_name="/new_patient")
-    deadline = time.monotonic() + 60
+    since = server.mark()
+    with server.holding():
+        job = client.submit(600, False, 1.0, 0.9, api_name="/report")
+        server.wait_for(r"decode held by the test gate batch=1", since)  # the report is under way
+        client.predict(api_name="/new_patient")
+        server.wait_for(r"answer cancelled after \d+ tokens", since)
+    deadline = time.monotonic() + 120  # a safety net: the job ends as soon as its handler returns
     while not job.done() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # had the report gone on, it would have written by now
+        time.sleep(0.1)
+    assert job.done()
     assert not mine.exists()
     assert not any(p.name.startswith("skin-report") for p in _session_folders(server) if p not in before)
 
@@ -241,7 +246,8 @@ def _session_folders(server):
 
 
 def test_two_clients_stream_at_the_same_time_and_each_gets_its_own_answer(server, tmp_path):
-    """Answers are decoded in one batch: two consultations' streams overlap in time."""
+    """Answers are decoded in one batch: decoding is held (the test gate) until both answers are in
+    it, so on a machine of any speed the two consultations' streams overlap in time."""
     import threading
     import time
 
@@ -249,17 +255,19 @@ def test_two_clients_stream_at_the_same_time_and_each_gets_its_own_answer(server
     photos = [handle_file(str(_photo_with_gps(tmp_path / f"p{i}.jpg"))) for i in range(2)]
     for client, photo in zip(clients, photos):
         client.predict({"text": "", "files": [photo]}, *SETTINGS, api_name="/ask")
-    stamps, finals, barrier = {}, {}, threading.Barrier(2)
+    stamps, finals = {}, {}
 
     def ask(i: int) -> None:
-        barrier.wait()
         job = clients[i].submit({"text": f"Question from patient {i}", "files": []}, 400, False, 1.0, 0.9,
                                 api_name="/ask")
         stamps[i] = [time.monotonic() for _ in job]
         finals[i] = job.outputs()[-1][0]
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    [t.start() for t in threads]
+    since = server.mark()
+    with server.holding():
+        [t.start() for t in threads]
+        server.wait_for(r"decode held by the test gate batch=2", since)  # both answers are in one batch
     [t.join(120) for t in threads]
     assert len(stamps[0]) > 3 and len(stamps[1]) > 3, "both answers streamed"
     assert stamps[0][0] < stamps[1][-1] and stamps[1][0] < stamps[0][-1], "the two streams overlapped in time"

@@ -139,8 +139,7 @@ def test_the_cli_offers_exactly_the_presets_and_dtypes():
 
 
 def test_bad_arguments_are_refused_before_anything_loads(tmp_path):
-    """Each in one plain line, with the command's own usage, in seconds (not after a model load)."""
-    import time
+    """Each in one plain line, with the command's own usage, before any model is loaded or generated."""
 
     from tools.fixtures import skin_photo
 
@@ -157,11 +156,9 @@ def test_bad_arguments_are_refused_before_anything_loads(tmp_path):
              (("bench", "--preset", "huge"), "invalid choice: 'huge'"),
              (("ask", "--image", photo, "--bogus"), "launch.py ask: error: unrecognized arguments: --bogus")]
     for args, message in cases:
-        started = time.monotonic()
         proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
                               timeout=120, cwd=ROOT, env=_demo_env(tmp_path))
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
-        assert time.monotonic() - started < 12, args  # python, torch's import, no model
     assert not (tmp_path / "demo").exists()  # nothing was generated or loaded
     help_text = _run("ask", "--help").stdout
     assert "{auto,fp32,fp16,bf16}" in help_text and "--history FILE" in help_text

@@ -7,11 +7,9 @@ import base64
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -48,40 +46,98 @@ def _rss(server) -> int:
 
 # -- 1. every request's cost linear in its size, and bounded in time ------------------------------------
 
-def test_a_three_megabyte_history_is_answered_in_seconds(server):
+def test_a_three_megabyte_history_is_answered(server):
     """A photo and 200 question/answer pairs of 7,500 characters (3 MB): the old prompt builder
-    re-tokenised the whole conversation once per dropped turn (354 s, a core pinned)."""
+    re-tokenised the whole conversation once per dropped turn (354 s, a core pinned). That its work
+    no longer grows with the history is counted, not timed, in the test below; here the server answers."""
     long_turns = [m for _ in range(200) for m in ({"role": "assistant", "content": "y " * 3750},
                                                   {"role": "user", "content": "x " * 3750})]
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, _photo_part()]}, *long_turns,
                 {"role": "assistant", "content": "A red patch."}, {"role": "user", "content": "And now?"}]
     body = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0}
     assert len(json.dumps(body)) > 3_000_000
-    started = time.monotonic()
-    answer = httpx.post(server.url + "v1/chat/completions", json=body, timeout=30)
-    seconds = time.monotonic() - started
+    answer = httpx.post(server.url + "v1/chat/completions", json=body, timeout=300)
     assert answer.status_code == 200, answer.text
-    assert answer.json()["usage"]["prompt_tokens"] <= 1024 and seconds < 30
-    # the same history with a question longer than the whole context: refused, as quickly
+    assert answer.json()["usage"]["prompt_tokens"] <= 1024
+    # the same history with a question longer than the whole context: refused
     messages[-1] = {"role": "user", "content": "z " * 3990}
-    refused = httpx.post(server.url + "v1/chat/completions", json=body, timeout=30)
+    refused = httpx.post(server.url + "v1/chat/completions", json=body, timeout=300)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_prompt_tokenises_what_it_keeps_not_what_was_sent(tiny_bundle):
+    """The prompt builder's work, counted in characters handed to the tokenizer: the same for a history
+    of 20 turns as for one of 400 (it weighs turns newest first and stops at the first that no longer
+    fits), and no more than the question itself when it is too long for the context."""
+    from model.clinical.conversation import Conversation, ImageInput, template
+    from model.serving.prompt import PromptBuilder
+    from model.weights.bundle import load_bundle
+
+    loaded = load_bundle(tiny_bundle)
+    tokenised = []
+
+    class Counting:
+        """The bundle's own tokenizer, counting the characters it is asked to encode."""
+
+        def __getattr__(self, name):
+            return getattr(loaded.tokenizer, name)
+
+        def __len__(self):
+            return len(loaded.tokenizer)
+
+        def __call__(self, text, *args, **kwargs):
+            tokenised.append(len(text))
+            return loaded.tokenizer(text, *args, **kwargs)
+
+    config = loaded.config
+    builder = PromptBuilder(template(config.prompt_template), Counting(), config.image_placeholder,
+                            config.qformer.num_query_tokens, config.generation.max_context)
+    photo = ImageInput.of(Image.fromarray(np.zeros((64, 64, 3), np.uint8)))
+
+    def work(pairs: int, question: str = "And now?") -> int:
+        conversation = Conversation().ask("What is it?", [photo]).answer("A red patch.")
+        for _ in range(pairs):
+            conversation = conversation.ask("x " * 3750).answer("y " * 3750)
+        tokenised.clear()
+        try:
+            builder.slots(conversation.ask(question), 900)
+        except ValueError:
+            pass
+        return sum(tokenised)
+
+    assert work(10) == work(200) > 0
+    too_long = "z " * 3990  # longer than the context can hold: refused after reading the question alone
+    assert work(10, too_long) == work(200, too_long) < len(too_long) + 200
 
 
 def test_a_client_that_hangs_up_on_a_whole_answer_stops_it(api_server):
     """Not streamed: the server notices the closed connection and lets the answer go (one answer at a
-    time on this server, so the next request would otherwise wait for all 900 tokens)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
-                                                                     _photo_part(1)]}],
-            "max_tokens": 900, "temperature": 1.0, "seed": 1}  # seed 1: the demo model runs all 900 (3.6 s)
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(api_server.url + "v1/chat/completions", json=body, headers=headers, timeout=1.0)
-    deadline = time.monotonic() + 60
-    while "api request closed by the client" not in api_server.output() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    cancelled = [int(n) for n in re.findall(r"answer cancelled after (\d+) tokens", api_server.output())]
-    assert "api request closed by the client" in api_server.output() and cancelled and cancelled[-1] < 900
+    time on this server, so the next request would otherwise wait for all 900 tokens). Decoding is held
+    (the test gate) from the answer's first token until the hang-up is seen, so no machine is fast
+    enough to finish it first."""
+    import socket
+    from urllib.parse import urlsplit
+
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Describe it."}, _photo_part(1)]}], "max_tokens": 900, "temperature": 1.0,
+        "seed": 1}).encode()  # seed 1: the demo model runs all 900 when left alone
+    address = urlsplit(api_server.url)
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: Bearer {API_KEY}"
+               f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    since = api_server.mark()
+    with api_server.holding():
+        with socket.create_connection((address.hostname, address.port), timeout=60) as client:
+            client.sendall(request)
+            api_server.wait_for(r"decode held by the test gate batch=1", since)  # the answer is under way
+        api_server.wait_for(r"api request closed by the client", since)
+        cancelled = int(api_server.wait_for(r"answer cancelled after (\d+) tokens", since).group(1))
+    assert cancelled < 900
+    # its slot is free: the next answer on this one-at-a-time server is not queued behind 900 tokens
+    quick = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "And now?"},
+                                                                       _photo_part(2)]}], "max_tokens": 2}
+    answer = httpx.post(api_server.url + "v1/chat/completions", json=quick, timeout=120,
+                        headers={"Authorization": f"Bearer {API_KEY}"})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 2
 
 
 # -- 2. no reach from other sites ---------------------------------------------------------------------------

@@ -123,9 +123,8 @@ def test_cancel_leaves_the_others_and_a_dropped_stream_frees_its_sequence(loaded
     assert streams[1].finish_reason == "cancelled"
     assert {n: results[n][1] for n in (0, 2)} == alone
     # three named sessions keep their sequences; the unnamed, dropped one gave its back
-    for _ in range(100):  # the scheduler frees it at its next step
-        if len(runner._free_seqs) == runner.max_sequences - 3:
-            break
+    deadline = time.monotonic() + 120  # the scheduler frees it at its next step; the limit is a safety net
+    while len(runner._free_seqs) != runner.max_sequences - 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(runner._free_seqs) == runner.max_sequences - 3
 

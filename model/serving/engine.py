@@ -99,7 +99,7 @@ class Generation:
 class Engine:
     def __init__(self, loaded: LoadedBundle, max_batch: int = 8, kv_cache_bytes: int | None = None,
                  prefill_chunk: int | None = None, max_images: int = 64, runner: ModelRunner | None = None,
-                 request_timeout_s: float | None = None) -> None:
+                 request_timeout_s: float | None = None, hold: Callable[[], bool] | None = None) -> None:
         self.loaded = loaded
         self.request_timeout_s = request_timeout_s  # an answer, queue wait included, ends "timeout" after this
         self.model = loaded.model
@@ -121,7 +121,7 @@ class Engine:
         # llama.cpp's batched products want more positions a call (its runner says how many).
         chunk = prefill_chunk or getattr(self.runner, "prefill_chunk", None) or (
             512 if self.device.type == "cuda" else 64)
-        self.scheduler = Scheduler(self.runner, self.sessions, max_batch, chunk)
+        self.scheduler = Scheduler(self.runner, self.sessions, max_batch, chunk, hold)  # hold: a test hook
 
     @property
     def max_batch(self) -> int:

@@ -76,7 +76,7 @@ class LlamaRunner:
         self.threads = threads or default_threads()
         self._lock = threading.RLock()  # every llama.cpp call; free() comes from other threads
         self.make_room: Callable[[], bool] = lambda: False
-        self.model = _load_model(llama, Path(gguf))
+        self.model = _load_model(llama, Path(gguf), repack=_repackable(cfg))
         self._table = _token_table(Path(gguf))  # words of a prompt with a photo go in as its rows (see `_feed`)
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self.model))
         self.n_embd = llama.llama_model_n_embd(self.model)
@@ -307,12 +307,20 @@ def _dequantize(table, ids: list[int]) -> np.ndarray:
     return quants.dequantize(rows, table.tensor_type).astype(np.float32, copy=False)
 
 
-_MODELS: dict[tuple[Path, int], object] = {}  # loaded once a process, shared by every runner
+_MODELS: dict[tuple[Path, int, bool], object] = {}  # loaded once a process, shared by every runner
 _MODELS_LOCK = threading.Lock()
 
 
-def _load_model(llama, gguf: Path):
-    key = (gguf.resolve(), gguf.stat().st_mtime_ns)
+def _repackable(cfg: LLMConfig) -> bool:
+    """Whether llama.cpp may re-lay the weights for its CPU kernels (its "extra buffer types": AVX2/AVX-512
+    repack, and Intel AMX tiles where the CPU has them). Its AMX q8_0 matmul crashed (SIGSEGV in
+    ggml_backend_amx_mul_mat) on an AMX machine for the tiny test models (hidden 64); every full-size
+    Llama has widths in multiples of 256, where those kernels are at home, so narrower models go without."""
+    return cfg.hidden_size % 256 == 0 and cfg.intermediate_size % 256 == 0
+
+
+def _load_model(llama, gguf: Path, repack: bool = True):
+    key = (gguf.resolve(), gguf.stat().st_mtime_ns, repack)
     with _MODELS_LOCK:
         if key not in _MODELS:
             llama.llama_backend_init()
@@ -320,6 +328,7 @@ def _load_model(llama, gguf: Path):
             # On a CPU llama.cpp re-lays most weights for its AVX2 kernels (its "repack" buffer); a mapped
             # file would stay resident beside that copy: a 7B q4_0 peaked at 7.3 GiB mapped, 3.9 read.
             params.load_mode = _LOAD_INTO_MEMORY
+            params.use_extra_bufts = repack
             model = llama.llama_model_load_from_file(str(gguf).encode(), params)
             if not model:
                 raise GGUFError(f"llama.cpp could not load {gguf}: the file is not a Llama GGUF it can read; "

@@ -15,19 +15,27 @@ with a side table of embeddings, and a session's cache could not outlive its req
 follow-ups reuse it across turns: 8x less prefill at turn 8 in the bench). Decode is weight-bound,
 so the left padding a batch of different lengths carries costs attention over a few hundred
 extra positions, measured as small next to reading the weights (see `bench --concurrency`).
+
+`hold` is a test hook, None in service: a predicate asked before each batched decode step. While it
+answers True, decoding waits (prefills, admissions, cancels and deadlines still run) and the batch
+size it holds is logged, so a test can hang up, cancel or add a second answer while one is known to
+be under way, on a machine of any speed (the app sets it from SKINGPT_TEST_DECODE_GATE).
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 
 from model.serving.requests import Request, inside_image
 from model.serving.runner import ModelRunner
 from model.serving.sessions import SessionCache, reusable
 
+log = logging.getLogger(__name__)
 _RUNNING: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 
 
@@ -40,8 +48,10 @@ def _stop_all() -> None:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, sessions: SessionCache, max_batch: int, prefill_chunk: int) -> None:
+    def __init__(self, runner: ModelRunner, sessions: SessionCache, max_batch: int, prefill_chunk: int,
+                 hold: Callable[[], bool] | None = None) -> None:
         self.runner, self.sessions = runner, sessions
+        self.hold, self._held = hold, 0  # _held: the batch size last logged as held (0: not held)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
@@ -95,8 +105,20 @@ class Scheduler:
             self._leave_stopped()
             if self.prefilling:
                 self._prefill_chunk(self.prefilling[0])
-            if self.decoding:
+            if self.decoding and not self._holding():
                 self._decode_step()
+
+    def _holding(self) -> bool:
+        """The test hook holds decoding: say so once per batch size, and wait a moment for a poke."""
+        if self.hold is None or not self.hold():
+            self._held = 0
+            return False
+        if self._held != len(self.decoding):
+            self._held = len(self.decoding)
+            log.info("decode held by the test gate batch=%d", self._held)
+        with self.wake:
+            self.wake.wait(0.02)
+        return True
 
     def _tell_positions(self) -> None:
         for place, request in enumerate(self.waiting, start=1):
