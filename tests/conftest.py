@@ -74,7 +74,8 @@ class Server:
         deadline = time.monotonic() + limit_s
         while not (match := re.search(pattern, self.output()[since:])):
             assert self.process.poll() is None, f"the server stopped:\n{self.output()[-3000:]}"
-            assert time.monotonic() < deadline, f"no {pattern!r} in the log within {limit_s} s:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, \
+                f"no {pattern!r} in the log within {limit_s} s:\n{self.output()[-3000:]}"
             time.sleep(0.05)
         return match
 
