@@ -39,19 +39,27 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     from app.web.ui import build
     from app.web.uploads import Uploads
 
-    policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
-    say(f"[1/3] verifying and loading {bundle} ...")
     record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
-    kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
-    engine = open_engine(bundle, policy, record=record, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes,
-                         request_timeout_s=settings.request_timeout_s, hold=_gate(settings.test_decode_gate),
-                         say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
-    loaded = engine.loaded
-    say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
+    if settings.engine_url:
+        from app.remote_engine import open_remote
+
+        say(f"[1/3] verifying {bundle} (its config, tokenizer and template; the LLM runs on the engine) ...")
+        engine = open_remote(bundle, settings, record=record, say=lambda line: say(f"      {line}"))
+        loaded = engine.loaded
+    else:
+        policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
+        say(f"[1/3] verifying and loading {bundle} ...")
+        kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
+        engine = open_engine(bundle, policy, record=record, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes,
+                             request_timeout_s=settings.request_timeout_s, hold=_gate(settings.test_decode_gate),
+                             say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
+        loaded = engine.loaded
+        say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
+        kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
+                else "idle consultations' KV caches within")
+        say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} "
+            f"{engine.kv_cache_bytes / 2**30:.1f} GiB")
     store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
-    kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
-            else "idle consultations' KV caches within")
-    say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} {engine.kv_cache_bytes / 2**30:.1f} GiB")
     uploads = Uploads(root)
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
                         upload_ttl_s=settings.upload_ttl_s, uploads=uploads, model_label=loaded.label)

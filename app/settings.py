@@ -45,6 +45,10 @@ class AppSettings(BaseSettings):
     upload_ttl_s: int = 15 * 60  # a photo attached but never sent is deleted after this long
     max_photo_mb: int = 1024  # decoded photos held in memory, all consultations together
     cache_dir: str | None = None  # bundle verification records; default $XDG_CACHE_HOME/skingpt
+    # answers from a vLLM server (launch.py export-vllm + vllm serve): its /v1 URL, bearer key, model name
+    engine_url: str | None = None
+    engine_key: str | None = None
+    engine_model: str | None = None
     # a test hook, not a flag: while this file exists, answers wait before each decode step (and the log
     # says "decode held"), so tests hang up or stop answers known to be under way on a machine of any speed
     test_decode_gate: str | None = None
@@ -76,6 +80,13 @@ class AppSettings(BaseSettings):
 
     def origins(self) -> list[str]:
         return [o.strip().rstrip("/") for o in (self.cors_origins or "").split(",") if o.strip()]
+
+    @field_validator("engine_url")
+    @classmethod
+    def _engine_url_form(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError(f"should be the engine's API address, such as http://127.0.0.1:8000/v1, not {value[:60]!r}")
+        return value
 
     @field_validator("device")
     @classmethod

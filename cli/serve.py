@@ -29,6 +29,11 @@ def register(sub) -> None:
     serve.add_argument("--request-timeout-s", type=float, help="longest one answer may take, queue included "
                                                                "(default 600)")
     serve.add_argument("--no-api", action="store_true", help="no /v1 API, the web page only")
+    serve.add_argument("--engine-url", help="answer through a vLLM server's OpenAI API (http://host:port/v1) "
+                                            "serving `launch.py export-vllm`'s directory of the same bundle")
+    serve.add_argument("--engine-key", help="that server's --api-key (better: SKINGPT_ENGINE_KEY, which the "
+                                            "process list does not show)")
+    serve.add_argument("--engine-model", help="the served model name (default: the one the engine lists)")
     serve.set_defaults(func=run)
 
 
@@ -38,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from app.settings import AppSettings, SettingsError, problems
 
     names = ("weights", "quantize", "device", "dtype", "host", "port", "auth", "api_key_file", "allowed_hosts",
-             "cors_origins", "request_timeout_s")
+             "cors_origins", "request_timeout_s", "engine_url", "engine_key", "engine_model")
     flags = {k: getattr(args, k) for k in names}
     flags["api_key"] = ",".join(args.api_key) if args.api_key else None
     if args.no_api:

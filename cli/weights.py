@@ -1,4 +1,4 @@
-"""Commands on weight files: `inspect`, `convert`, `quantize`, `fixtures`."""
+"""Commands on weight files: `inspect`, `convert`, `quantize`, `export-vllm`, `fixtures`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def register(sub) -> None:
     qu.add_argument("--out", required=True, help="the new bundle directory")
     qu.set_defaults(func=quantize)
 
+    ex = sub.add_parser("export-vllm", help="write a directory `vllm serve` loads with the SkinGPT plugin "
+                                            "(requirements-vllm-cpu.txt / requirements-vllm.txt)")
+    ex.add_argument("--weights", required=True, help="a float bundle (fp32, bf16 or fp16 safetensors)")
+    ex.add_argument("--out", required=True, help="the new directory")
+    ex.set_defaults(func=export_vllm)
+
     fix = sub.add_parser("fixtures", help="write tiny source files in the published formats, or the demo bundle")
     fix.add_argument("--out", required=True)
     fix.add_argument("--size", default="tiny", choices=["tiny", "demo"])
@@ -88,6 +94,20 @@ def quantize(args: argparse.Namespace) -> int:
     quantize_bundle(args.weights, out, args.mode, args.encoder)
     what = ", ".join(w for w in (f"LLM {args.mode}" if args.mode else "", f"encoder {args.encoder}") if w)
     print(f"bundle ({what}) written to {out}; serve it with: python launch.py --weights {out}")
+    return 0
+
+
+def export_vllm(args: argparse.Namespace) -> int:
+    from app.settings import MAX_PHOTOS
+    from model.weights.vllm_export import export_vllm as export
+
+    out = Path(args.out)
+    empty_out(out)
+    export(args.weights, out, max_images=MAX_PHOTOS, record=record(args.weights))
+    print(f"vLLM model directory written to {out}; in vLLM's environment serve it with:\n"
+          f"  vllm serve {out} --served-model-name skingpt\n"
+          f"and answer the app through it: python launch.py serve --weights {args.weights} "
+          f"--engine-url http://127.0.0.1:8000/v1")
     return 0
 
 

@@ -285,7 +285,9 @@ def _run(call):
     except ConversationError as err:
         raise APIError(400, str(err), "context_length_exceeded") from None
     except UserFacingError as err:
-        raise APIError(400, str(err), "invalid_request") from None
+        status = getattr(err, "http_status", 400)  # 502: the remote engine (serve --engine-url) failed
+        raise APIError(status, str(err), "invalid_request" if status == 400 else "engine_unavailable",
+                       kind="invalid_request_error" if status == 400 else "server_error") from None
 
 
 def _text(message: _Message, index: int) -> str:
