@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import GGUF_MODES, PRESET_NAMES, empty_out, model_args, policy
+from cli.common import GGUF_MODES, PRESET_NAMES, empty_out, model_args, policy, record
 
 
 def register(sub) -> None:
@@ -24,6 +24,12 @@ def register(sub) -> None:
                                               "one after another")
     bench.add_argument("--save", help="with --random-init: also write the model as a bundle here (weight-only modes "
                                       "layer by layer), to time loading it with --weights")
+    bench.add_argument("--engine-url", help="also time the same consultation through a vLLM server of this bundle "
+                                            "(export-vllm), side by side with our engine: first token, decode "
+                                            "tok/s, --concurrency sessions at once (default 1,8)")
+    bench.add_argument("--engine-key", help="that server's --api-key (better: SKINGPT_ENGINE_KEY)")
+    bench.add_argument("--gguf", help="with --engine-url: the bundle's GGUF copy (`quantize --mode f32`), timed too, "
+                                      "through our llama.cpp runner")
     bench.add_argument("--json", action="store_true")
     model_args(bench, GGUF_MODES, " | q4_k_m | q4_0 | q8_0 | f16 (with --random-init --save DIR: a GGUF bundle "
                "written there one tensor at a time, then served by llama.cpp)")
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --repeat must be at least 1")
     if args.save and not args.random_init:
         raise SystemExit("error: --save writes a --random-init model; to quantise a bundle use `launch.py quantize`")
+    if args.engine_url:
+        return _side_by_side(args, levels or [1, 8])
     weights = args.weights
     if args.quantize in GGUF_MODES:
         if not (args.random_init and args.save):
@@ -97,4 +105,35 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + format_followups(result["api_followups"]))
     if levels:
         print("\n" + format_concurrency(result["concurrency"]))
+    return 0
+
+
+def _side_by_side(args: argparse.Namespace, levels: list[int]) -> int:
+    """Our torch engine, our llama.cpp runner (--gguf) and the vLLM server, one table."""
+    import os
+
+    from app.remote_engine import EngineUnavailable, RemoteEngine
+    from model.serving.engine import Engine
+    from model.weights.bundle import load_bundle
+    from tools.bench_engines import format_side_by_side, measure
+
+    if not args.weights:
+        raise SystemExit("error: --engine-url needs --weights: the bundle the server serves (export-vllm of it)")
+    loaded = load_bundle(args.weights, policy(args), record=record(args.weights))
+    remote = RemoteEngine(loaded.config, loaded.tokenizer, args.engine_url, max_batch=max(levels),
+                          key=args.engine_key or os.environ.get("SKINGPT_ENGINE_KEY"))
+    try:
+        remote.probe()
+    except EngineUnavailable as err:
+        raise SystemExit(f"error: {err}") from None
+    rows = [measure(f"torch ({loaded.device})", Engine(loaded, max_batch=max(levels)), levels, args.new_tokens,
+                    args.repeat)]
+    if args.gguf:
+        gguf = load_bundle(args.gguf, record=record(args.gguf))
+        rows.append(measure("llama.cpp", Engine(gguf, max_batch=max(levels)), levels, args.new_tokens, args.repeat))
+    rows.append(measure(f"vLLM ({remote.model})", remote, levels, args.new_tokens, args.repeat))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_side_by_side(rows, args.new_tokens))
     return 0

@@ -8,10 +8,13 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("model", "app", "tools", "cli")
+PACKAGES = ("model", "app", "tools", "cli", "skingpt_vllm")
 # who may import whom, by top-level package (model: the library; app: the server; tools and cli on top)
 ALLOWED = {"model": {"model"}, "app": {"app", "model"}, "tools": {"tools", "model", "app"},
-           "cli": {"cli", "model", "app", "tools"}}
+           "cli": {"cli", "model", "app", "tools"},
+           # the vLLM plugin runs in vLLM's environment (no timm, no torchvision): of ours it takes only
+           # the preprocessing and its config (test_the_vllm_plugin_imports_only_what_vllms_environment_has)
+           "skingpt_vllm": {"skingpt_vllm", "model"}}
 # inside the library, each folder imports only folders listed before it
 LIBRARY_LAYERS = ("errors", "metrics", "i18n", "nn", "images", "clinical", "weights", "serving", "evaluation", "training")
 MAX_FUNCTION_LINES = 80
@@ -95,3 +98,15 @@ def test_no_function_is_over_80_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+def test_the_vllm_plugin_imports_only_what_vllms_environment_has():
+    known = _modules()
+    ours = {t for name, path in known.items() if name.startswith("skingpt_vllm")
+            for t in _imports(name, path, known) if t.startswith("model")}
+    assert ours <= {"model.images.preprocess", "model.nn.config"}, ours
+    for target in ours:  # and those import nothing that needs timm or torchvision at import time
+        tree = ast.parse(known[target].read_text())
+        top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        assert not top & {"timm", "torchvision"}, (target, top)
