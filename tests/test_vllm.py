@@ -199,3 +199,21 @@ def test_the_same_text_through_vllm_our_api_and_ask(served, tmp_path):
     assert asked.returncode == 0, asked.stderr
     via_ask = json.loads(asked.stdout)["answer"]
     assert via_vllm == via_ours == via_ask and via_ask, (via_vllm, via_ours, via_ask)
+
+
+def test_bench_puts_the_three_runtimes_side_by_side(served, tmp_path):
+    setup, bundle, server = served
+    if setup != "demo":
+        pytest.skip("once is enough: on the demo bundle, one worker")
+    from model.weights.bundle import quantize_bundle
+
+    gguf = quantize_bundle(bundle, tmp_path / "gguf", "f32")
+    bench = subprocess.run([sys.executable, str(ROOT / "launch.py"), "bench", "--weights", str(bundle), "--gguf",
+                            str(gguf), "--engine-url", server.url, "--concurrency", "1,2", "--new-tokens", "4"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    rows = {line.split()[0]: line for line in bench.stdout.splitlines() if line.startswith(("torch", "llama.cpp", "vLLM"))}
+    assert set(rows) == {"torch", "llama.cpp", "vLLM"}, bench.stdout
+    for line in rows.values():
+        figures = [float(x) for x in line[18:].replace("|", " ").split()]  # after the runtime's column
+        assert len(figures) == 2 + 2 * 3 and all(f > 0 for f in figures), line
