@@ -166,6 +166,7 @@ class RemoteEngine:
         only its photos (a user message with no text) and loses its answer."""
         out: list[dict[str, Any]] = []
         for i, turn in enumerate(conversation.turns):
+            turn = self.prompt.plain(turn)  # a typed placeholder is text (vLLM's tokenizer would take it as a photo)
             if i in dropped and not turn.images:
                 continue
             parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": self._data_url(img)}}

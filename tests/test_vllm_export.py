@@ -61,10 +61,12 @@ def test_the_chat_template_renders_what_our_engine_renders(tiny_bundle, exported
     tokenizer.chat_template = chat_template(TEMPLATES[name], "<ImageHere>")
     remote = _engine_for(tiny_bundle, exported, name)
     conversation = _conversation()
+    fed = Conversation(tuple(remote.prompt.plain(t) for t in conversation.turns))  # what our engine renders
     for dropped in (frozenset(), frozenset({0}), frozenset({0, 1})):
         messages = remote.messages(conversation, dropped)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert text == tokenizer.bos_token + render(TEMPLATES[name], conversation, dropped), (name, dropped)
+        assert text == tokenizer.bos_token + render(TEMPLATES[name], fed, dropped), (name, dropped)
+        assert text.count("<ImageHere>") == len(conversation.images)  # the typed one is only text
 
 
 def test_a_system_message_is_refused_by_the_template(exported):

@@ -7,6 +7,7 @@ names. Stop strings are matched on decoded text, because `###` has more than one
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
@@ -64,6 +65,20 @@ TEMPLATES: dict[str, Template] = {
         image="<Img><ImageHere></Img>", stop=("[INST]",),
         first_human="[INST] <<SYS>>\n" + SYSTEM + "\n<</SYS>>\n\n{text} [/INST]"),
 }
+
+
+# What any template uses to mark a turn, a role, the system text or an image (and the stop strings):
+# text a user typed must not carry them (`neutralise_markers`; a test holds this to TEMPLATES).
+_MARKER = re.compile(r"#{2,}|\[/?INST\]|<</?SYS>>|</?s>|</?Img>|<ImageHere>", re.IGNORECASE)
+
+
+def neutralise_markers(text: str) -> str:
+    """Text that cannot pose as a turn: every template's markers (`###`, `[INST]`, `<<SYS>>`, `</s>`,
+    `<Img>`, the image placeholder) taken out, until none is left (removing one can join another)."""
+    before = None
+    while before != text:
+        before, text = text, _MARKER.sub(" ", text)
+    return text
 
 
 def template(name: str) -> Template:

@@ -9,7 +9,10 @@ GROUPS = {"I-II": (1, 2), "III-IV": (3, 4), "V-VI": (5, 6)}
 
 
 def parse(value: Any) -> Any:
-    """'III' or ' iii ' -> 3; anything else is returned for the validator to judge."""
+    """'III' or ' iii ' -> 3; anything else is returned for the validator to judge (never a boolean,
+    which Python would take as 0 or 1)."""
+    if isinstance(value, bool):
+        raise ValueError("Fitzpatrick skin type must be 1-6 (or I-VI), not true or false")
     if isinstance(value, str) and value.strip().upper() in _ROMAN:
         return _ROMAN[value.strip().upper()]
     return value

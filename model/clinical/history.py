@@ -16,12 +16,12 @@ Without a history (or with an empty one) the prompt is exactly the reference's.
 from __future__ import annotations
 
 import re
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
 
 from model.clinical import fitzpatrick
-from model.clinical.conversation import Conversation, Turn
+from model.clinical.conversation import Conversation, Turn, neutralise_markers
 from model.clinical.records import SkinTyped
 from model.i18n.catalog import text
 
@@ -38,6 +38,8 @@ SYMPTOMS, CHANGES = get_args(Symptom), get_args(Change)
 MAX_FREE_TEXT = 300  # treatments tried, notes: each
 CHANGE_AGE = 40  # from this age a changing spot raises the warning-sign notice
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+# zero-width, joiners, bidirectional embeddings, overrides and isolates, the BOM: nothing a reader sees
+_INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 class ClinicalHistory(SkinTyped):
@@ -52,10 +54,25 @@ class ClinicalHistory(SkinTyped):
     treatments: str = Field("", max_length=MAX_FREE_TEXT)
     notes: str = Field("", max_length=MAX_FREE_TEXT)
 
+    @field_validator("age", mode="before")
+    @classmethod
+    def _whole_years(cls, value: Any) -> Any:
+        """A number of years: an int, a whole float (the page's number box) or digits ("54"); never a
+        boolean, which Python would take as 0 or 1."""
+        if isinstance(value, bool):
+            raise ValueError("age must be a number of years, not true or false")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value.strip())
+        return value
+
     @field_validator("treatments", "notes")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        return " ".join(_UNPRINTABLE.sub(" ", value).split())
+        """One line of plain text: no control, zero-width or direction-override characters, and none
+        of any template's role markers or the image placeholder (the text cannot pose as a turn)."""
+        return " ".join(neutralise_markers(_UNPRINTABLE.sub(" ", _INVISIBLE.sub("", value))).split())
 
     @field_validator("symptoms", "changes")
     @classmethod

@@ -28,7 +28,7 @@ class PromptBuilder:
     def slots(self, conversation: Conversation, budget: int) -> tuple[list[Slot], list[ImageInput], tuple[int, ...]]:
         """Slots of the prompt that fits `budget`, dropping the text of the oldest turns first (never
         an image, never the pending question); the images in order, and the dropped turns."""
-        turns = tuple(self._plain(t) for t in conversation.turns)
+        turns = tuple(self.plain(t) for t in conversation.turns)
         conversation = Conversation(turns)
         last = len(turns) - 1
         photos_only = [self._cost(render_turn(self.template, t, keep_text=False)) if t.images else 0 for t in turns]
@@ -89,7 +89,7 @@ class PromptBuilder:
             return room + 1
         return len(self._ids(text)) - 1  # without BOS
 
-    def _plain(self, turn: Turn) -> Turn:
+    def plain(self, turn: Turn) -> Turn:
         """A turn whose text cannot pose as an image: the placeholder typed by a user is only text."""
         token = self.placeholder
         if token not in turn.question and token not in (turn.answer or ""):
