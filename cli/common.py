@@ -48,6 +48,26 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (a seeded answer repeats)")
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags against the bundle's own limits, read from its skingpt.yaml before the model
+    loads (the demo's preset when the demo bundle is not written yet), in the flags' own names."""
+    from model.nn.config import ConfigError, SkinGPTConfig, preset
+
+    bundle = Path(args.weights) if args.weights else DEMO_BUNDLE
+    try:
+        config = SkinGPTConfig.from_yaml(bundle / "skingpt.yaml") if (bundle / "skingpt.yaml").is_file() else preset("demo")
+    except ConfigError:
+        return  # the bundle's own loader says what is wrong with its file, in full
+    context = min(config.generation.max_context, config.llm.max_position_embeddings)
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens < context:
+        raise ArgumentProblem(f"--max-new-tokens must be between 1 and {context - 1}: this model's context holds "
+                              f"{context} positions, the photo and question included (got {args.max_new_tokens})")
+    if args.temperature is not None and args.temperature < 0:
+        raise ArgumentProblem(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ArgumentProblem(f"--top-p must be above 0 and at most 1, not {args.top_p}")
+
+
 def sampling(args: argparse.Namespace, seeded: bool = True):
     """The sampling flags as the one settings type the page, the CLI and the API share (`seeded=False`:
     without --seed, for a caller that seeds each answer itself)."""

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import (HISTORY_HELP, LANGUAGE_HELP, ArgumentProblem, check_bundle, engine, language, model_args,
-                        read_history, sampling, sampling_args)
+from cli.common import (HISTORY_HELP, LANGUAGE_HELP, ArgumentProblem, check_bundle, check_sampling, engine, language,
+                        model_args, read_history, sampling, sampling_args)
 from model.i18n.catalog import LANGUAGES
 
 CHAT_HELP = ("Commands: /image PATH adds a photo, /history FILE sets the clinical history, /new starts a new "
@@ -38,22 +38,13 @@ def register(sub) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    from model.clinical.conversation import ImageInput
-    from model.images.decode import read_photo_file
-    from model.images.quality import assess
-
     lang = language(args)
     if args.pdf and not args.report:  # everything the arguments can say is said before the model loads
         raise ArgumentProblem("--pdf writes the report: add --report")
     check_bundle(args.weights)
+    check_sampling(args)
     history = read_history(args.history)
-    photo = read_photo_file(args.image)
-    for note in photo.notes:
-        print(f"note: {note}", file=sys.stderr)
-    quality = assess(photo.image)
-    if not quality.ok and not args.json:
-        print(f"note: {quality.notice(lang)}", file=sys.stderr)
-    image = ImageInput.of(photo.image)
+    image, quality = _intake(args.image, lang, quiet=args.json)
     model = engine(args)
     if args.report:
         return _report(args, model, image, lang, history, quality)
@@ -74,6 +65,23 @@ def _report(args: argparse.Namespace, model, image, lang: str, history, quality)
         Path(args.pdf).write_bytes(report_pdf(report, [image.image]))
         print(f"PDF report written to {args.pdf}", file=sys.stderr)
     return 0
+
+
+def _intake(path: str, lang: str, quiet: bool = False):
+    """A photo file as the terminal takes it: decoded (its notes said), its quality checked and said
+    at once, so that a patient can retake it before asking; (the image, the quality)."""
+    from model.clinical.conversation import ImageInput
+    from model.images.decode import read_photo_file
+    from model.images.quality import assess
+
+    photo = read_photo_file(path)
+    quality = assess(photo.image)
+    if not quiet:
+        for note in photo.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if not quality.ok:
+            print(f"note: {quality.notice(lang)}", file=sys.stderr)
+    return ImageInput.of(photo.image), quality
 
 
 def _answer(args: argparse.Namespace, model, image, lang: str, history, quality) -> int:
@@ -109,14 +117,14 @@ def _answer(args: argparse.Namespace, model, image, lang: str, history, quality)
 
 def run_chat(args: argparse.Namespace) -> int:
     from model.clinical.consultation import ask_in
-    from model.clinical.conversation import Conversation, ImageInput
-    from model.images.decode import read_image_file
+    from model.clinical.conversation import Conversation
     from model.i18n.catalog import text
 
     lang = language(args)
     check_bundle(args.weights)
+    check_sampling(args)
     history = read_history(args.history)
-    first = [ImageInput.of(read_image_file(args.image))] if args.image else []
+    first = [_intake(args.image, lang)[0]] if args.image else []
     model = engine(args)
     print(f"{text(lang, 'disclaimer')}\n{CHAT_HELP}", file=sys.stderr)
     conversation, pending = Conversation(), first
@@ -136,7 +144,7 @@ def run_chat(args: argparse.Namespace) -> int:
             conversation, pending, history = Conversation(), [], None
             print("New consultation: everything before is forgotten.", file=sys.stderr)
         elif command == "/image" and rest.strip():
-            _add_photo(rest.strip(), pending)
+            _add_photo(rest.strip(), pending, lang)
         elif command == "/history" and rest.strip():
             try:
                 history = read_history(rest.strip())
@@ -155,13 +163,11 @@ def run_chat(args: argparse.Namespace) -> int:
             pending = []
 
 
-def _add_photo(path: str, pending: list) -> None:
-    from model.clinical.conversation import ImageInput
+def _add_photo(path: str, pending: list, lang: str) -> None:
     from model.errors import UserFacingError
-    from model.images.decode import read_image_file
 
     try:
-        pending.append(ImageInput.of(read_image_file(path)))
+        pending.append(_intake(path, lang)[0])
         print("Photo added; it goes with your next question.", file=sys.stderr)
     except UserFacingError as err:
         print(f"error: {err}", file=sys.stderr)

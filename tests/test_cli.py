@@ -154,6 +154,11 @@ def test_bad_arguments_are_refused_before_anything_loads(tmp_path):
              (("ask", "--image", photo, "--pdf", "r.pdf"), "--pdf writes the report: add --report"),
              (("ask", "--image", photo, "--history", str(tmp_path / "bad.yaml")), "is not YAML or JSON"),
              (("bench", "--preset", "huge"), "invalid choice: 'huge'"),
+             (("ask", "--image", photo, "--max-new-tokens", "-5"), "--max-new-tokens must be between 1 and 1023"),
+             (("ask", "--image", photo, "--max-new-tokens", "100000"), "this model's context holds 1024 positions"),
+             (("chat", "--max-new-tokens", "0"), "--max-new-tokens must be between 1 and 1023"),
+             (("ask", "--image", photo, "--temperature", "-1"), "--temperature must be 0 (greedy) or more"),
+             (("chat", "--top-p", "2"), "--top-p must be above 0 and at most 1"),
              (("ask", "--image", photo, "--bogus"), "launch.py ask: error: unrecognized arguments: --bogus")]
     for args, message in cases:
         proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
@@ -190,15 +195,21 @@ def test_ask_with_a_history_file_and_the_photo_quality(tmp_path):
 def test_chat_commands_are_not_sent_to_the_model(tmp_path):
     from tools.fixtures import skin_photo
 
+    from PIL import ImageFilter
+
     skin_photo(0, size=(320, 240)).save(tmp_path / "p.png")
+    skin_photo(0, size=(320, 240)).filter(ImageFilter.GaussianBlur(3)).save(tmp_path / "blur.png")
     (tmp_path / "h.yaml").write_text("age: 50\nchanges: [colour]\n")
-    script = f"/help\n/bogus\n/image {tmp_path / 'p.png'}\n/history {tmp_path / 'h.yaml'}\nWhat is it?\n/quit\n"
+    script = (f"/help\n/bogus\n/image {tmp_path / 'p.png'}\n/history {tmp_path / 'h.yaml'}\nWhat is it?\n"
+              f"/image {tmp_path / 'blur.png'}\n/quit\n")
     proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "chat", "--max-new-tokens", "4"], input=script,
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=_demo_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "/help shows this" in proc.stderr and "Unknown command /bogus." in proc.stderr
     assert "Clinical history set" in proc.stderr and proc.stdout.count("skingpt> ") == 1
     assert "a mole or spot that is new or changing" in proc.stderr  # the history's warning sign
+    # /image checks the photo as it arrives, as the page and `ask` do: once, for the blurred one
+    assert proc.stderr.count("note: This photo may be hard to judge: It looks blurred.") == 1
 
 
 def test_serve_on_a_taken_port_says_so_before_loading(tmp_path):
