@@ -373,3 +373,51 @@ def test_the_report_comes_into_view_downloads_first(server, browser_page, tmp_pa
     assert "skin-report.pdf" in names and "skin-report-photo-1.jpg" in names
     page.click("#new-patient")
     page.close()
+
+
+def _settled(page) -> None:
+    """The page after an answer ended or was stopped: no error badge anywhere, the question box open,
+    Stop gone."""
+    page.wait_for_function("() => !document.querySelector('#message textarea').disabled", timeout=30_000)
+    page.wait_for_selector("#message .stop-button", state="hidden", timeout=30_000)
+    errors = page.evaluate("() => [...document.querySelectorAll('.error, .toast-body.error, [class*=\"error\"]')]"
+                           ".filter(e => e.offsetParent !== null).map(e => e.className + ': ' + e.innerText)")
+    assert not errors, errors
+
+
+def test_stop_at_any_moment_leaves_the_page_ready_for_the_next_question(server, browser_page, tmp_path):
+    """Stop before the first token, mid-stream (decoding held by the test gate) and once the answer is
+    done: each time the answer is stopped, nothing shows an error, the box opens, and the next
+    question is answered."""
+    photo = tmp_path / "shin.jpg"
+    skin_photo(4, size=(400, 300)).save(photo)
+    page = _open(browser_page, server, DESKTOP)
+    page.set_input_files("#message input[type=file]", str(photo))
+    page.wait_for_selector("#message img, #message .thumbnail-item", timeout=30_000)
+    answers = 0
+    for moment in ("mid-stream", "before the first token", "after the answer"):
+        page.fill("#message textarea", f"What is it ({moment})?")
+        if moment == "mid-stream":
+            with server.holding():
+                since = server.mark()
+                page.press("#message textarea", "Enter")
+                server.wait_for(r"decode held by the test gate", since)
+                page.click("#message .stop-button")
+                server.wait_for(r"answer cancelled", since)
+        elif moment == "before the first token":
+            page.press("#message textarea", "Enter")
+            page.click("#message .stop-button")  # at once: the answer has not begun to stream
+        else:
+            page.press("#message textarea", "Enter")
+            page.wait_for_selector("#message .stop-button", state="hidden", timeout=120_000)
+        _settled(page)
+        answers += 1
+        page.wait_for_function(f"() => document.querySelectorAll('#chat .message-row, #chat [data-testid=\"bot\"]')"
+                               f".length >= {2 * answers}", timeout=30_000)
+    page.fill("#message textarea", "And now?")
+    page.press("#message textarea", "Enter")
+    page.wait_for_function("() => document.querySelector('#chat').innerText.includes('And now?')", timeout=30_000)
+    _settled(page)
+    os.makedirs(ROOT / "artifacts", exist_ok=True)
+    page.screenshot(path=str(ROOT / "artifacts" / "stop-then-ask.png"), full_page=True)
+    page.close()

@@ -190,6 +190,20 @@ def test_stop_cancels_the_stream(app):
     assert history[-1]["content"] == "It looks like eczema."
 
 
+def test_stop_before_the_answer_begins_stops_it_and_a_late_stop_stops_nothing(app):
+    """Stop reached the server before the answer left Gradio's queue: it stops that answer as it
+    begins. A Stop that arrives after its answer's event ended is forgotten with the event."""
+    handlers, engine, root = app
+    handlers.stop("q")  # pressed while the question still waited to start
+    _, history = _last(handlers.submit("q", {"text": "What is it?", "files": [_upload(root)]}))
+    assert engine.last.finish_reason == "cancelled" and history[-1]["content"].endswith("*(stopped)*")
+    handlers.answer_ended("q")
+    handlers.stop("q")  # too late: that answer is over
+    handlers.answer_ended("q")  # its event ends
+    _, history = _last(handlers.submit("q", "Next?"))
+    assert history[-1]["content"] == "It looks like eczema."  # answered in full
+
+
 def test_regenerate_replaces_the_last_answer(app):
     handlers, engine, root = app
     list(handlers.submit("r", {"text": "What is it?", "files": [_upload(root)]}))

@@ -200,6 +200,9 @@ class Handlers:
     def stop(self, session: str) -> None:
         self.store.get(session).stop()
 
+    def answer_ended(self, session: str) -> None:
+        self.store.get(session).answer_ended()
+
     def regenerate(self, session: str, settings: SamplingSettings | None = None) -> Iterator[Update]:
         state = self.store.get(session)
         state.settle()

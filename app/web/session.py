@@ -60,6 +60,7 @@ class Consultation:
     photo_bytes: int = 0  # decoded pixels held in memory
     uploads: set[Path] = field(default_factory=set)  # attached in the browser, not sent yet
     answering: Answer | None = None
+    stop_pending: bool = False  # Stop arrived before its answer began (still in Gradio's queue)
     closed: threading.Event = field(default_factory=threading.Event)
     last_seen: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -83,6 +84,9 @@ class Consultation:
             if self.closed.is_set():
                 raise Wiped("the consultation was cleared")
             answer = Answer({"role": "assistant", "content": ""})
+            if self.stop_pending:  # Stop was pressed while this answer waited to start: it stops at once
+                answer.cancel.set()
+                self.stop_pending = False
             self.messages.append(answer.reply)
             self.answering = answer
             return answer
@@ -140,9 +144,17 @@ class Consultation:
                 self.finish(answer, answer.reply["content"], stopped=True)
 
     def stop(self) -> None:
+        """Stop the answer being written; pressed before it began, it stops that answer as it begins."""
         with self.lock:
             if self.answering is not None:
                 self.answering.cancel.set()
+            else:
+                self.stop_pending = True
+
+    def answer_ended(self) -> None:
+        """The page's answering event is over: a Stop that came too late for it stops nothing later."""
+        with self.lock:
+            self.stop_pending = False
 
     def error(self, message: str) -> list[Message]:
         return self.note(message, "titles.error")

@@ -414,15 +414,20 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
     def stop(request: gr.Request) -> None:
         handlers.stop(request.session_hash)
 
-    page.box.stop(stop, None, None, api_name="stop", cancels=events, queue=False)
-    page.box.stop(lambda: gr.MultimodalTextbox(interactive=True), None, [page.box], queue=False,
-                  api_visibility="private")  # a cancelled answer never reaches its own last update
+    # Stop ends the answer through the engine (it keeps what was written), so the answering event ends
+    # as any answer does: its last update, then `unlock`. Gradio's own `cancels=` would kill the event
+    # mid-update, which its page shows as "Error" badges over the chat and a question box locked for good.
+    page.box.stop(stop, None, None, api_name="stop", queue=False)
+
+    def unlock(history, request: gr.Request):
+        handlers.answer_ended(request.session_hash)
+        return _unlock(history)
 
     def differential(request: gr.Request) -> str:
         return handlers.differential(request.session_hash)
 
     for event in events:
-        event.then(_unlock, [page.chatbot], [page.live, page.box], queue=False, api_visibility="private").then(
+        event.then(unlock, [page.chatbot], [page.live, page.box], queue=False, api_visibility="private").then(
             None, None, None, js=FOCUS_QUESTION).then(  # the keyboard is back in the question box
             differential, None, [page.ranked], api_visibility="private", **model_events)
     return events
