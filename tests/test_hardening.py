@@ -196,8 +196,9 @@ def test_without_keys_callers_share_a_cache_only_through_their_own_prompt_cache_
 def test_an_upload_is_its_own_file_and_carries_no_metadata_after_its_request(server):
     photo = _jpeg_with_gps(7)
     paths = [httpx.post(server.url + "gradio_api/upload", timeout=30,
-                        files={"files": ("arm.jpg", photo, "image/jpeg")}).json()[0] for _ in range(2)]
+                        files={"files": ("jane_doe_mole.jpg", photo, "image/jpeg")}).json()[0] for _ in range(2)]
     assert paths[0] != paths[1]  # identical bytes, two uploads: two files
+    assert not any("jane" in p.name for p in server.private.rglob("*"))  # named by the server, not the patient
     for path in paths:
         assert path.startswith(str(server.private))
         with Image.open(path) as image:

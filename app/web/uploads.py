@@ -5,7 +5,8 @@ Gradio names an upload's folder by the file's content hash, so the same photo se
 deletes it for the other. Our upload route (Gradio's own, with its login check, over a fresh
 folder per request) gives every upload its own path. Before the request returns, the photo is
 decoded as the chat will decode it (upright, sRGB) and written back from its pixels alone as a
-lossless PNG; the original, with whatever GPS tags it carried, is deleted. A file that is not a
+lossless PNG named by the server (never by the file's own name, which may be the patient's); the
+original, with whatever GPS tags it carried, is deleted. A file that is not a
 usable photo leaves an empty file and its reason, told in the chat when it is sent.
 """
 
@@ -69,7 +70,7 @@ class Uploads:
             error = None
         except ImageError as err:
             photo, error = None, err
-        clean = path.with_name(f"{path.stem[:80] or 'photo'}.png")
+        clean = path.with_name(f"photo-{secrets.token_hex(6)}.png")  # named by us: no patient's name on disk
         fd = os.open(clean, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         with os.fdopen(fd, "wb") as handle:
             if photo is not None:
