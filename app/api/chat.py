@@ -381,8 +381,13 @@ def error_response(request, err: Exception):
     (the log names the type, never a stack trace to the client); the web page's own, as plain text."""
     from fastapi.responses import JSONResponse, PlainTextResponse
 
+    from starlette.requests import ClientDisconnect
+
     if isinstance(err, APIError):
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    if isinstance(err, ClientDisconnect):  # the client left mid-body, or the guard cut a body over its limit
+        log.info("request ended before its body was read")
+        return PlainTextResponse("The request ended before its body did.", status_code=400)
     if not request.url.path.startswith(API_PREFIX):
         log.error("request failed reason=%s", type(err).__name__)
         return PlainTextResponse("Something went wrong on the server; please try again.", status_code=500)
