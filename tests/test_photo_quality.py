@@ -48,6 +48,16 @@ def test_under_exposure_is_dark(tone):
     assert "dark" in result.problems and "little_skin" not in result.problems  # the exposure is what to fix
 
 
+@pytest.mark.parametrize("tone", TONES)
+@pytest.mark.parametrize("light", [0.15, 0.08])
+def test_a_dark_but_sharp_photo_is_dark_and_not_blurred(tone, light):
+    """The advice is to find light, not to hold the phone still; a dark and blurred one is told both."""
+    photo = skin_photo(tone, tone=tone)
+    assert assess(ImageEnhance.Brightness(photo).enhance(light)).problems == ["dark"]
+    blurred = ImageEnhance.Brightness(photo.filter(ImageFilter.GaussianBlur(3))).enhance(light)
+    assert assess(blurred).problems[:2] == ["blurry", "dark"]
+
+
 @pytest.mark.parametrize("tone", [1, 2, 3, 4])
 def test_over_exposure_and_clipped_highlights_are_overexposed(tone):
     result = assess(ImageEnhance.Brightness(skin_photo(tone, tone=tone)).enhance(2.2))

@@ -20,6 +20,7 @@ from model.i18n.catalog import text
 ANALYSIS_SIDE = 512  # long side of the copy that is measured
 MIN_SHORT_SIDE = 224  # the encoder's input: a photo smaller than this is enlarged, which adds no detail
 MIN_SHARPNESS = 18.0  # variance of the Laplacian of the 0-255 luminance (made photos: sharp 37-606, blurred <= 8.8)
+MAX_GAIN = 8.0  # the most a dark photo's luminance is scaled by before its sharpness is measured
 DARK_MEAN = 40.0  # mean luminance below this: too dark (type VI skin in daylight measures ~49: never called dark)
 DARK_CLIPPED = 0.5  # or more than half the frame crushed to near black (<= 10)
 BRIGHT_MEAN = 225.0  # mean luminance above this: washed out
@@ -56,8 +57,12 @@ def assess(image: Image.Image) -> PhotoQuality:
     """Measure one decoded RGB photo (see the module's note)."""
     rgb = _analysis_copy(image)  # (H, W, 3) float32, 0-255
     luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W), ITU-R BT.601
-    sharpness = float(_laplacian(luma).var())
     mean = float(luma.mean())
+    # The Laplacian's variance grows with contrast squared, so a dark photo reads as blurred however
+    # sharp: judge a dark one as if it were exposed right (mean 128; the gain at most 8, past which
+    # 8-bit steps are all there is to see).
+    gain = min(MAX_GAIN, 128.0 / max(mean, 1.0)) if mean < DARK_MEAN else 1.0
+    sharpness = float(_laplacian(luma * gain).var())
     dark, bright = float((luma <= 10).mean()), float((luma >= 250).mean())
     skin = float(_skin_mask(rgb).mean())
     problems = []
