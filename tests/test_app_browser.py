@@ -421,3 +421,21 @@ def test_stop_at_any_moment_leaves_the_page_ready_for_the_next_question(server, 
     os.makedirs(ROOT / "artifacts", exist_ok=True)
     page.screenshot(path=str(ROOT / "artifacts" / "stop-then-ask.png"), full_page=True)
     page.close()
+
+
+def test_the_keyboards_place_is_visible_on_the_language_radios_and_the_question_box(server, browser_page):
+    """Tabbed to, the language radio and the question box each draw an outline of 3 px; the radio
+    untouched draws none of it."""
+    page = _open(browser_page, server, DESKTOP)
+    outline = ("(sel) => { const e = document.querySelector(sel); const s = getComputedStyle(e); "
+               "return s.outlineStyle !== 'none' ? parseFloat(s.outlineWidth) : 0; }")
+    radio = "#language label:has(input[value=zh])"
+    assert page.evaluate(outline, radio) < 3
+    page.focus("#language input[value=en]")
+    page.keyboard.press("ArrowRight")  # the keyboard moves within the radio group (and picks Chinese)
+    page.wait_for_function(f"() => getComputedStyle(document.querySelector('{radio}')).outlineWidth === '3px'",
+                           timeout=10_000)
+    page.keyboard.press("ArrowLeft")  # back to English
+    page.focus("#message textarea")
+    assert page.evaluate(outline, "#message") == 3
+    page.close()

@@ -47,6 +47,10 @@ footer, footer a, footer button, .show-api, .settings {color:#374151 !important}
 #language {max-width:22em}
 #language label, #language label span {color:#111827 !important;background:#ffffff !important}
 #language label.selected {outline:2px solid #0f766e;font-weight:600}
+/* the keyboard's place is always visible (WCAG 2.4.7): the language radios, the question box, buttons */
+#language label:has(input:focus-visible) {outline:3px solid #1d4ed8 !important;outline-offset:2px}
+#message:focus-within {outline:3px solid #1d4ed8 !important;outline-offset:2px;border-radius:8px}
+button:focus-visible, summary:focus-visible {outline:3px solid #1d4ed8 !important;outline-offset:2px}
 /* read by screen readers, not shown: the finished answer, announced once */
 .sr-only {position:absolute !important;width:1px;height:1px;padding:0;margin:-1px;overflow:hidden !important;
           clip:rect(0,0,0,0);white-space:nowrap;border:0}
