@@ -439,3 +439,18 @@ def test_the_keyboards_place_is_visible_on_the_language_radios_and_the_question_
     page.focus("#message textarea")
     assert page.evaluate(outline, "#message") == 3
     page.close()
+
+
+def test_a_poor_photo_is_said_as_soon_as_it_is_attached(server, browser_page, tmp_path):
+    """The quality note shows before the question is sent, so the patient can retake the photo first."""
+    from PIL import ImageFilter
+
+    photo = tmp_path / "blurred.jpg"
+    skin_photo(2, size=(400, 300)).filter(ImageFilter.GaussianBlur(4)).save(photo)
+    page = _open(browser_page, server, PHONE)
+    page.set_input_files("#message input[type=file]", str(photo))
+    page.wait_for_function("() => document.querySelector('#red-flag').innerText.includes('blurred')", timeout=30_000)
+    assert "Photo quality" in page.inner_text("#red-flag") and "What is it" not in page.inner_text("#chat")
+    box = page.locator("#red-flag").bounding_box()
+    assert box and box["y"] + box["height"] <= PHONE["height"], box  # on the phone's screen, not scrolled away
+    page.close()

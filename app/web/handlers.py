@@ -88,12 +88,18 @@ class Handlers:
             state.pending = []
         yield from self._answer(state, settings or SamplingSettings())
 
-    def attached(self, session: str, message: dict | None) -> None:
-        """Photos attached in the browser but not sent yet: deleted with the consultation if never sent."""
+    def attached(self, session: str, message: dict | None) -> str:
+        """Photos attached in the browser but not sent yet (deleted with the consultation if never
+        sent); the notice to show now: the warning signs, and what is wrong with an attached photo,
+        so that the patient can retake it before asking."""
         state = self.store.get(session)
         _, files = _split_message(message)
         with state.lock:
             state.uploads.update(Path(f) for f in files)
+        measured = [self.uploads.quality(f) for f in files] if self.uploads is not None else []
+        poor = [q for q in measured if q is not None and not q.ok]
+        lines = [f"**{state.t('quality.title')}:** {q.notice(state.lang)}" for q in poor[:1]]
+        return "\n\n".join(filter(None, [self._notice(state), *lines]))
 
     def _read_photo(self, state: Consultation, path: Path) -> Photo | ImageError:
         """An attached file as a clean photo, or why it is not one; the uploaded file is deleted."""

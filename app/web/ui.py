@@ -398,10 +398,10 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
     ask_event = page.box.submit(ask, [page.box, *inputs], [page.chatbot, page.notice, page.box], api_name="ask",
                                 **model_events)
 
-    def attached(message, request: gr.Request) -> None:
-        handlers.attached(request.session_hash, message)  # deleted with the consultation if never sent
+    def attached(message, request: gr.Request) -> str:
+        return handlers.attached(request.session_hash, message)  # a poor photo is said before it is sent
 
-    page.box.change(attached, [page.box], None, queue=False, api_visibility="private")
+    page.box.change(attached, [page.box], [page.notice], queue=False, api_visibility="private")
 
     def again(max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
         settings = _sampling(max_new_tokens, do_sample, temp, p)

@@ -26,6 +26,7 @@ from PIL import Image
 from starlette.requests import Request  # at module level: FastAPI reads the route's annotations by name
 
 from model.images.decode import ImageError, Photo, decode_photo
+from model.images.quality import PhotoQuality, assess
 
 from app.privacy import UPLOADS, remove_upload
 
@@ -35,6 +36,7 @@ class _Entry:
     notes: tuple[str, ...]
     error: ImageError | None
     made: float
+    quality: PhotoQuality | None = None  # measured on arrival, so the page can say it before it is sent
 
 
 class Uploads:
@@ -75,9 +77,16 @@ class Uploads:
         with os.fdopen(fd, "wb") as handle:
             if photo is not None:
                 photo.image.save(handle, "PNG", compress_level=1)  # lossless: the chat sees these pixels
+        quality = assess(photo.image) if photo is not None else None
         with self._lock:
-            self._items[str(clean)] = _Entry(photo.notes if photo else (), error, time.monotonic())
+            self._items[str(clean)] = _Entry(photo.notes if photo else (), error, time.monotonic(), quality)
         return str(clean)
+
+    def quality(self, path: str | Path) -> PhotoQuality | None:
+        """How a cleaned upload measured on arrival (None: unknown, or not a photo)."""
+        with self._lock:
+            entry = self._items.get(str(path))
+        return entry.quality if entry is not None else None
 
     def known(self, path: str | Path) -> bool:
         with self._lock:
