@@ -214,6 +214,18 @@ def test_regenerate_replaces_the_last_answer(app):
     assert len(engine.calls[-1][0].turns) == 1 and engine.calls[-1][0].pending is not None
 
 
+def test_regenerate_that_gives_the_same_answer_says_why(app):
+    """With varied answers off the model answers the same again: the page says so, and how to vary it."""
+    handlers, engine, root = app
+    list(handlers.submit("same", {"text": "What is it?", "files": [_upload(root)]}))
+    _, history = _last(handlers.regenerate("same"))
+    assert history[-2]["content"] == "It looks like eczema."
+    assert "The same answer again" in history[-1]["content"] and "varied answers" in history[-1]["content"]
+    engine.reply = ["Maybe ", "psoriasis."]
+    _, history = _last(handlers.regenerate("same"))
+    assert history[-1]["content"] == "Maybe psoriasis."  # a different answer needs no note
+
+
 def test_quick_prompts(app):
     handlers, engine, root = app
     list(handlers.submit("q", {"text": "", "files": [_upload(root)]}))
@@ -422,7 +434,7 @@ def test_a_stream_closed_by_its_consumer_keeps_the_partial_answer_and_the_next_q
     _, history = _last(handlers.submit("g", "And now?"))
     assert history[-1]["content"] == "It looks like eczema."
     _, history = _last(handlers.regenerate("g"))
-    assert history[-1]["content"] == "It looks like eczema." and state.answering is None
+    assert history[-2]["content"] == "It looks like eczema." and state.answering is None  # (then: the same again)
 
 
 def test_a_stream_abandoned_without_close_is_settled_by_the_next_question(app):

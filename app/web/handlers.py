@@ -223,6 +223,9 @@ class Handlers:
             yield state.error(state.t("messages.no_answer_yet")), self._notice(state)
             return
         yield from self._answer(state, settings or SamplingSettings())
+        again = state.conversation.turns[-1].answer if state.conversation.turns else None
+        if again is not None and again.strip() == last.answer.strip():  # greedy: the most likely answer again
+            yield state.note(state.t("messages.same_answer")), self._notice(state)
 
     def ask_quick(self, session: str, key: str, settings: SamplingSettings | None = None) -> Iterator[Update]:
         """One of the quick questions (a key of QUICK_PROMPTS), in the consultation's language."""
