@@ -294,7 +294,7 @@ def test_report_writes_markdown_and_pdf(app):
     assert open(files[1], "rb").read(5) == b"%PDF-"
     assert all(s == f"{handlers.store.get('x').id}:report" for _, s, _ in engine.calls)
     # what a clinician files: when, a visit reference, the photo (shown in the Markdown, embedded in the PDF), the model
-    assert re.search(r"Date and time: \d{4}-\d\d-\d\dT\d\d:\d\d", markdown)
+    assert re.search(r"Date and time: \d{1,2} [A-Z][a-z]+ \d{4}, \d\d:\d\d \(UTC[+-]\d\d:\d\d\)", markdown)
     assert re.search(r"Visit reference: SG-\d{8}-[0-9A-F]{6}", markdown)
     assert "![Photo 1](skin-report-photo-1.jpg)" in markdown and "Model: SkinGPT" in markdown
     assert Image.open(files[2]).size == (320, 240)

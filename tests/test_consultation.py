@@ -61,3 +61,12 @@ def test_custom_flow_and_red_flags():
 def test_red_flags_are_not_raised_by_ordinary_text():
     assert red_flags("Dry skin on the hands in winter; use a moisturiser.") == []
     assert red_flags("It has been growing rapidly") == ["rapid growth or spread"]
+
+
+def test_the_reports_time_reads_as_a_date_in_each_language():
+    """Local time, readable, with its offset: not "2026-12-06T13:51+00:00"."""
+    from model.clinical.consultation import readable_time
+
+    assert readable_time("2026-12-06T13:51+01:00", "en") == "6 December 2026, 13:51 (UTC+01:00)"
+    assert readable_time("2026-12-06T13:51+05:30", "zh") == "2026年12月6日 13:51（UTC+05:30）"
+    assert readable_time("not a time", "en") == "not a time"

@@ -84,8 +84,8 @@ class ConsultationReport(BaseModel):
         d, h = self.details, self.heading
         if d is None:
             return []
-        return [f"{h('created')}: {d.created}", f"{h('visit')}: {d.visit}", f"{h('photos')}: {len(d.photos)}",
-                f"{h('model')}: {d.model}"]
+        return [f"{h('created')}: {readable_time(d.created, self.lang)}", f"{h('visit')}: {d.visit}",
+                f"{h('photos')}: {len(d.photos)}", f"{h('model')}: {d.model}"]
 
     def history_lines(self) -> list[str]:
         if self.history is None or self.history.is_empty():
@@ -196,6 +196,24 @@ def build_report(answers: dict[str, str], questions: dict[str, str], lang: str =
         red_flags=red_flags(*answers.values(), lang=lang, also=history.warning_signs() if history else ()),
         answers=answers, questions=questions, full_text=full, disclaimer=text(lang, "disclaimer"), lang=lang,
         history=history)
+
+
+def readable_time(created: str, lang: str) -> str:
+    """ISO 8601 local time as a reader writes it: "6 December 2026, 13:51 (UTC+01:00)" or
+    "2026年12月6日 13:51（UTC+01:00）"; a value that is not ISO is shown as it is."""
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError:
+        return created
+    offset = when.strftime("%z")
+    zone = f"UTC{offset[:3]}:{offset[3:]}" if offset else ""
+    if lang == "zh":
+        return f"{when.year}年{when.month}月{when.day}日 {when:%H:%M}" + (f"（{zone}）" if zone else "")
+    months = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+              "November", "December")
+    return f"{when.day} {months[when.month - 1]} {when.year}, {when:%H:%M}" + (f" ({zone})" if zone else "")
 
 
 def new_visit(model: str, photos: list[str] | None = None) -> VisitDetails:
