@@ -9,6 +9,8 @@ import re
 import threading
 
 import pytest
+
+from model.serving.requests import GenerationStats
 from PIL import Image
 from pypdf import PdfReader
 
@@ -23,7 +25,10 @@ class FakeGeneration:
     def __init__(self, words, cancel, fail=None, queued=0):
         self.words, self.cancel, self.fail, self.queued = words, cancel, fail, queued
         self.text, self.tokens, self.finish_reason, self.notices = "", [], None, []
+        self.stats = GenerationStats(dropped_turns=FakeGeneration.dropped)
         self.closed = False
+
+    dropped: tuple[int, ...] = ()  # turns the next answers leave out for room (the engine's note is English)
 
     def __iter__(self):
         for i, word in enumerate(self.words):
@@ -226,6 +231,18 @@ def test_regenerate_that_gives_the_same_answer_says_why(app):
     assert history[-1]["content"] == "Maybe psoriasis."  # a different answer needs no note
 
 
+def test_the_chinese_page_says_its_notes_and_refusals_in_chinese(app, monkeypatch):
+    """The context note and a history refusal in the page's language, not the engine's or pydantic's English."""
+    handlers, engine, root = app
+    handlers.set_language("zh", "zh")
+    status, _ = handlers.set_history("zh", {"age": "old", "notes": "x"})
+    assert status == "病史未保存：请检查：年龄（岁）" and "Input should" not in status
+    monkeypatch.setattr(FakeGeneration, "dropped", (0, 1))
+    _, history = _last(handlers.submit("zh", {"text": "这是什么？", "files": [_upload(root)]}))
+    notes = [str(m["content"]) for m in history if (m.get("metadata") or {}).get("title")]
+    assert any("最早 2 轮的文字" in n for n in notes) and not any("longer than" in n for n in notes), notes
+
+
 def test_quick_prompts(app):
     handlers, engine, root = app
     list(handlers.submit("q", {"text": "", "files": [_upload(root)]}))
@@ -309,7 +326,7 @@ def test_clinical_history_goes_into_the_prompt_report_and_warning_signs(app):
     a malformed field is refused by name; New patient wipes it."""
     handlers, engine, root = app
     status, notice = handlers.set_history("h", {"age": 130, "sex": None})
-    assert "not saved" in status and "age" in status and handlers.store.get("h").history is None
+    assert "not saved" in status and "Age (years)" in status and handlers.store.get("h").history is None
     status, notice = handlers.set_history("h", {"age": 62, "sex": "female", "body_site": "back", "duration": "weeks",
                                                 "symptoms": ["itch", "bleeding"], "changes": ["size"],
                                                 "treatments": "", "fitzpatrick": 5, "notes": None})

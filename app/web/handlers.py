@@ -176,6 +176,8 @@ class Handlers:
                     break  # settled meanwhile (a newer question, a wipe): this stream is no longer shown
                 yield state.messages, self._notice(state)
             notices = list(generation.notices)
+            if generation.stats.dropped_turns:  # the engine's note is English: the page says it in its language
+                notices = [state.t("messages.context_dropped", turns=len(generation.stats.dropped_turns))]
             if generation.finish_reason == "timeout":
                 notices.append(state.t("messages.timed_out", seconds=f"{self.engine.request_timeout_s:.0f}"))
             state.finish(answer, answer.reply["content"], stopped=generation.finish_reason in ("cancelled", "timeout"),
@@ -241,7 +243,11 @@ class Handlers:
         try:
             history = ClinicalHistory.model_validate(given)
         except ValidationError as err:
-            return state.t("history.invalid", problem=validation_message(err)), self._notice(state)
+            fields = [str(e["loc"][0]) for e in err.errors() if e["loc"]]
+            known = [f for f in dict.fromkeys(fields) if f in ClinicalHistory.model_fields]
+            problem = (state.t("history.check_fields", fields="; ".join(state.t(f"history.{f}") for f in known))
+                       if known else validation_message(err))  # the form's own labels, in the page's language
+            return state.t("history.invalid", problem=problem), self._notice(state)
         with state.lock:
             state.history = None if history.is_empty() else history
             state.refresh_flags()
