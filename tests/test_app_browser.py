@@ -454,3 +454,17 @@ def test_a_poor_photo_is_said_as_soon_as_it_is_attached(server, browser_page, tm
     box = page.locator("#red-flag").bounding_box()
     assert box and box["y"] + box["height"] <= PHONE["height"], box  # on the phone's screen, not scrolled away
     page.close()
+
+
+def test_the_question_box_has_a_name_in_the_pages_language(server, chinese_browser):
+    """Its accessible name was Gradio's class name, "MultimodalTextbox", in both languages."""
+    page = chinese_browser.new_page()
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#new-patient') && "
+                           "document.querySelector('#new-patient').innerText.includes('新患者')", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#message textarea').getAttribute('aria-label') === "
+                           "'您的问题和照片'", timeout=30_000)
+    names = page.evaluate("() => [...document.querySelectorAll('#message [aria-label]')].filter(e => "
+                          "e.offsetParent !== null).map(e => e.getAttribute('aria-label'))")
+    assert names and not [name for name in names if name.isascii()], names  # every visible name in Chinese
+    page.close()

@@ -78,7 +78,9 @@ JS = """
 () => {
   const ICONS_TO_DROP = ['M23,20a5,5', 'M4,6V8H6V28'];  // Share, Clear
   const ZH = {'Copy conversation': '复制对话', 'Copy message': '复制消息', 'Fullscreen': '全屏',
-              'Exit fullscreen mode': '退出全屏', 'Enlarge the photo': '放大照片'};
+              'Exit fullscreen mode': '退出全屏', 'Enlarge the photo': '放大照片',
+              'Multimedia input field': '问题和照片输入框', 'Click to upload or drop files': '点击上传或拖入照片',
+              'Upload a file': '上传照片', 'Submit': '发送', 'Stop': '停止', 'Remove': '移除'};
   const EN = Object.fromEntries(Object.entries(ZH).map(([en, zh]) => [zh, en]));
   const mend = () => {
     document.querySelectorAll('#chat button').forEach(b => {
@@ -90,10 +92,13 @@ JS = """
       }
     });
     const names = document.documentElement.lang.startsWith('zh') ? ZH : EN;
-    document.querySelectorAll('#chat button[aria-label], #chat button[title]').forEach(b => {
+    document.querySelectorAll('#chat button[aria-label], #chat button[title], #message [aria-label]').forEach(b => {
       const now = b.getAttribute('aria-label') || b.getAttribute('title');
-      if (names[now]) { b.setAttribute('aria-label', names[now]); b.setAttribute('title', names[now]); }
+      if (names[now]) { b.setAttribute('aria-label', names[now]); if (b.title) { b.setAttribute('title', names[now]); } }
     });
+    const question = document.querySelector('#message textarea');  // Gradio names it by its class alone
+    const named = document.documentElement.lang.startsWith('zh') ? '您的问题和照片' : 'Your question and photos';
+    if (question && question.getAttribute('aria-label') !== named) { question.setAttribute('aria-label', named); }
     document.querySelectorAll('#chat [aria-live]').forEach(e => e.setAttribute('aria-live', 'off'));
     const flag = document.querySelector('#red-flag');
     if (flag) { flag.setAttribute('role', 'alert'); }
@@ -315,7 +320,8 @@ def _layout(demo_mode: bool, model_name: str) -> Page:
     ranked = gr.HTML("", elem_id="differential-panel")  # the bundle's calibrated ranking, when it has a head
     box = gr.MultimodalTextbox(
         file_types=["image"], file_count="multiple", sources=["upload"], elem_id="message",
-        placeholder=t("ui.box_placeholder"), show_label=False, submit_btn=True, stop_btn=True)
+        placeholder=t("ui.box_placeholder"), label=t("ui.box_label"), show_label=False, submit_btn=True,
+        stop_btn=True)  # the label, unshown, is the box's accessible name (Gradio's default: "MultimodalTextbox")
     history = _history_form("en")
     with gr.Row(elem_classes="quick"):
         quick = [gr.Button(t(f"ui.{key}"), size="sm", variant="secondary") for key in QUICK_PROMPTS]
@@ -344,7 +350,7 @@ def _relabel(page: Page, lang: str, model_name: str) -> dict:
     updates = {page.banner: gr.update(value=_banner(lang)), page.title: gr.update(value=_title(lang, model_name)),
                page.disclaimer: gr.update(value=_disclaimer(lang)),
                page.chatbot: gr.update(placeholder=tr("ui.chat_placeholder")),
-               page.box: gr.update(placeholder=tr("ui.box_placeholder")),
+               page.box: gr.update(placeholder=tr("ui.box_placeholder"), label=tr("ui.box_label")),
                page.regenerate: gr.update(value=tr("ui.regenerate")),
                page.report_btn: gr.update(value=tr("ui.full_report")),
                page.new_patient: gr.update(value=tr("ui.new_patient")),
