@@ -372,6 +372,9 @@ def test_the_report_comes_into_view_downloads_first(server, browser_page, tmp_pa
     names = page.inner_text("#report-files").replace("\n", "")
     assert "skin-report.pdf" in names and "skin-report-photo-1.jpg" in names
     page.click("#new-patient")
+    images = page.evaluate("() => [...document.querySelectorAll('#report-text img')].map(i => [i.complete, "
+                           "i.naturalWidth])")
+    assert images and all(done and width > 0 for done, width in images), images  # the photo shows, not broken
     page.close()
 
 

@@ -313,7 +313,9 @@ def test_report_writes_markdown_and_pdf(app):
     # what a clinician files: when, a visit reference, the photo (shown in the Markdown, embedded in the PDF), the model
     assert re.search(r"Date and time: \d{1,2} [A-Z][a-z]+ \d{4}, \d\d:\d\d \(UTC[+-]\d\d:\d\d\)", markdown)
     assert re.search(r"Visit reference: SG-\d{8}-[0-9A-F]{6}", markdown)
-    assert "![Photo 1](skin-report-photo-1.jpg)" in markdown and "Model: SkinGPT" in markdown
+    # the page shows the photo inline; the downloaded .md links the photo file beside it
+    assert "![Photo 1](data:image/jpeg;base64," in markdown and "Model: SkinGPT" in markdown
+    assert "![Photo 1](skin-report-photo-1.jpg)" in open(files[0]).read()
     assert Image.open(files[2]).size == (320, 240)
     pdf = PdfReader(files[1])
     text = "".join(page.extract_text() for page in pdf.pages)

@@ -334,7 +334,7 @@ class Handlers:
         except UserFacingError as err:
             return str(err), []
         log.info("report session=%s", state.id[:8])
-        return markdown, files + [str(p) for p in photos]
+        return _with_thumbnails(markdown, photos, images), files + [str(p) for p in photos]
 
     def differential(self, session: str) -> str:
         """The bundle's calibrated ranking for the consultation's last (up to 3) photos, as HTML with
@@ -397,6 +397,19 @@ def _waiting(state: Consultation, place: int) -> Message:
 def _sentence(message: str) -> str:
     """A message ending as a sentence does, so that another can follow it."""
     return message if message.rstrip().endswith((".", "!", "?", "。", "！", "？")) else message.rstrip() + "."
+
+
+def _with_thumbnails(markdown: str, photos: list[Path], images: list) -> str:
+    """The report as the page shows it: its photo links (file names beside the downloaded .md) as
+    small inline thumbnails, since the page serves no file from the private folder to show."""
+    import base64
+
+    for path, image in zip(photos, images):
+        thumb = image.image.copy()
+        thumb.thumbnail((320, 320))
+        url = "data:image/jpeg;base64," + base64.b64encode(_jpeg(thumb)).decode("ascii")
+        markdown = markdown.replace(f"]({path.name})", f"]({url})")
+    return markdown
 
 
 def _jpeg(image) -> bytes:
