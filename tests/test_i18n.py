@@ -150,3 +150,12 @@ def test_every_bold_and_italic_in_the_words_renders_as_such():
             if "**" in value or "*" in value.replace("**", ""):
                 html = md.render(value.replace("{", "").replace("}", ""))
                 assert "*" not in html.replace("&quot;", ""), (lang, key, html)
+
+
+def test_chinese_warning_signs_are_punctuated_in_chinese():
+    from model.clinical.safety import red_flag_notice, red_flags
+
+    flags = red_flags("有出血，而且在发烧", lang="zh")
+    notice = red_flag_notice(flags, "zh")
+    assert len(flags) >= 2 and "、" in notice and "。" in notice and ", " not in notice and ". " not in notice
+    assert notice.startswith("**提到的警示征象**：")

@@ -46,12 +46,19 @@ def red_flags(*texts: str, lang: str = "en", also: tuple[str, ...] | list[str] =
     return [text(lang, f"red_flags.{key}") for key, pattern in _COMPILED if key in also or pattern.search(joined)]
 
 
+# how each language lists, ends a sentence and introduces (Chinese: the enumeration comma, full stop, colon)
+_PUNCTUATION = {"zh": ("、", "。", "："), "en": (", ", ". ", ": ")}
+
+
 def red_flag_advice(flags: list[str], lang: str = "en") -> str:
     """The signs found and what to do about them, in one wording everywhere (page, report, PDF, CLI)."""
-    return f"{', '.join(flags)}. {text(lang, 'urgent_advice')}"
+    comma, stop, _ = _PUNCTUATION.get(lang, _PUNCTUATION["en"])
+    return f"{comma.join(flags)}{stop}{text(lang, 'urgent_advice')}"
 
 
 def red_flag_notice(flags: list[str], lang: str = "en", markdown: bool = True) -> str:
     """The warning-sign notice: its label, then `red_flag_advice`."""
-    label = text(lang, "messages.warning_signs")
-    return f"**{label}:** {red_flag_advice(flags, lang)}" if markdown else f"{label}: {red_flag_advice(flags, lang)}"
+    label, colon = text(lang, "messages.warning_signs"), _PUNCTUATION.get(lang, _PUNCTUATION["en"])[2]
+    if markdown:  # bold closed before the colon: CommonMark's flanking rule beside full-width punctuation
+        return f"**{label}**{colon}{red_flag_advice(flags, lang)}"
+    return f"{label}{colon}{red_flag_advice(flags, lang)}"
