@@ -471,3 +471,10 @@ def test_the_question_box_has_a_name_in_the_pages_language(server, chinese_brows
                           "e.offsetParent !== null).map(e => e.getAttribute('aria-label'))")
     assert names and not [name for name in names if name.isascii()], names  # every visible name in Chinese
     page.close()
+
+
+def test_on_a_phone_every_action_button_is_a_fingers_size(server, browser_page):
+    page = _open(browser_page, server, PHONE)
+    heights = {sel: page.locator(sel).bounding_box()["height"] for sel in ("#regenerate", "#full-report", "#new-patient")}
+    assert all(h >= 44 for h in heights.values()), heights  # Regenerate and Full report were 26 px
+    page.close()

@@ -62,6 +62,7 @@ button:focus-visible, summary:focus-visible {outline:3px solid #1d4ed8 !importan
   #demo-banner {font-size:0.75em;padding:4px 8px;font-weight:600;line-height:1.25}
   .quick {flex-wrap:wrap}
   .quick button {flex:1 1 45%;min-height:44px;white-space:normal}
+  .actions button {min-height:44px;white-space:normal}  /* a finger's size, as the quick questions */
   #title h1 {font-size:1.35em;margin:0 0 2px}
   #title p, #disclaimer p {font-size:0.82em;margin:0}
   #new-patient {min-height:44px}
@@ -325,8 +326,8 @@ def _layout(demo_mode: bool, model_name: str) -> Page:
     history = _history_form("en")
     with gr.Row(elem_classes="quick"):
         quick = [gr.Button(t(f"ui.{key}"), size="sm", variant="secondary") for key in QUICK_PROMPTS]
-    with gr.Row():
-        regenerate = gr.Button(t("ui.regenerate"), size="sm")
+    with gr.Row(elem_classes="actions"):
+        regenerate = gr.Button(t("ui.regenerate"), size="sm", elem_id="regenerate")
         report_btn = gr.Button(t("ui.full_report"), size="sm", elem_id="full-report")
         new_patient = gr.Button(t("ui.new_patient"), size="sm", variant="stop", elem_id="new-patient")
         wipe = gr.Button("wipe", elem_id="new-patient-confirmed", size="sm")
