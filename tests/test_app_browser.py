@@ -478,3 +478,16 @@ def test_on_a_phone_every_action_button_is_a_fingers_size(server, browser_page):
     heights = {sel: page.locator(sel).bounding_box()["height"] for sel in ("#regenerate", "#full-report", "#new-patient")}
     assert all(h >= 44 for h in heights.values()), heights  # Regenerate and Full report were 26 px
     page.close()
+
+
+def test_new_patient_starts_at_the_top_of_the_page(server, browser_page, tmp_path):
+    photo = tmp_path / "hand.jpg"
+    skin_photo(5, size=(400, 300)).save(photo)
+    page = _open(browser_page, server, PHONE)  # (its dialogs are accepted)
+    _answer(page, photo, "What is it?")
+    page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+    assert page.evaluate("() => window.scrollY") > 100
+    page.click("#new-patient")
+    page.wait_for_function("() => !document.querySelector('#chat').innerText.includes('What is it?')", timeout=30_000)
+    page.wait_for_function("() => window.scrollY < 10", timeout=10_000)
+    page.close()

@@ -148,7 +148,9 @@ CONFIRM_WIPE = """
   const zh = document.documentElement.lang.startsWith('zh');
   const ask = zh ? '清除这位患者的照片、对话、病史和报告？此操作无法撤销。'
                  : 'Clear the photos, conversation, history and report of this patient? This cannot be undone.';
-  if (window.confirm(ask)) { document.querySelector('#new-patient-confirmed').click(); }
+  if (window.confirm(ask)) {
+    document.querySelector('#new-patient-confirmed').click();
+  }
 }
 """
 # The report: into view when it is ready, its downloads first
@@ -296,7 +298,8 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
         page.new_patient.click(None, None, None, js=CONFIRM_WIPE, queue=False, api_visibility="private")
         page.wipe.click(wipe, None, [page.chatbot, page.notice, page.box, page.report_md, page.report_files,
                                      page.ranked, page.history.status, *page.history.inputs],
-                        api_name="new_patient", cancels=[*answers, report_event])
+                        api_name="new_patient", cancels=[*answers, report_event]).then(
+            None, None, None, js="() => window.scrollTo({top: 0})")  # the next patient starts at the top
 
         def on_unload(request: gr.Request) -> None:
             handlers.end_session(request.session_hash)  # the tab closed: nothing of it is kept
