@@ -419,7 +419,12 @@ def test_stop_at_any_moment_leaves_the_page_ready_for_the_next_question(server, 
                                f".length >= {2 * answers}", timeout=30_000)
     page.fill("#message textarea", "And now?")
     page.press("#message textarea", "Enter")
-    page.wait_for_function("() => document.querySelector('#chat').innerText.includes('And now?')", timeout=30_000)
+    try:
+        page.wait_for_function("() => document.querySelector('#chat').innerText.includes('And now?')", timeout=30_000)
+    except Exception:
+        os.makedirs(ROOT / "artifacts", exist_ok=True)
+        page.screenshot(path=str(ROOT / "artifacts" / "stop-failed.png"), full_page=True)
+        raise
     _settled(page)
     os.makedirs(ROOT / "artifacts", exist_ok=True)
     page.screenshot(path=str(ROOT / "artifacts" / "stop-then-ask.png"), full_page=True)
