@@ -371,10 +371,10 @@ def test_the_report_comes_into_view_downloads_first(server, browser_page, tmp_pa
     assert order & 4  # the downloads come before the text (DOCUMENT_POSITION_FOLLOWING)
     names = page.inner_text("#report-files").replace("\n", "")
     assert "skin-report.pdf" in names and "skin-report-photo-1.jpg" in names
+    page.wait_for_function("() => { const shown = [...document.querySelectorAll('#report-text img')]; return "
+                           "shown.length > 0 && shown.every(i => i.complete && i.naturalWidth > 0); }",
+                           timeout=30_000)  # the photo shows, not a broken image
     page.click("#new-patient")
-    images = page.evaluate("() => [...document.querySelectorAll('#report-text img')].map(i => [i.complete, "
-                           "i.naturalWidth])")
-    assert images and all(done and width > 0 for done, width in images), images  # the photo shows, not broken
     page.close()
 
 
@@ -496,3 +496,16 @@ def test_new_patient_starts_at_the_top_of_the_page(server, browser_page, tmp_pat
     page.wait_for_function("() => !document.querySelector('#chat').innerText.includes('What is it?')", timeout=30_000)
     page.wait_for_function("() => window.scrollY < 10", timeout=10_000)
     page.close()
+
+
+def test_one_control_is_named_full_report_in_each_language(server, browser_page, chinese_browser):
+    """The button that writes the report, not also the panel that holds it."""
+    for context, name in ((browser_page, "Full report"), (chinese_browser, "完整报告")):
+        page = context.new_page()
+        page.goto(server.url, wait_until="domcontentloaded")
+        page.wait_for_function(f"() => document.querySelector('#full-report') && "
+                               f"document.querySelector('#full-report').innerText.trim() === '{name}'", timeout=60_000)
+        named = page.evaluate(f"() => [...document.querySelectorAll('button, [role=button], summary, .label-wrap')]"
+                              f".filter(e => e.offsetParent !== null && e.innerText.trim() === '{name}').length")
+        assert named == 1, (name, named)
+        page.close()

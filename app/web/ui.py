@@ -339,7 +339,7 @@ def _layout(demo_mode: bool, model_name: str) -> Page:
         sample = gr.Checkbox(value=False, label=t("ui.sampling"))
         temperature = gr.Slider(0.1, 1.5, value=1.0, step=0.05, label=t("ui.temperature"))
         top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label=t("ui.top_p"))
-    with gr.Accordion(t("ui.full_report"), open=False, elem_id="report-panel") as report_panel:
+    with gr.Accordion(t("ui.report_panel"), open=False, elem_id="report-panel") as report_panel:
         report_files = gr.File(label=t("ui.download"), file_count="multiple", interactive=False,
                                elem_id="report-files")  # first: the downloads are what a clinician files
         report_md = gr.Markdown(t("ui.report_hint"), elem_id="report-text")
@@ -361,7 +361,7 @@ def _relabel(page: Page, lang: str, model_name: str) -> dict:
                page.settings_panel: gr.update(label=tr("ui.settings")),
                page.max_new: gr.update(label=tr("ui.max_length")), page.sample: gr.update(label=tr("ui.sampling")),
                page.temperature: gr.update(label=tr("ui.temperature")), page.top_p: gr.update(label=tr("ui.top_p")),
-               page.report_panel: gr.update(label=tr("ui.full_report")),
+               page.report_panel: gr.update(label=tr("ui.report_panel")),
                page.report_md: gr.update(value=tr("ui.report_hint")),
                page.report_files: gr.update(label=tr("ui.download"))}
     updates.update({button: gr.update(value=tr(f"ui.{key}")) for button, key in zip(page.quick, QUICK_PROMPTS)})
