@@ -405,10 +405,8 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
                               else gr.MultimodalTextbox(interactive=False))  # `_unlock` opens it after the event
 
     inputs = page.sampling_inputs
-    # always_last: a question sent while the last answer's steps still run (its unlock, the ranking) waits
-    # for them and is then answered; Gradio's default ("once") drops it without a word
     ask_event = page.box.submit(ask, [page.box, *inputs], [page.chatbot, page.notice, page.box], api_name="ask",
-                                trigger_mode="always_last", **model_events)
+                                **model_events)
 
     def attached(message, request: gr.Request) -> str:
         return handlers.attached(request.session_hash, message)  # a poor photo is said before it is sent
