@@ -33,7 +33,7 @@ from model.clinical.conversation import Conversation, ConversationError, ImageIn
 from model.errors import UserFacingError
 from model.nn.config import SkinGPTConfig
 from model.serving.detokenize import printable
-from model.serving.prompt import PromptBuilder
+from model.serving.prompt import PromptBuilder, context_budget, dropped_notice
 from model.serving.requests import GenerationStats
 
 log = logging.getLogger("skingpt.remote")
@@ -125,7 +125,7 @@ class RemoteEngine:
             settings = dataclasses.replace(self.config.generation, **overrides)
         except TypeError as err:
             raise ConversationError(f"unknown generation setting: {err}") from None
-        budget = min(settings.max_context, self.config.llm.max_position_embeddings) - settings.max_new_tokens
+        budget = context_budget(settings.max_context, self.config.llm.max_position_embeddings, settings.max_new_tokens)
         _, _, dropped = self.prompt.slots(conversation, budget)
         body = {"model": self.model, "messages": self.messages(conversation, frozenset(dropped)), "stream": True,
                 "stream_options": {"include_usage": True}, "max_tokens": settings.max_new_tokens,
@@ -235,8 +235,7 @@ class RemoteGeneration:
         self.notices: list[str] = []
         self.stats = GenerationStats(dropped_turns=tuple(dropped))
         if dropped:
-            self.notices.append(f"The conversation is longer than the model's context: the text of the "
-                                f"{len(dropped)} oldest turn(s) was left out of this answer (photos kept).")
+            self.notices.append(dropped_notice(len(dropped)))
         self._engine, self._body, self._cancel = engine, body, cancel
         self._max_chars = max_new_tokens * _MAX_CHARS_PER_TOKEN
         self._response: httpx.Response | None = None

@@ -22,7 +22,7 @@ from model.clinical.conversation import Conversation, ConversationError, ImageIn
 from model.images.preprocess import preprocess
 from model.nn.config import GenerationConfig
 from model.serving.image_cache import ImageCache
-from model.serving.prompt import PromptBuilder
+from model.serving.prompt import PromptBuilder, context_budget, dropped_notice
 from model.serving.requests import Failed, Finished, GenerationStats, Queued, Request, Text
 from model.serving.runner import ModelRunner, TorchRunner
 from model.serving.sampler import Sampler
@@ -192,12 +192,11 @@ class Engine:
         start = time.perf_counter()
         if conversation.pending is None:
             raise ConversationError("the conversation has no question to answer")
-        budget = min(settings.max_context, self.config.llm.max_position_embeddings) - settings.max_new_tokens
+        budget = context_budget(settings.max_context, self.config.llm.max_position_embeddings, settings.max_new_tokens)
         slots, images, dropped = self.prompt.slots(conversation, budget)
         stats = GenerationStats(dropped_turns=dropped)
         if dropped:
-            gen.notices.append(f"The conversation is longer than the model's context: the text of the "
-                               f"{len(dropped)} oldest turn(s) was left out of this answer (photos kept).")
+            gen.notices.append(dropped_notice(len(dropped)))
         embeds = {img.key: self.encode(img) for img in images}
         sampler = Sampler(settings, seed, self.device, [s for s in slots if isinstance(s, int)])
         stops, eos = ((), None) if fixed_length else (self.template.stop + stop, self.tokenizer.eos_token_id)

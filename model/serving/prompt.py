@@ -17,6 +17,17 @@ from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 from model.serving.requests import ImageSlot, Slot
 
 
+def context_budget(max_context: int, max_positions: int, max_new_tokens: int) -> int:
+    """Prompt positions an answer leaves room for: the context (at most the LLM's), less the answer."""
+    return min(max_context, max_positions) - max_new_tokens
+
+
+def dropped_notice(turns: int) -> str:
+    """What the caller is told when the oldest turns' text was left out for room."""
+    return (f"The conversation is longer than the model's context: the text of the {turns} oldest turn(s) was "
+            f"left out of this answer (photos kept).")
+
+
 class PromptBuilder:
     def __init__(self, template: Template, tokenizer, placeholder: str, queries: int, max_context: int) -> None:
         self.template, self.tokenizer = template, tokenizer
