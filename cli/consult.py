@@ -9,8 +9,10 @@ from pathlib import Path
 
 from cli.common import (HISTORY_HELP, LANGUAGE_HELP, ArgumentProblem, check_bundle, check_sampling, engine, language,
                         model_args, read_history, sampling, sampling_args)
+from cli.records import open_records, patient_ref, records_args
 from model.i18n.catalog import LANGUAGES
 
+SAVE_HELP = "/save keeps this consultation in the records (encrypted)."
 CHAT_HELP = ("Commands: /image PATH adds a photo, /history FILE sets the clinical history, /new starts a new "
              "consultation, /help shows this, /quit leaves.")
 
@@ -24,6 +26,10 @@ def register(sub) -> None:
     ask.add_argument("--pdf", help="with --report: also write the report as a PDF here")
     ask.add_argument("--lang", choices=LANGUAGES, help=LANGUAGE_HELP)
     ask.add_argument("--history", metavar="FILE", help=HISTORY_HELP)
+    records_args(ask)
+    ask.add_argument("--patient", type=patient_ref, help="with --records: the clinic's reference for the patient")
+    ask.add_argument("--compare-with", metavar="VISIT",
+                     help="with --records: compare with this earlier visit's photo (a follow-up)")
     model_args(ask)
     sampling_args(ask)
     ask.set_defaults(func=run_ask)
@@ -32,6 +38,8 @@ def register(sub) -> None:
     chat.add_argument("--image", help="the first photo (or add one with /image PATH)")
     chat.add_argument("--lang", choices=LANGUAGES, help="answer language (default: the terminal's locale)")
     chat.add_argument("--history", metavar="FILE", help=HISTORY_HELP)
+    records_args(chat)
+    chat.add_argument("--patient", type=patient_ref, help="with --records: /save keeps the chat under this patient")
     model_args(chat)
     sampling_args(chat)
     chat.set_defaults(func=run_chat)
@@ -41,33 +49,113 @@ def run_ask(args: argparse.Namespace) -> int:
     lang = language(args)
     if args.pdf and not args.report:  # everything the arguments can say is said before the model loads
         raise ArgumentProblem("--pdf writes the report: add --report")
+    check_visit_args(args)
     check_bundle(args.weights)
     check_sampling(args)
     history = read_history(args.history)
     image, quality = _intake(args.image, lang, quiet=args.json)
+    from model.visits.followup import earlier_photo
+
+    store = open_records(args)  # a wrong passphrase stops here, before the model loads
+    earlier = earlier_photo(store, args.patient, args.compare_with) if args.compare_with else None
     model = engine(args)
+    visit = TerminalVisit(args, lang, history, image, quality, earlier)
     if args.report:
-        return _report(args, model, image, lang, history, quality)
-    return _answer(args, model, image, lang, history, quality)
+        code = _report(args, model, visit)
+    else:
+        code = _answer(args, model, visit)
+    if store is not None:
+        summary = store.save(*visit.record(model.loaded.label))
+        print(f"Visit {summary.visit} of patient {summary.patient} saved in {args.records}", file=sys.stderr)
+    return code
 
 
-def _report(args: argparse.Namespace, model, image, lang: str, history, quality) -> int:
-    from model.clinical.consultation import consult, new_visit
+def check_visit_args(args: argparse.Namespace) -> None:
+    """--records, --patient and --compare-with go together; said before anything loads."""
+    if getattr(args, "records", None) and not args.patient:
+        raise ArgumentProblem("--records keeps the visit under a patient: add --patient REF (e.g. clinic-0042)")
+    if args.patient and not getattr(args, "records", None):
+        raise ArgumentProblem("--patient names whose visit is kept: add --records DIR")
+    if getattr(args, "compare_with", None) and not args.records:
+        raise ArgumentProblem("--compare-with takes an earlier visit from the records: add --records DIR")
+
+
+class TerminalVisit:
+    """One terminal consultation as it is shown to the model and, with --records, kept."""
+
+    def __init__(self, args, lang, history, image, quality, earlier) -> None:
+        from model.clinical.consultation import new_visit
+
+        self.args, self.lang, self.history, self.image, self.quality, self.earlier = (
+            args, lang, history, image, quality, earlier)
+        self.details = new_visit("", [Path(args.image).name])
+        self.turns: list[tuple[str, str]] = []
+        self.flags: list[str] = []
+        self.ranking = None
+        self.report = None
+
+    def frame(self, conversation):
+        """The conversation as the model reads it: with the earlier photo (a follow-up) and the history."""
+        from model.clinical.history import with_history
+        from model.visits.followup import with_comparison
+
+        if self.earlier is not None:
+            conversation = with_comparison(conversation, self.earlier.image, self.earlier.created, self.details.created)
+        return with_history(conversation, self.history)
+
+    def also(self, answer: str = "") -> list[str]:
+        """Warning-sign ids beyond the answers' own: the history's, and a change since the last visit."""
+        from model.visits.followup import RED_FLAG, changed_since_last_visit
+
+        keys = self.history.warning_signs() if self.history else []
+        return keys + ([RED_FLAG] if self.earlier is not None and changed_since_last_visit(answer) else [])
+
+    def record(self, model_label: str):
+        """(the Visit, its JPEGs) to store: the earlier photo first on a follow-up, then today's."""
+        from model.visits.visit import SavedPhoto, SavedTurn, Visit, jpeg
+
+        photos, jpegs = [], []
+        if self.earlier is not None:
+            photos.append(SavedPhoto(taken=self.earlier.created, from_visit=self.earlier.visit))
+            jpegs.append(self.earlier.jpeg)
+        photos.append(SavedPhoto(taken=self.details.created, quality=self.quality))
+        jpegs.append(jpeg(self.image.image))
+        visit = Visit(visit=self.details.visit, patient=self.args.patient, created=self.details.created, lang=self.lang,
+                      model=model_label, history=self.history, photos=photos,
+                      turns=[SavedTurn(question=q, answer=a) for q, a in self.turns],
+                      differential=self.ranking.conditions if self.ranking else None, red_flags=self.flags,
+                      report=self.report, compared_with=self.earlier.visit if self.earlier else None)
+        return visit, jpegs
+
+
+def _report(args: argparse.Namespace, model, visit: TerminalVisit) -> int:
+    from model.clinical.consultation import ConsultStep, ask_in, consult, flow
+    from model.clinical.safety import red_flags
+    from model.i18n.catalog import text
 
     overrides = sampling(args).overrides()
-    report = consult(lambda conv: model.answer(conv, session="ask", **overrides), image, lang=lang,
-                     ranking=model.rank([image]), history=history, quality=[quality],
-                     details=new_visit(model.loaded.label, [Path(args.image).name]))
+    visit.details.model = model.loaded.label
+    visit.ranking = model.rank([visit.image])
+    steps = flow(visit.lang)
+    if visit.earlier is not None:  # a follow-up asks first what changed since the last visit
+        steps = (ConsultStep("compare", ask_in(visit.lang, text(visit.lang, "flow.compare"))),) + steps
+    report = consult(lambda conv: model.answer(conv, session="ask", **overrides), visit.image, steps=steps,
+                     lang=visit.lang, ranking=visit.ranking, quality=[visit.quality], details=visit.details,
+                     frame=visit.frame)
+    report.history = visit.history  # (the frame put it into the prompt)
+    report.red_flags = red_flags(*report.answers.values(), lang=visit.lang, also=visit.also(report.answers.get("compare", "")))
+    visit.turns = [(report.questions[k], report.answers[k]) for k in report.answers]
+    visit.flags, visit.report = report.red_flags, report
     print(report.model_dump_json(indent=2) if args.json else report.markdown())
     if args.pdf:
         from model.clinical.report_pdf import report_pdf
 
-        Path(args.pdf).write_bytes(report_pdf(report, [image.image]))
+        Path(args.pdf).write_bytes(report_pdf(report, [visit.image.image]))
         print(f"PDF report written to {args.pdf}", file=sys.stderr)
     return 0
 
 
-def _intake(path: str, lang: str, quiet: bool = False):
+def _intake(path: str, lang: str, quiet: bool = False, keep: dict | None = None):
     """A photo file as the terminal takes it: decoded (its notes said), its quality checked and said
     at once, so that a patient can retake it before asking; (the image, the quality)."""
     from model.clinical.conversation import ImageInput
@@ -81,38 +169,52 @@ def _intake(path: str, lang: str, quiet: bool = False):
             print(f"note: {note}", file=sys.stderr)
         if not quality.ok:
             print(f"note: {quality.notice(lang)}", file=sys.stderr)
-    return ImageInput.of(photo.image), quality
+    image = ImageInput.of(photo.image)
+    if keep is not None:
+        keep[image.key] = quality
+    return image, quality
 
 
-def _answer(args: argparse.Namespace, model, image, lang: str, history, quality) -> int:
+def _answer(args: argparse.Namespace, model, visit: TerminalVisit) -> int:
     from model.clinical.consultation import ask_in
     from model.clinical.conversation import Conversation
-    from model.clinical.history import with_history
     from model.clinical.ranking import ranking_text
+    from model.clinical.safety import red_flags
     from model.i18n.catalog import text
 
-    question = args.question or text(lang, "flow.describe")
-    conversation = with_history(Conversation().ask(ask_in(lang, question), [image]), history)
+    lang = visit.lang
+    question = args.question or text(lang, "flow.compare" if visit.earlier else "flow.describe")
+    conversation = visit.frame(Conversation().ask(ask_in(lang, question), [visit.image]))
     generation = model.stream(conversation, **sampling(args).overrides())
+    answer = "".join(generation) if args.json else _printed(generation)
+    visit.turns, visit.ranking = [(question, answer.strip())], model.rank([visit.image])
+    visit.flags = red_flags(question, answer, lang=lang, also=visit.also(answer))
     if args.json:
-        answer = "".join(generation)
         result = {"question": question, "answer": answer.strip(), "finish_reason": generation.finish_reason,
                   "notices": generation.notices, "disclaimer": text(lang, "disclaimer"), "language": lang,
-                  "photo_quality": quality.model_dump(),
-                  "clinical_history": history.model_dump(exclude_defaults=True) if history else None}
-        if (ranking := model.rank([image])) is not None:
-            result.update(differential=[c.model_dump() for c in ranking.conditions],
-                          differential_uncertain=ranking.uncertain)
+                  "photo_quality": visit.quality.model_dump(), "red_flags": visit.flags,
+                  "clinical_history": visit.history.model_dump(exclude_defaults=True) if visit.history else None}
+        if visit.ranking is not None:
+            result.update(differential=[c.model_dump() for c in visit.ranking.conditions],
+                          differential_uncertain=visit.ranking.uncertain)
+        if args.records:
+            result["visit"] = visit.details.visit
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
-    for piece in generation:
-        print(piece, end="", flush=True)
-    print()
     for notice in generation.notices:
         print(f"note: {notice}", file=sys.stderr)
-    if (ranking := model.rank([image])) is not None:
-        print(f"\n{ranking_text(ranking, lang)}")
+    if visit.ranking is not None:
+        print(f"\n{ranking_text(visit.ranking, lang)}")
     return 0
+
+
+def _printed(generation) -> str:
+    pieces = []
+    for piece in generation:
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(pieces)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -121,12 +223,15 @@ def run_chat(args: argparse.Namespace) -> int:
     from model.i18n.catalog import text
 
     lang = language(args)
+    check_visit_args(args)
     check_bundle(args.weights)
     check_sampling(args)
     history = read_history(args.history)
-    first = [_intake(args.image, lang)[0]] if args.image else []
+    qualities: dict[str, object] = {}  # photo key -> its quality, for /save
+    first = [_intake(args.image, lang, keep=qualities)[0]] if args.image else []
+    store = open_records(args)
     model = engine(args)
-    print(f"{text(lang, 'disclaimer')}\n{CHAT_HELP}", file=sys.stderr)
+    print(f"{text(lang, 'disclaimer')}\n{CHAT_HELP}" + (f" {SAVE_HELP}" if store else ""), file=sys.stderr)
     conversation, pending = Conversation(), first
     while True:
         try:
@@ -144,7 +249,9 @@ def run_chat(args: argparse.Namespace) -> int:
             conversation, pending, history = Conversation(), [], None
             print("New consultation: everything before is forgotten.", file=sys.stderr)
         elif command == "/image" and rest.strip():
-            _add_photo(rest.strip(), pending, lang)
+            _add_photo(rest.strip(), pending, lang, qualities)
+        elif line == "/save" and store is not None:
+            _save_chat(store, args, model, conversation, qualities, history, lang)
         elif command == "/history" and rest.strip():
             try:
                 history = read_history(rest.strip())
@@ -163,11 +270,11 @@ def run_chat(args: argparse.Namespace) -> int:
             pending = []
 
 
-def _add_photo(path: str, pending: list, lang: str) -> None:
+def _add_photo(path: str, pending: list, lang: str, qualities: dict) -> None:
     from model.errors import UserFacingError
 
     try:
-        pending.append(_intake(path, lang)[0])
+        pending.append(_intake(path, lang, keep=qualities)[0])
         print("Photo added; it goes with your next question.", file=sys.stderr)
     except UserFacingError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -195,3 +302,26 @@ def _chat_turn(args: argparse.Namespace, model, conversation, line: str, lang: s
     if flags := red_flags(line, generation.text, lang=lang, also=history.warning_signs() if history else ()):
         print(f"note: {red_flag_notice(flags, lang, markdown=False)}", file=sys.stderr)
     return conversation.answer(generation.text.strip())
+
+
+def _save_chat(store, args: argparse.Namespace, model, conversation, qualities: dict, history, lang: str) -> None:
+    """/save: the answered turns and their photos, kept as one visit of --patient."""
+    from model.clinical.consultation import new_visit
+    from model.clinical.safety import red_flags
+    from model.visits.visit import SavedPhoto, SavedTurn, Visit, jpeg
+
+    turns = [t for t in conversation.turns if t.answer is not None]
+    if not turns:
+        print("Nothing to save yet: ask a question about a photo first.", file=sys.stderr)
+        return
+    details = new_visit(model.loaded.label)
+    images = [image for t in turns for image in t.images]
+    ranking = model.rank(images[-3:])
+    visit = Visit(visit=details.visit, patient=args.patient, created=details.created, lang=lang, model=details.model,
+                  history=history, photos=[SavedPhoto(taken=details.created, quality=qualities.get(i.key)) for i in images],
+                  turns=[SavedTurn(question=t.question, answer=t.answer) for t in turns],
+                  differential=ranking.conditions if ranking else None,
+                  red_flags=red_flags(*(t.question for t in turns), *(t.answer for t in turns), lang=lang,
+                                      also=history.warning_signs() if history else ()))
+    summary = store.save(visit, [jpeg(i.image) for i in images])
+    print(f"Visit {summary.visit} of patient {summary.patient} saved in {args.records}.", file=sys.stderr)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import bench, consult, evaluate, serve, train, weights
+from cli import bench, consult, evaluate, records, serve, train, weights
 from cli.common import ArgumentProblem
 
-COMMANDS = (serve, weights, consult, train, bench, evaluate)  # the order `--help` lists them in
+COMMANDS = (serve, weights, consult, records, train, bench, evaluate)  # the order `--help` lists them in
 
 
 def build_parser() -> argparse.ArgumentParser:

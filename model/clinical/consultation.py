@@ -125,18 +125,20 @@ class ConsultationReport(BaseModel):
 
 def consult(ask: Callable[[Conversation], str], image: ImageInput, steps: tuple[ConsultStep, ...] | None = None,
             lang: str = "en", ranking: Ranking | None = None, history: ClinicalHistory | None = None,
-            quality: list[PhotoQuality] | None = None, details: VisitDetails | None = None) -> ConsultationReport:
+            quality: list[PhotoQuality] | None = None, details: VisitDetails | None = None,
+            frame: Callable[[Conversation], Conversation] | None = None) -> ConsultationReport:
     """Walk the flow (by default the language's) over one photo; `ask(conversation)` returns the
     answer to its pending question (an engine's `answer`, bound to a session so that each step
     reuses the cache). A calibrated `ranking` (the bundle's differential head) joins the report; the
     clinical `history` goes into the prompt (see `model.clinical.history`), the warning signs and
-    the report, with the photos' `quality` and the visit's `details`."""
+    the report, with the photos' `quality` and the visit's `details`. `frame` reshapes each prompt's
+    conversation before the history goes in (a follow-up's earlier photo, `model.visits.followup`)."""
     conversation = Conversation()
     answers: dict[str, str] = {}
     steps = steps or flow(lang)
     for n, step in enumerate(steps):
         conversation = conversation.ask(step.question, [image] if n == 0 else [])
-        answers[step.key] = ask(with_history(conversation, history)).strip()
+        answers[step.key] = ask(with_history(frame(conversation) if frame else conversation, history)).strip()
         conversation = conversation.answer(answers[step.key])
     report = build_report(answers, {s.key: s.question for s in steps}, lang, history)
     report.photo_quality, report.details = list(quality or []), details
