@@ -18,7 +18,7 @@ _BODY_LIMIT = 2 * 2**20  # the page's own requests: a question and its settings
 
 
 def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None] = print,
-          block: bool = True):
+          block: bool = True, records_passphrase: str | None = None):
     settings.check_safe()  # before anything is loaded or bound
     check_port(settings.host, settings.port)  # a taken port is said now, not after the model loads
     keys = settings.api_keys() if not settings.no_api else []
@@ -64,10 +64,12 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
                         upload_ttl_s=settings.upload_ttl_s, uploads=uploads, model_label=loaded.label)
     concurrency = settings.concurrency or 2 * engine.max_batch  # beyond the batch, the engine's queue says the place
-    blocks = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency)
+    desk = _visit_desk(settings, records_passphrase, store, loaded.label, say)
+    blocks = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency, desk=desk)
     blocks.queue(default_concurrency_limit=concurrency)
     app = _http_app(settings, blocks, engine, keys, uploads)
-    _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2))
+    _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2),
+                   purge=(lambda: desk.records.purge(settings.retain_days)) if desk and settings.retain_days else None)
     say("[3/3] starting the web server ...")
     server = _run_server(app, settings.host, settings.port)
     if not settings.no_api:
@@ -172,15 +174,39 @@ def _run_server(app, host: str, port: int):
     return server
 
 
-def _start_sweeper(handlers, every_s: float) -> None:
+def _visit_desk(settings: AppSettings, secret: str | None, store, label: str, say: Callable[[str], None]):
+    """The page's kept visits under --records (None without it); visits past --retain-days go now."""
+    if not settings.records:
+        return None
+    from model.visits.store import VisitStore
+
+    from app.web.visits import VisitDesk
+
+    records = VisitStore(settings.records, secret or "")
+    gone = records.purge(settings.retain_days) if settings.retain_days else 0
+    kept = f"kept {settings.retain_days} days" if settings.retain_days else "kept until deleted"
+    say(f"      visits are saved (on Save visit only) encrypted in {settings.records}, {kept}"
+        + (f"; {gone} older visit(s) deleted" if gone else ""))
+    return VisitDesk(store, records, label)
+
+
+def _start_sweeper(handlers, every_s: float, purge: Callable[[], int] | None = None) -> None:
     """Wipe consultations left idle past their time to live (a tab closed without notice), and photos
-    attached but never sent; then hand freed native memory back to the system."""
+    attached but never sent; then hand freed native memory back to the system. Daily, `purge` the
+    visits past their retention."""
     trim = _native_heap()
+    purged = time.monotonic()
 
     def loop() -> None:
+        nonlocal purged
         while True:
             time.sleep(every_s)
             handlers.sweep()
+            if purge is not None and time.monotonic() - purged > 24 * 3600:
+                purged = time.monotonic()
+                gone = purge()
+                if gone:
+                    logging.getLogger("skingpt.app").info("retention: %d visit(s) deleted", gone)
             if trim is not None:
                 trim(0)
 

@@ -49,6 +49,11 @@ class AppSettings(BaseSettings):
     engine_url: str | None = None
     engine_key: str | None = None
     engine_model: str | None = None
+    # kept visits (off by default): the folder, a file holding its passphrase (else SKINGPT_RECORDS_PASSPHRASE
+    # or the terminal; cli.records), and how many days a visit is kept (None: until deleted)
+    records: str | None = None
+    records_passphrase_file: str | None = None
+    retain_days: int | None = Field(None, ge=1)
     # a test hook, not a flag: while this file exists, answers wait before each decode step (and the log
     # says "decode held"), so tests hang up or stop answers known to be under way on a machine of any speed
     test_decode_gate: str | None = None

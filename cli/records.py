@@ -28,17 +28,21 @@ def records_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def passphrase(args: argparse.Namespace) -> str:
     """The records' passphrase: the file, the environment, or the terminal (not echoed)."""
-    if args.records_passphrase_file:
+    return passphrase_for(args.records, args.records_passphrase_file)
+
+
+def passphrase_for(records: str, passphrase_file: str | None) -> str:
+    if passphrase_file:
         try:
-            return Path(args.records_passphrase_file).read_text(encoding="utf-8").rstrip("\r\n")
+            return Path(passphrase_file).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as err:
-            raise ArgumentProblem(f"--records-passphrase-file {args.records_passphrase_file}: {err.strerror}") from None
+            raise ArgumentProblem(f"--records-passphrase-file {passphrase_file}: {err.strerror}") from None
     if os.environ.get(PASSPHRASE_VARIABLE):
         return os.environ[PASSPHRASE_VARIABLE]
     if sys.stdin.isatty():
         import getpass
 
-        return getpass.getpass(f"Passphrase for the records in {args.records}: ")
+        return getpass.getpass(f"Passphrase for the records in {records}: ")
     raise ArgumentProblem(f"--records needs its passphrase: give --records-passphrase-file FILE or set "
                           f"{PASSPHRASE_VARIABLE} (it is never taken on the command line)")
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from cli.common import QUANTIZE_HELP, QUANTIZE_MODES, bundle_path
+from cli.records import passphrase_for, records_args
 
 
 def register(sub) -> None:
@@ -34,6 +35,7 @@ def register(sub) -> None:
     serve.add_argument("--engine-key", help="that server's --api-key (better: SKINGPT_ENGINE_KEY, which the "
                                             "process list does not show)")
     serve.add_argument("--engine-model", help="the served model name (default: the one the engine lists)")
+    records_args(serve)
     serve.set_defaults(func=run)
 
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from app.settings import AppSettings, SettingsError, problems
 
     names = ("weights", "quantize", "device", "dtype", "host", "port", "auth", "api_key_file", "allowed_hosts",
-             "cors_origins", "request_timeout_s", "engine_url", "engine_key", "engine_model")
+             "cors_origins", "request_timeout_s", "engine_url", "engine_key", "engine_model", "records",
+             "records_passphrase_file", "retain_days")
     flags = {k: getattr(args, k) for k in names}
     flags["api_key"] = ",".join(args.api_key) if args.api_key else None
     if args.no_api:
@@ -57,8 +60,14 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    secret = passphrase_for(settings.records, settings.records_passphrase_file) if settings.records else None
+    if settings.records:
+        from model.visits.store import VisitStore
+
+        VisitStore(settings.records, secret)  # a wrong passphrase is said now, before the model loads
     bundle = bundle_path(settings.weights)
     from app.server import serve
 
-    serve(settings, bundle, demo_mode=settings.weights is None, say=lambda line: print(line, flush=True))
+    serve(settings, bundle, demo_mode=settings.weights is None, say=lambda line: print(line, flush=True),
+          records_passphrase=secret)
     return 0

@@ -21,7 +21,7 @@ from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
 from model.images.decode import ImageError, Photo, decode_photo
 from model.clinical.consultation import ask_in, extract_diagnosis
-from model.clinical.history import ClinicalHistory, with_history
+from model.clinical.history import ClinicalHistory
 from model.clinical.records import validation_message
 from model.clinical.safety import red_flag_notice
 from model.i18n.catalog import LANGUAGES
@@ -166,7 +166,7 @@ class Handlers:
         started = time.perf_counter()
         generation = None
         try:
-            generation = self.engine.stream(with_history(state.conversation, state.history), session=state.id,
+            generation = self.engine.stream(state.shown_to_model(), session=state.id,
                                             cancel=answer.cancel, **settings.overrides())
             for kind, value in generation.events():
                 if kind == "queued":  # every batch slot is busy: say where this answer stands (shown, not kept)
@@ -234,6 +234,11 @@ class Handlers:
         state = self.store.get(session)
         yield from self.submit(session, {"text": state.t(f"prompts.{key}"), "files": []}, settings)
 
+    def ask_what_changed(self, session: str, settings: SamplingSettings | None = None) -> Iterator[Update]:
+        """A follow-up's question: what changed since the last visit, in the consultation's language."""
+        state = self.store.get(session)
+        yield from self.submit(session, {"text": state.t("flow.compare"), "files": []}, settings)
+
     def set_history(self, session: str, fields: dict[str, Any]) -> tuple[str, str]:
         """Save the clinical history form (blank fields dropped): (what the form should say, the
         warning-sign notice). A malformed value is refused with the field named; nothing changes."""
@@ -294,7 +299,8 @@ class Handlers:
         """The structured consultation over the consultation's first photo: Markdown + files.
         `on_step(done, total)` is told before each question (a progress bar). New patient (or the
         tab closing) stops it, and nothing is written into a wiped consultation."""
-        from model.clinical.consultation import STEPS, consult, new_visit
+        from model.clinical.consultation import consult, new_visit
+        from model.clinical.safety import red_flags
 
         state = self.store.get(session)
         images = list(state.conversation.images) + state.pending
@@ -307,23 +313,32 @@ class Handlers:
             if state.closed.is_set():
                 raise Wiped("the consultation was cleared")
             if on_step is not None:
-                on_step(len(conversation.turns) - 1, len(STEPS))
+                on_step(len(conversation.turns) - 1, len(_steps(state)))
             return self.engine.answer(conversation, session=name, cancel=state.closed,
                                       **(settings or SamplingSettings()).overrides())
 
         try:
             rank = getattr(self.engine, "rank", None)
+            report = consult(ask, images[0], steps=_steps(state), lang=state.lang,
+                             ranking=rank(images[-3:]) if rank else None, quality=state.quality,
+                             frame=state.shown_to_model)  # (the history goes in with the frame)
+            shown = ([state.earlier.image] if state.earlier else []) + images  # a follow-up: the earlier photo first
             photos = [state.write_file(f"skin-report-photo-{n}.jpg", _jpeg(image.image))
-                      for n, image in enumerate(images, 1)]
-            report = consult(ask, images[0], lang=state.lang, ranking=rank(images[-3:]) if rank else None,
-                             history=state.history, quality=state.quality,
-                             details=new_visit(self.model_label, [p.name for p in photos]))
+                      for n, image in enumerate(shown, 1)]
+            report.details = new_visit(self.model_label, [p.name for p in photos])
+            if state.earlier is not None:  # side by side, each with its date
+                report.details.photo_dates = [state.earlier.created] + [state.started] * len(images)
+            report.history = state.history
+            with state.lock:
+                report.red_flags = red_flags(*report.answers.values(), lang=state.lang,
+                                             also=_also(state, report.answers.get("compare", "")))
+                state.report = report
             markdown = report.markdown()
             files = [str(state.write_file("skin-report.md", markdown.encode()))]
             if render_pdf is not None:
                 try:
                     files.append(str(state.write_file("skin-report.pdf",
-                                                      render_pdf(report, [image.image for image in images]))))
+                                                      render_pdf(report, [image.image for image in shown]))))
                 except UserFacingError as err:  # no font for it: the Markdown still stands
                     markdown += f"\n\n*PDF: {err}*"
         except Wiped:
@@ -334,7 +349,7 @@ class Handlers:
         except UserFacingError as err:
             return str(err), []
         log.info("report session=%s", state.id[:8])
-        return _with_thumbnails(markdown, photos, images), files + [str(p) for p in photos]
+        return _with_thumbnails(markdown, photos, shown), files + [str(p) for p in photos]
 
     def differential(self, session: str) -> str:
         """The bundle's calibrated ranking for the consultation's last (up to 3) photos, as HTML with
@@ -360,6 +375,24 @@ class Handlers:
         if not state.flags:
             return ""
         return red_flag_notice(state.flags, state.lang)
+
+
+def _steps(state: Consultation):
+    """The report's questions: the consultation flow, after "what changed" on a follow-up."""
+    from model.clinical.consultation import ConsultStep, flow
+
+    steps = flow(state.lang)
+    if state.earlier is not None:
+        steps = (ConsultStep("compare", ask_in(state.lang, state.t("flow.compare"))),) + steps
+    return steps
+
+
+def _also(state: Consultation, compare_answer: str) -> list[str]:
+    """Warning-sign ids beyond the answers' own: the history's, and a change since the last visit."""
+    from model.visits.followup import RED_FLAG, changed_since_last_visit
+
+    also = state.history.warning_signs() if state.history else []
+    return also + ([RED_FLAG] if state.earlier is not None and changed_since_last_visit(compare_answer) else [])
 
 
 def _split_message(message: dict | str | None) -> tuple[str, list[str]]:

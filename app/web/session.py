@@ -20,14 +20,18 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from model.clinical.consultation import ConsultationReport
 from model.clinical.conversation import Conversation, ImageInput
-from model.clinical.history import ClinicalHistory
+from model.clinical.history import ClinicalHistory, with_history
 from model.i18n.catalog import text
 from model.clinical.safety import red_flags
 from model.images.quality import PhotoQuality
+from model.visits.followup import RED_FLAG as FOLLOW_UP_FLAG
+from model.visits.followup import Earlier, changed_since_last_visit, with_comparison
 
 from app.privacy import remove_upload, session_dir
 
@@ -63,12 +67,16 @@ class Consultation:
     stop_pending: bool = False  # Stop arrived before its answer began (still in Gradio's queue)
     closed: threading.Event = field(default_factory=threading.Event)
     last_seen: float = field(default_factory=time.monotonic)
+    started: str = field(default_factory=lambda: datetime.now().astimezone().isoformat(timespec="minutes"))
     lock: threading.RLock = field(default_factory=threading.RLock)
     lang: str = "en"  # of the page: messages, notices, quick questions, answers, reports
     ranking: tuple | None = None  # (photo keys, the differential for them): computed once per set of photos
     history: ClinicalHistory | None = None  # the clinical history form, as last saved
     quality: list[PhotoQuality] = field(default_factory=list)  # one per accepted photo, in order
     unsent: str = ""  # a question that was refused (no photo yet, a bad file): the box gets it back
+    earlier: Earlier | None = None  # a follow-up: the earlier visit's photo shown beside today's
+    report: ConsultationReport | None = None  # the last Full report, kept with a saved visit
+    saved_as: str | None = None  # the visit reference once this consultation is saved (--records)
 
     def t(self, key: str, **fields) -> str:
         """A message in this consultation's language."""
@@ -116,11 +124,23 @@ class Consultation:
             self.refresh_flags()
 
     def refresh_flags(self) -> None:
-        """The warning signs of every question, answer and the clinical history."""
+        """The warning signs of every question, answer and the clinical history (and, on a follow-up,
+        a change an answer reports since the last visit)."""
         with self.lock:
-            self.flags = red_flags(*(t.question for t in self.conversation.turns),
-                                   *(t.answer or "" for t in self.conversation.turns), lang=self.lang,
-                                   also=self.history.warning_signs() if self.history else ())
+            answers = [t.answer or "" for t in self.conversation.turns]
+            also = self.history.warning_signs() if self.history else []
+            if self.earlier is not None and any(changed_since_last_visit(a) for a in answers):
+                also = also + [FOLLOW_UP_FLAG]
+            self.flags = red_flags(*(t.question for t in self.conversation.turns), *answers, lang=self.lang, also=also)
+
+    def shown_to_model(self, conversation: Conversation | None = None) -> Conversation:
+        """The conversation as the model reads it: the earlier visit's photo first on a follow-up
+        (dated), and the clinical history in front of the first question."""
+        conversation = self.conversation if conversation is None else conversation
+        if self.earlier is not None:
+            conversation = with_comparison(conversation, self.earlier.image, self.earlier.created,
+                                           self.started)
+        return with_history(conversation, self.history)
 
     def fail(self, answer: Answer, message: str) -> None:
         """The answer broke off: drop the open question (its photos wait for the retry) and say why."""

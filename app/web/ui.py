@@ -13,6 +13,8 @@ from typing import Iterator
 import gradio as gr
 
 from app.web.handlers import QUICK_PROMPTS, Handlers
+from app.web.visits import VisitDesk
+from app.web.visits_ui import RecordsPanel, cleared, records_panel, relabel_records, wire_records
 from model.clinical.history import BODY_SITES, CHANGES, DURATIONS, SEXES, SYMPTOMS
 from model.i18n.catalog import LANGUAGES, pick, text
 from model.serving.sampler import SamplingSettings
@@ -55,7 +57,10 @@ button:focus-visible, summary:focus-visible {outline:3px solid #1d4ed8 !importan
 .sr-only {position:absolute !important;width:1px;height:1px;padding:0;margin:-1px;overflow:hidden !important;
           clip:rect(0,0,0,0);white-space:nowrap;border:0}
 /* New patient asks first (a confirm dialog); this button, which the dialog presses, is the wipe itself */
-#new-patient-confirmed {display:none !important}
+#new-patient-confirmed, .hidden-action {display:none !important}
+#visit-list {list-style:none;padding:0;margin:0}
+#visit-list li {display:flex;gap:10px;align-items:center;margin:6px 0}
+#visit-list .signs {color:#7f1d1d;margin:0}
 #history-status p {margin:0}
 /* phones: the photo and question box on the first screen */
 @media (max-width: 640px) {
@@ -274,6 +279,8 @@ class Page:
     report_files: gr.File
     history: HistoryForm
     wipe: gr.Button  # hidden: what New patient's confirm dialog presses
+    compare_quick: gr.Button  # "What changed since last visit?": shown on a follow-up
+    records: RecordsPanel | None  # with --records only
 
     @property
     def sampling_inputs(self) -> list:
@@ -281,23 +288,28 @@ class Page:
         return [self.max_new, self.sample, self.temperature, self.top_p]
 
 
-def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: int = 1) -> gr.Blocks:
+def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: int = 1,
+          desk: VisitDesk | None = None) -> gr.Blocks:
     with gr.Blocks(title="SkinGPT: private dermatology assistant", analytics_enabled=False) as app:
-        page = _layout(demo_mode, model_name)
+        page = _layout(demo_mode, model_name, records=desk is not None)
         _wire_language(app, page, handlers, model_name)
         model_events = {"concurrency_id": "device", "concurrency_limit": concurrency}
         answers = _wire_answers(page, handlers, model_events)
         report_event = _wire_report(page, handlers, model_events)
         _wire_history(page, handlers)
+        if page.records is not None:
+            wire_records(page.records, desk, page.chatbot, page.compare_quick)
+        records_cleared = cleared(page.records) if page.records is not None else {}
 
         def wipe(request: gr.Request):
             history, flag = handlers.new_patient(request.session_hash)
             return (history, flag, None, handlers.store.get(request.session_hash).t("ui.report_hint"), None, "",
-                    "", *page.history.cleared())
+                    "", *page.history.cleared(), gr.update(visible=False), *records_cleared.values())
 
         page.new_patient.click(None, None, None, js=CONFIRM_WIPE, queue=False, api_visibility="private")
         page.wipe.click(wipe, None, [page.chatbot, page.notice, page.box, page.report_md, page.report_files,
-                                     page.ranked, page.history.status, *page.history.inputs],
+                                     page.ranked, page.history.status, *page.history.inputs, page.compare_quick,
+                                     *records_cleared],
                         api_name="new_patient", cancels=[*answers, report_event]).then(
             None, None, None, js="() => window.scrollTo({top: 0})")  # the next patient starts at the top
 
@@ -308,7 +320,7 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
     return app
 
 
-def _layout(demo_mode: bool, model_name: str) -> Page:
+def _layout(demo_mode: bool, model_name: str, records: bool = False) -> Page:
     t = lambda key: text("en", key)  # noqa: E731 - the first render; the language control relabels
     language = gr.Radio([(text(code, "language_name"), code) for code in LANGUAGES], value="en",
                         label="Language / 语言", elem_id="language", container=False)
@@ -329,6 +341,8 @@ def _layout(demo_mode: bool, model_name: str) -> Page:
     history = _history_form("en")
     with gr.Row(elem_classes="quick"):
         quick = [gr.Button(t(f"ui.{key}"), size="sm", variant="secondary") for key in QUICK_PROMPTS]
+        compare_quick = gr.Button(t("ui.quick_compare"), size="sm", variant="primary", visible=False,
+                                  elem_id="quick-compare")
     with gr.Row(elem_classes="actions"):
         regenerate = gr.Button(t("ui.regenerate"), size="sm", elem_id="regenerate")
         report_btn = gr.Button(t("ui.full_report"), size="sm", elem_id="full-report")
@@ -343,9 +357,10 @@ def _layout(demo_mode: bool, model_name: str) -> Page:
         report_files = gr.File(label=t("ui.download"), file_count="multiple", interactive=False,
                                elem_id="report-files")  # first: the downloads are what a clinician files
         report_md = gr.Markdown(t("ui.report_hint"), elem_id="report-text")
+    panel = records_panel("en") if records else None
     return Page(language, banner, title, disclaimer, chatbot, notice, live, ranked, box, quick, regenerate,
                 report_btn, new_patient, settings_panel, max_new, sample, temperature, top_p, report_panel,
-                report_md, report_files, history, wipe)
+                report_md, report_files, history, wipe, compare_quick, panel)
 
 
 def _relabel(page: Page, lang: str, model_name: str) -> dict:
@@ -366,6 +381,9 @@ def _relabel(page: Page, lang: str, model_name: str) -> dict:
                page.report_files: gr.update(label=tr("ui.download"))}
     updates.update({button: gr.update(value=tr(f"ui.{key}")) for button, key in zip(page.quick, QUICK_PROMPTS)})
     updates.update(_relabel_history(page.history, lang))
+    updates[page.compare_quick] = gr.update(value=tr("ui.quick_compare"))
+    if page.records is not None:
+        updates.update(relabel_records(page.records, lang))
     return updates
 
 
@@ -424,6 +442,12 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
             yield from _locking_box(handlers.ask_quick(request.session_hash, _key,
                                                        _sampling(max_new_tokens, do_sample, temp, p)))
         events.append(button.click(quick_ask, inputs, answering, api_visibility="private", **model_events))
+
+    def what_changed(max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
+        yield from _locking_box(handlers.ask_what_changed(request.session_hash,
+                                                          _sampling(max_new_tokens, do_sample, temp, p)))
+
+    events.append(page.compare_quick.click(what_changed, inputs, answering, api_visibility="private", **model_events))
 
     def stop(request: gr.Request) -> None:
         handlers.stop(request.session_hash)

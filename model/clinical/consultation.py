@@ -52,6 +52,7 @@ class VisitDetails(BaseModel):
     created: str  # local date and time, ISO 8601 to the minute, with its UTC offset
     visit: str  # a reference to quote (drawn per report; it names no patient)
     photos: list[str] = []  # the photo files written beside the report, in order
+    photo_dates: list[str] = []  # when each was taken (ISO), given on a follow-up: the photos side by side, dated
     model: str  # the bundle's name and version
 
 
@@ -76,6 +77,13 @@ class ConsultationReport(BaseModel):
 
     def heading(self, key: str) -> str:
         return text(self.lang, f"report.{key}")
+
+    def photo_caption(self, n: int) -> str:
+        """"Photo 1", or on a follow-up "Photo 1, 6 October 2026" (the date it was taken)."""
+        dates = self.details.photo_dates if self.details else []
+        if n > len(dates):
+            return self.heading("photo_caption").format(n=n)
+        return self.heading("photo_dated").format(n=n, date=readable_date(dates[n - 1], self.lang))
 
     def differential_lines(self) -> list[str]:
         return ranking_markdown(self.differential or [], self.differential_uncertain, self.lang)
@@ -103,7 +111,7 @@ class ConsultationReport(BaseModel):
         lines = [f"# {h('title')}", "", f"> {self.disclaimer}", ""]
         if self.details is not None:
             lines += [f"## {h('details')}"] + [f"- {line}" for line in self.detail_lines()] + [""]
-            lines += [f"![{h('photo_caption').format(n=n)}]({name})" for n, name in enumerate(self.details.photos, 1)]
+            lines += [" ".join(f"![{self.photo_caption(n)}]({name})" for n, name in enumerate(self.details.photos, 1))]
             lines += [""] if self.details.photos else []
         if self.red_flags:
             lines += [f"**{h('warning_signs')}:** {red_flag_advice(self.red_flags, self.lang)}", ""]
@@ -216,6 +224,16 @@ def readable_time(created: str, lang: str) -> str:
     months = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
               "November", "December")
     return f"{when.day} {months[when.month - 1]} {when.year}, {when:%H:%M}" + (f" ({zone})" if zone else "")
+
+
+def readable_date(created: str, lang: str) -> str:
+    """The date alone of an ISO 8601 time: "6 October 2026" or "2026年10月6日"."""
+    from datetime import datetime
+
+    when = datetime.fromisoformat(created)
+    if lang == "zh":
+        return f"{when.year}年{when.month}月{when.day}日"
+    return readable_time(created, "en").split(",")[0]
 
 
 def new_visit(model: str, photos: list[str] | None = None) -> VisitDetails:

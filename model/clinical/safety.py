@@ -33,6 +33,10 @@ RED_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("pain", r"\bsevere pain\b|\bvery painful\b", r"剧痛|剧烈疼痛|非常疼|疼得厉害"),
 )
 
+# raised only through `also`, never by a pattern: a change since the last visit, which a follow-up's
+# answer reports (model.visits.followup decides; the words alone would also match the question)
+RAISED_BY_CALLER = ("changed_since_last_visit",)
+
 _COMPILED = tuple((key, re.compile(f"{en}|{zh}", re.IGNORECASE)) for key, en, zh in RED_FLAGS)
 
 URGENT_ADVICE = text("en", "urgent_advice")
@@ -43,7 +47,8 @@ def red_flags(*texts: str, lang: str = "en", also: tuple[str, ...] | list[str] =
     """The reasons (in `lang`) whose pattern appears in any of the texts, or whose id is in `also`
     (what a clinical history raises), in table order, without repeats."""
     joined = "\n".join(texts)
-    return [text(lang, f"red_flags.{key}") for key, pattern in _COMPILED if key in also or pattern.search(joined)]
+    found = [key for key, pattern in _COMPILED if key in also or pattern.search(joined)]
+    return [text(lang, f"red_flags.{key}") for key in found + [k for k in RAISED_BY_CALLER if k in also]]
 
 
 # how each language lists, ends a sentence and introduces (Chinese: the enumeration comma, full stop, colon)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from model.clinical.consultation import readable_time
+from model.clinical.consultation import readable_date
 from model.clinical.conversation import Conversation, ImageInput
 
 RED_FLAG = "changed_since_last_visit"  # a key of the catalogue's red_flags
@@ -28,8 +28,7 @@ _NO_CHANGE = re.compile(r"\b(no|not|without|hasn't|has not|have not|did not|didn
 
 def dating(earlier: str, today: str) -> str:
     """The sentence that dates the two photos (English: the model reads one fixed form)."""
-    return (f"Photo 1 is from the last visit on {readable_time(earlier, 'en').split(',')[0]}; "
-            f"photo 2 is from today, {readable_time(today, 'en').split(',')[0]}.")
+    return f"Photo 1 is from the last visit on {readable_date(earlier, 'en')}; photo 2 is from today, {readable_date(today, 'en')}."
 
 
 def with_comparison(conversation: Conversation, earlier: ImageInput, earlier_date: str, today: str) -> Conversation:
