@@ -1,4 +1,5 @@
-# SkinGPT on a CUDA host: offline, non-root, weights mounted read-only, loopback-published.
+# SkinGPT on a CUDA host, or any x86-64 CPU (llama.cpp dispatches at run time): offline, non-root,
+# weights mounted read-only, loopback-published.
 #
 #   docker build -t skingpt .
 #   docker run --gpus all --read-only --tmpfs /tmp:mode=1777 \
@@ -23,16 +24,36 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SKINGPT_PORT=7860
 
 # fonts-wqy-microhei: the CJK font the Chinese PDF report embeds (nothing is fetched at run time)
-# cmake, g++, python3-dev: pip builds llama-cpp-python (the CPU runtime of GGUF bundles) from source,
-# for AVX2 CPUs rather than the build machine's own (CMAKE_ARGS)
+# cmake, g++, python3-dev: llama.cpp (the CPU runtime of GGUF bundles) is built from source below
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev cmake g++ \
     fonts-wqy-microhei && rm -rf /var/lib/apt/lists/*
-ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+
+# llama.cpp with runtime CPU dispatch, so that one image runs on any x86-64 CPU: ggml's CPU backend is
+# built once per CPU generation (x64, SSE4.2, Sandy Bridge, Haswell/AVX2, Skylake-X/AVX-512, Ice Lake,
+# Alder Lake, Sapphire Rapids/AMX, ...) as libggml-cpu-<variant>.so, and at start-up ggml scores each
+# against the CPU and loads the best; the app's start-up line names it ("llama.cpp's CPU code: ...").
+# (An image built with -march=native on an AVX-512 host would stop with an illegal instruction on an
+# AVX2 clinic PC.) It is the llama.cpp vendored in the pinned llama-cpp-python, whose bindings are then
+# installed without a native build of their own (LLAMA_BUILD=OFF) and load it from LLAMA_CPP_LIB_PATH.
+ARG LLAMA_CPP_PYTHON=0.3.36
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip download -q --no-deps --no-binary :all: -d /tmp/llama \
+        "llama-cpp-python==${LLAMA_CPP_PYTHON}" \
+    && tar xzf /tmp/llama/llama_cpp_python-${LLAMA_CPP_PYTHON}.tar.gz -C /tmp/llama \
+    && cmake -S /tmp/llama/llama_cpp_python-${LLAMA_CPP_PYTHON}/vendor/llama.cpp -B /tmp/llama/build \
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON \
+        -DGGML_CPU_ALL_VARIANTS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_COMMON=OFF \
+    && cmake --build /tmp/llama/build -j"$(nproc)" \
+    && mkdir -p /opt/llama-cpp/lib && cp -a /tmp/llama/build/bin/*.so* /opt/llama-cpp/lib/ \
+    && rm -rf /tmp/llama
+ENV LLAMA_CPP_LIB_PATH=/opt/llama-cpp/lib \
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF"
 
 RUN useradd --create-home --uid 10001 skingpt
 WORKDIR /opt/skingpt
 COPY requirements.txt .
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.txt
+RUN /opt/venv/bin/pip install -r requirements.txt
 COPY model/ model/
 COPY tools/ tools/
 COPY app/ app/

@@ -55,6 +55,10 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
                              say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
         loaded = engine.loaded
         say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
+        if loaded.runtime == "llama.cpp":
+            from model.serving.llama_backend import cpu_variant
+
+            say(f"      llama.cpp's CPU code: {_variant_line(cpu_variant())}")
         kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
                 else "idle consultations' KV caches within")
         say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} "
@@ -85,6 +89,12 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
         while server.started and not server.should_exit:
             time.sleep(0.5)
     return server
+
+
+def _variant_line(variant: str) -> str:
+    if variant == "native":
+        return "built for this machine's CPU when it was installed (GGML_NATIVE)"
+    return f"{variant} (picked for this CPU at start-up from the image's runtime-dispatch build)"
 
 
 def _gate(path: str | None) -> Callable[[], bool] | None:

@@ -206,6 +206,8 @@ def test_the_page_and_v1_answer_through_llama_cpp(gguf_bundles, tmp_path):
     server = next(servers)
     try:
         assert "llama.cpp runs the bundle's LLM (q8_0 GGUF)" in server.output()
+        # the start-up line names the CPU code llama.cpp runs (this install's is built for this machine)
+        assert "llama.cpp's CPU code: built for this machine's CPU when it was installed" in server.output()
         client = Client(server.url, verbose=False, download_files=False)
         history = client.predict({"text": "What is this?", "files": [handle_file(str(photo))]}, 16, False, 1.0, 0.9,
                                  api_name="/ask")[0]
@@ -275,3 +277,16 @@ def test_a_gguf_bundle_keeps_the_policy_s_encoder_compute(gguf_bundles):
     stored = load_bundle(gguf_bundles["f32"], LoadPolicy(encoder_compute="stored"))
     assert stored.policy.encoder_compute == "stored"
     assert not parametrize.is_parametrized(stored.model.vision.blocks[0].attn.qkv)
+
+
+def test_llama_cpps_cpu_code_and_its_thread_pool_are_found_as_llama_bench_finds_them():
+    import llama_cpp
+
+    from model.serving.llama_backend import Threadpool, cpu_variant, ensure_backends
+
+    ensure_backends(llama_cpp)  # linked in here: nothing to load, and no error
+    assert cpu_variant() == "native"  # pip built it for this machine (GGML_NATIVE), no libggml-cpu-<variant>.so
+    pool = Threadpool(llama_cpp, 2)
+    assert pool.pool  # made through the CPU backend's registry entry, as llama-bench makes its own
+    pool.close()
+    assert pool.pool is None

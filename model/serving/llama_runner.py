@@ -30,6 +30,7 @@ import torch
 
 from model.nn.config import LLMConfig
 from model.serving.requests import ImageSlot, Slot
+from model.serving.llama_backend import Threadpool, ensure_backends
 from model.weights.gguf_llm import GGUFError, require_llama_cpp
 
 _NO_KV_SLOT = 1  # llama_decode: could not find room in the KV cache for the batch
@@ -99,6 +100,8 @@ class LlamaRunner:
         if not self.ctx:
             raise GGUFError(f"llama.cpp could not make a context of {kv_cells} positions ({kv_type} cache) for "
                             f"{gguf} (its reason is printed above); if memory ran out, lower SKINGPT_KV_CACHE_GB")
+        self._pool = Threadpool(llama, self.threads)  # as llama-bench: workers kept, not made per call
+        self._pool.attach(self.ctx)
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_batch = ctx.n_batch
         self._tokens = llama.llama_batch_init(self.n_batch, 0, 1)
@@ -235,37 +238,48 @@ class LlamaRunner:
 
     # -- llama.cpp's own timing (the bench's peer figure) -----------------------------------------
     def plain_timing(self, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
-        """llama.cpp's own speed on this model, as llama-bench measures it: a context of its own with
-        llama.cpp's defaults (f16 cache, one sequence, just the positions needed) rather than ours, so
-        that nothing our serving context chooses (the pooled cache, its 8-bit type, many sequences)
-        can slow the peer and hide it. Prefill `prompt` in one batch, decode `new_tokens` greedily one
-        token a call; llama.cpp's perf counters (time inside llama.cpp only)."""
+        """llama.cpp's own speed on this model, taken as llama-bench takes it: a context of its own made
+        with llama-bench's parameters (f16 cache, one sequence, n_ctx just the positions needed,
+        n_batch 2048 / n_ubatch 512, flash attention auto) and a persistent thread pool, one warm-up
+        prompt and one warm-up token, then the prompt in one batch and `new_tokens` tokens one call
+        each, timed by the wall clock around llama_decode and llama_synchronize. Nothing our serving
+        context chooses (the pooled cache, its 8-bit type, many sequences) can slow the peer."""
+        import time
+
         llama = self.llama
         params = llama.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = len(prompt) + new_tokens
+        params.n_ctx = len(prompt) + new_tokens
+        params.n_batch, params.n_ubatch = 2048, 512
         params.n_threads = params.n_threads_batch = self.threads
-        params.no_perf = False
         with self.device_lock, self._lock:
             ctx = llama.llama_init_from_model(self.model, params)
             if not ctx:
                 raise GGUFError("llama.cpp could not make a context to time itself")
+            pool = Threadpool(llama, self.threads)
+            pool.attach(ctx)
             try:
-                prefill, token = self._timed(ctx, list(prompt), 1)
-                decode, _ = self._timed(ctx, [token], new_tokens, position=len(prompt))
+                self._timed(ctx, list(prompt), 1)  # warm-up, as llama-bench: the prompt, then one token
+                self._timed(ctx, [1], 1, position=len(prompt))
+                llama.llama_memory_clear(llama.llama_get_memory(ctx), False)
+                started = time.perf_counter()
+                token = self._timed(ctx, list(prompt), 1)
+                prefill_s = time.perf_counter() - started
+                started = time.perf_counter()
+                self._timed(ctx, [token], new_tokens, position=len(prompt))
+                decode_s = time.perf_counter() - started
             finally:
                 llama.llama_free(ctx)
-        return {"prompt_tokens": prefill.n_p_eval, "prefill_ms": prefill.t_p_eval_ms,
-                "decode_tokens": decode.n_eval, "decode_ms": decode.t_eval_ms,
-                "prefill_tokens_per_s": 1000 * prefill.n_p_eval / max(prefill.t_p_eval_ms, 1e-9),
-                "decode_tokens_per_s": 1000 * decode.n_eval / max(decode.t_eval_ms, 1e-9)}
+                pool.close()
+        return {"prompt_tokens": len(prompt), "prefill_ms": 1000 * prefill_s, "decode_tokens": new_tokens,
+                "decode_ms": 1000 * decode_s, "prefill_tokens_per_s": len(prompt) / prefill_s,
+                "decode_tokens_per_s": new_tokens / decode_s}
 
-    def _timed(self, ctx, ids: list[int], calls: int, position: int = 0):
-        """`calls` llama_decode calls on sequence 0 of `ctx`: `ids` first, then each time the greedy token
-        the previous call chose. llama.cpp's perf counters over them, and the last token chosen."""
+    def _timed(self, ctx, ids: list[int], calls: int, position: int = 0) -> int:
+        """`calls` llama_decode calls on sequence 0 of `ctx`, each synchronised: `ids` first, then each
+        time the greedy token the previous call chose; the last token chosen."""
         llama = self.llama
         batch = llama.llama_batch_init(len(ids), 0, 1)
         try:
-            llama.llama_perf_context_reset(ctx)
             for _ in range(calls):
                 for i, token in enumerate(ids):
                     batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, position + i, 1, 0
@@ -273,10 +287,11 @@ class LlamaRunner:
                 batch.n_tokens = len(ids)
                 if llama.llama_decode(ctx, batch) != 0:
                     raise GGUFError("llama.cpp failed to decode while timing itself")
+                llama.llama_synchronize(ctx)
                 position += len(ids)
                 logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(ctx, len(ids) - 1), shape=(self.n_vocab,))
                 ids = [int(logits.argmax())]
-            return llama.llama_perf_context(ctx), ids[0]
+            return ids[0]
         finally:
             llama.llama_batch_free(batch)
 
@@ -288,6 +303,7 @@ class LlamaRunner:
                 self.llama.llama_batch_free(self._embeds)
                 self.llama.llama_free(self.ctx)
                 self.ctx = None
+                self._pool.close()
 
 
 def _token_table(gguf_file: Path):
@@ -324,6 +340,7 @@ def _load_model(llama, gguf: Path, repack: bool = True):
     with _MODELS_LOCK:
         if key not in _MODELS:
             llama.llama_backend_init()
+            ensure_backends(llama)  # a build with runtime CPU dispatch has none linked in
             params = llama.llama_model_default_params()
             # On a CPU llama.cpp re-lays most weights for its AVX2 kernels (its "repack" buffer); a mapped
             # file would stay resident beside that copy: a 7B q4_0 peaked at 7.3 GiB mapped, 3.9 read.
