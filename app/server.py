@@ -18,7 +18,7 @@ _BODY_LIMIT = 2 * 2**20  # the page's own requests: a question and its settings
 
 
 def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None] = print,
-          block: bool = True, records_passphrase: str | None = None):
+          block: bool = True, records=None):
     settings.check_safe()  # before anything is loaded or bound
     check_port(settings.host, settings.port)  # a taken port is said now, not after the model loads
     keys = settings.api_keys() if not settings.no_api else []
@@ -68,7 +68,7 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
                         upload_ttl_s=settings.upload_ttl_s, uploads=uploads, model_label=loaded.label)
     concurrency = settings.concurrency or 2 * engine.max_batch  # beyond the batch, the engine's queue says the place
-    desk = _visit_desk(settings, records_passphrase, store, loaded.label, say)
+    desk = _visit_desk(settings, records, store, loaded.label, say)
     blocks = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency, desk=desk)
     blocks.queue(default_concurrency_limit=concurrency)
     app = _http_app(settings, blocks, engine, keys, uploads)
@@ -184,15 +184,13 @@ def _run_server(app, host: str, port: int):
     return server
 
 
-def _visit_desk(settings: AppSettings, secret: str | None, store, label: str, say: Callable[[str], None]):
-    """The page's kept visits under --records (None without it); visits past --retain-days go now."""
-    if not settings.records:
+def _visit_desk(settings: AppSettings, records, store, label: str, say: Callable[[str], None]):
+    """The page's kept visits in `records` (the unlocked VisitStore of --records; None without it);
+    visits past --retain-days go now."""
+    if records is None:
         return None
-    from model.visits.store import VisitStore
-
     from app.web.visits import VisitDesk
 
-    records = VisitStore(settings.records, secret or "")
     gone = records.purge(settings.retain_days) if settings.retain_days else 0
     kept = f"kept {settings.retain_days} days" if settings.retain_days else "kept until deleted"
     say(f"      visits are saved (on Save visit only) encrypted in {settings.records}, {kept}"

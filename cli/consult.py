@@ -95,50 +95,36 @@ class TerminalVisit:
         self.report = None
 
     def frame(self, conversation):
-        """The conversation as the model reads it: with the earlier photo (a follow-up) and the history."""
-        from model.clinical.history import with_history
-        from model.visits.followup import with_comparison
+        """The conversation as the model reads it (`model.visits.followup.shown_to_model`)."""
+        from model.visits.followup import shown_to_model
 
-        if self.earlier is not None:
-            conversation = with_comparison(conversation, self.earlier.image, self.earlier.created, self.details.created)
-        return with_history(conversation, self.history)
+        return shown_to_model(conversation, self.history, self.earlier, self.details.created)
 
     def also(self, answer: str = "") -> list[str]:
-        """Warning-sign ids beyond the answers' own: the history's, and a change since the last visit."""
-        from model.visits.followup import RED_FLAG, changed_since_last_visit
+        """Warning-sign ids beyond the answers' own (`model.visits.followup.more_signs`)."""
+        from model.visits.followup import more_signs
 
-        keys = self.history.warning_signs() if self.history else []
-        return keys + ([RED_FLAG] if self.earlier is not None and changed_since_last_visit(answer) else [])
+        return more_signs(self.history, self.earlier, [answer])
 
     def record(self, model_label: str):
         """(the Visit, its JPEGs) to store: the earlier photo first on a follow-up, then today's."""
-        from model.visits.visit import SavedPhoto, SavedTurn, Visit, jpeg
+        from model.visits.followup import visit_record
 
-        photos, jpegs = [], []
-        if self.earlier is not None:
-            photos.append(SavedPhoto(taken=self.earlier.created, from_visit=self.earlier.visit))
-            jpegs.append(self.earlier.jpeg)
-        photos.append(SavedPhoto(taken=self.details.created, quality=self.quality))
-        jpegs.append(jpeg(self.image.image))
-        visit = Visit(visit=self.details.visit, patient=self.args.patient, created=self.details.created, lang=self.lang,
-                      model=model_label, history=self.history, photos=photos,
-                      turns=[SavedTurn(question=q, answer=a) for q, a in self.turns],
-                      differential=self.ranking.conditions if self.ranking else None, red_flags=self.flags,
-                      report=self.report, compared_with=self.earlier.visit if self.earlier else None)
-        return visit, jpegs
+        d = self.details
+        return visit_record(reference=d.visit, created=d.created, taken=d.created, patient=self.args.patient,
+                            lang=self.lang, model=model_label, images=[self.image], qualities=[self.quality],
+                            turns=self.turns, history=self.history, ranking=self.ranking, red_flags=self.flags,
+                            report=self.report, earlier=self.earlier)
 
 
 def _report(args: argparse.Namespace, model, visit: TerminalVisit) -> int:
-    from model.clinical.consultation import ConsultStep, ask_in, consult, flow
+    from model.clinical.consultation import consult, flow
     from model.clinical.safety import red_flags
-    from model.i18n.catalog import text
 
     overrides = sampling(args).overrides()
     visit.details.model = model.loaded.label
     visit.ranking = model.rank([visit.image])
-    steps = flow(visit.lang)
-    if visit.earlier is not None:  # a follow-up asks first what changed since the last visit
-        steps = (ConsultStep("compare", ask_in(visit.lang, text(visit.lang, "flow.compare"))),) + steps
+    steps = flow(visit.lang, compare=visit.earlier is not None)  # a follow-up asks first what changed
     report = consult(lambda conv: model.answer(conv, session="ask", **overrides), visit.image, steps=steps,
                      lang=visit.lang, ranking=visit.ranking, quality=[visit.quality], details=visit.details,
                      frame=visit.frame)
@@ -308,20 +294,18 @@ def _save_chat(store, args: argparse.Namespace, model, conversation, qualities: 
     """/save: the answered turns and their photos, kept as one visit of --patient."""
     from model.clinical.consultation import new_visit
     from model.clinical.safety import red_flags
-    from model.visits.visit import SavedPhoto, SavedTurn, Visit, jpeg
+    from model.visits.followup import more_signs, visit_record
 
-    turns = [t for t in conversation.turns if t.answer is not None]
+    turns = [(t.question, t.answer) for t in conversation.turns if t.answer is not None]
     if not turns:
         print("Nothing to save yet: ask a question about a photo first.", file=sys.stderr)
         return
     details = new_visit(model.loaded.label)
-    images = [image for t in turns for image in t.images]
-    ranking = model.rank(images[-3:])
-    visit = Visit(visit=details.visit, patient=args.patient, created=details.created, lang=lang, model=details.model,
-                  history=history, photos=[SavedPhoto(taken=details.created, quality=qualities.get(i.key)) for i in images],
-                  turns=[SavedTurn(question=t.question, answer=t.answer) for t in turns],
-                  differential=ranking.conditions if ranking else None,
-                  red_flags=red_flags(*(t.question for t in turns), *(t.answer for t in turns), lang=lang,
-                                      also=history.warning_signs() if history else ()))
-    summary = store.save(visit, [jpeg(i.image) for i in images])
+    images = [image for t in conversation.turns if t.answer is not None for image in t.images]
+    flags = red_flags(*(q for q, _ in turns), *(a for _, a in turns), lang=lang, also=more_signs(history, None, []))
+    visit, jpegs = visit_record(reference=details.visit, created=details.created, taken=details.created,
+                                patient=args.patient, lang=lang, model=details.model, images=images,
+                                qualities=[qualities.get(i.key) for i in images], turns=turns, history=history,
+                                ranking=model.rank(images[-3:]), red_flags=flags)
+    summary = store.save(visit, jpegs)
     print(f"Visit {summary.visit} of patient {summary.patient} saved in {args.records}.", file=sys.stderr)

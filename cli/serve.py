@@ -60,14 +60,14 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    secret = passphrase_for(settings.records, settings.records_passphrase_file) if settings.records else None
-    if settings.records:
+    records = None
+    if settings.records:  # a wrong passphrase is said now, before the model loads
         from model.visits.store import VisitStore
 
-        VisitStore(settings.records, secret)  # a wrong passphrase is said now, before the model loads
+        records = VisitStore(settings.records, passphrase_for(settings.records, settings.records_passphrase_file))
     bundle = bundle_path(settings.weights)
     from app.server import serve
 
     serve(settings, bundle, demo_mode=settings.weights is None, say=lambda line: print(line, flush=True),
-          records_passphrase=secret)
+          records=records)
     return 0

@@ -285,3 +285,19 @@ def test_records_flags_that_cannot_work_are_said_before_the_model_loads(tmp_path
     nothing = _launch("records", "list", "--records", str(tmp_path / "rec2"),
                       env_extra={"SKINGPT_RECORDS_PASSPHRASE": ""}, tmp_path=tmp_path)
     assert nothing.returncode == 2 and "SKINGPT_RECORDS_PASSPHRASE" in nothing.stderr
+
+
+def test_chat_save_keeps_the_answered_turns_and_their_photos(tmp_path):
+    skin_photo(seed=4).save(tmp_path / "p.jpg")
+    records = str(tmp_path / "rec")
+    script = f"/save\n/image {tmp_path / 'p.jpg'}\nWhat is this?\n/save\n/quit\n"
+    env = {**os.environ, "SKINGPT_DEMO_BUNDLE": str(tmp_path / "demo"), "SKINGPT_RECORDS_PASSPHRASE": PASS}
+    chat = subprocess.run([sys.executable, str(ROOT / "launch.py"), "chat", "--records", records, "--patient", "clinic-7",
+                           "--max-new-tokens", "6"], input=script, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=env)
+    assert chat.returncode == 0, chat.stderr
+    assert "Nothing to save yet" in chat.stderr and "of patient clinic-7 saved in" in chat.stderr
+    [visit] = json.loads(_launch("records", "list", "--records", records, "--json", tmp_path=tmp_path).stdout)
+    record, jpegs = VisitStore(tmp_path / "rec", PASS).load(visit["visit"])
+    assert [t.question for t in record.turns] == ["What is this?"] and len(jpegs) == 1
+    assert record.photos[0].quality is not None

@@ -299,10 +299,12 @@ class Handlers:
         """The structured consultation over the consultation's first photo: Markdown + files.
         `on_step(done, total)` is told before each question (a progress bar). New patient (or the
         tab closing) stops it, and nothing is written into a wiped consultation."""
-        from model.clinical.consultation import consult, new_visit
+        from model.clinical.consultation import consult, flow, new_visit
         from model.clinical.safety import red_flags
+        from model.visits.followup import more_signs
 
         state = self.store.get(session)
+        steps = flow(state.lang, compare=state.earlier is not None)
         images = list(state.conversation.images) + state.pending
         if not images:
             return state.t("messages.report_needs_photo"), []
@@ -313,13 +315,13 @@ class Handlers:
             if state.closed.is_set():
                 raise Wiped("the consultation was cleared")
             if on_step is not None:
-                on_step(len(conversation.turns) - 1, len(_steps(state)))
+                on_step(len(conversation.turns) - 1, len(steps))
             return self.engine.answer(conversation, session=name, cancel=state.closed,
                                       **(settings or SamplingSettings()).overrides())
 
         try:
             rank = getattr(self.engine, "rank", None)
-            report = consult(ask, images[0], steps=_steps(state), lang=state.lang,
+            report = consult(ask, images[0], steps=steps, lang=state.lang,
                              ranking=rank(images[-3:]) if rank else None, quality=state.quality,
                              frame=state.shown_to_model)  # (the history goes in with the frame)
             shown = ([state.earlier.image] if state.earlier else []) + images  # a follow-up: the earlier photo first
@@ -331,7 +333,8 @@ class Handlers:
             report.history = state.history
             with state.lock:
                 report.red_flags = red_flags(*report.answers.values(), lang=state.lang,
-                                             also=_also(state, report.answers.get("compare", "")))
+                                             also=more_signs(state.history, state.earlier,
+                                                             [report.answers.get("compare", "")]))
                 state.report = report
             markdown = report.markdown()
             files = [str(state.write_file("skin-report.md", markdown.encode()))]
@@ -375,24 +378,6 @@ class Handlers:
         if not state.flags:
             return ""
         return red_flag_notice(state.flags, state.lang)
-
-
-def _steps(state: Consultation):
-    """The report's questions: the consultation flow, after "what changed" on a follow-up."""
-    from model.clinical.consultation import ConsultStep, flow
-
-    steps = flow(state.lang)
-    if state.earlier is not None:
-        steps = (ConsultStep("compare", ask_in(state.lang, state.t("flow.compare"))),) + steps
-    return steps
-
-
-def _also(state: Consultation, compare_answer: str) -> list[str]:
-    """Warning-sign ids beyond the answers' own: the history's, and a change since the last visit."""
-    from model.visits.followup import RED_FLAG, changed_since_last_visit
-
-    also = state.history.warning_signs() if state.history else []
-    return also + ([RED_FLAG] if state.earlier is not None and changed_since_last_visit(compare_answer) else [])
 
 
 def _split_message(message: dict | str | None) -> tuple[str, list[str]]:

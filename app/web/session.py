@@ -26,12 +26,11 @@ from typing import Any
 
 from model.clinical.consultation import ConsultationReport
 from model.clinical.conversation import Conversation, ImageInput
-from model.clinical.history import ClinicalHistory, with_history
+from model.clinical.history import ClinicalHistory
 from model.i18n.catalog import text
 from model.clinical.safety import red_flags
 from model.images.quality import PhotoQuality
-from model.visits.followup import RED_FLAG as FOLLOW_UP_FLAG
-from model.visits.followup import Earlier, changed_since_last_visit, with_comparison
+from model.visits.followup import Earlier, more_signs, shown_to_model
 
 from app.privacy import remove_upload, session_dir
 
@@ -128,19 +127,13 @@ class Consultation:
         a change an answer reports since the last visit)."""
         with self.lock:
             answers = [t.answer or "" for t in self.conversation.turns]
-            also = self.history.warning_signs() if self.history else []
-            if self.earlier is not None and any(changed_since_last_visit(a) for a in answers):
-                also = also + [FOLLOW_UP_FLAG]
-            self.flags = red_flags(*(t.question for t in self.conversation.turns), *answers, lang=self.lang, also=also)
+            self.flags = red_flags(*(t.question for t in self.conversation.turns), *answers, lang=self.lang,
+                                   also=more_signs(self.history, self.earlier, answers))
 
     def shown_to_model(self, conversation: Conversation | None = None) -> Conversation:
-        """The conversation as the model reads it: the earlier visit's photo first on a follow-up
-        (dated), and the clinical history in front of the first question."""
-        conversation = self.conversation if conversation is None else conversation
-        if self.earlier is not None:
-            conversation = with_comparison(conversation, self.earlier.image, self.earlier.created,
-                                           self.started)
-        return with_history(conversation, self.history)
+        """The conversation (or `conversation`) as the model reads it (`model.visits.followup.shown_to_model`)."""
+        return shown_to_model(self.conversation if conversation is None else conversation, self.history,
+                              self.earlier, self.started)
 
     def fail(self, answer: Answer, message: str) -> None:
         """The answer broke off: drop the open question (its photos wait for the retry) and say why."""

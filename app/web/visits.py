@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from model.clinical.consultation import readable_date
 from model.images.decode import ImageError
 from model.visits.fhir import referral
-from model.visits.followup import earlier_photo
+from model.visits.followup import earlier_photo, visit_record
 from model.visits.store import VisitStore
 from model.visits.vault import RecordsError
-from model.visits.visit import SavedPhoto, SavedTurn, Visit, check_reference, jpeg
+from model.visits.visit import Visit, check_reference
 
 from app.web.session import Consultation, Message, SessionStore, Wiped
 
@@ -142,23 +142,16 @@ def _reference(patient: str | None) -> str | None:
 
 
 def _record(state: Consultation, patient: str, name: str, model_label: str) -> tuple[Visit | None, list[bytes]]:
-    """This consultation as a Visit and its JPEGs (the earlier photo first on a follow-up); (None, [])
-    before anything was answered. Called with the consultation's lock held."""
+    """This consultation as a Visit and its JPEGs; (None, []) before anything was answered. Called with
+    the consultation's lock held."""
     from model.clinical.consultation import new_visit
 
-    turns = [SavedTurn(question=t.question, answer=t.answer) for t in state.conversation.turns if t.answer is not None]
+    turns = [(t.question, t.answer) for t in state.conversation.turns if t.answer is not None]
     if not turns:
         return None, []
-    images = list(state.conversation.images) + state.pending
-    photos = [SavedPhoto(taken=state.started, quality=q) for q in state.quality[:len(images)]]
-    photos += [SavedPhoto(taken=state.started) for _ in images[len(photos):]]
-    jpegs = [jpeg(image.image) for image in images]
-    if state.earlier is not None:
-        photos.insert(0, SavedPhoto(taken=state.earlier.created, from_visit=state.earlier.visit))
-        jpegs.insert(0, state.earlier.jpeg)
     ranking = state.ranking[1] if state.ranking else None
     details = new_visit(model_label)
-    return Visit(visit=details.visit, patient=patient, name=name, created=details.created, lang=state.lang,
-                 model=model_label, history=state.history, photos=photos, turns=turns,
-                 differential=ranking.conditions if ranking else None, red_flags=list(state.flags),
-                 report=state.report, compared_with=state.earlier.visit if state.earlier else None), jpegs
+    return visit_record(reference=details.visit, created=details.created, taken=state.started, patient=patient,
+                        lang=state.lang, model=model_label, images=list(state.conversation.images) + state.pending,
+                        qualities=state.quality, turns=turns, history=state.history, ranking=ranking,
+                        red_flags=state.flags, report=state.report, earlier=state.earlier, name=name)

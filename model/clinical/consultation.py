@@ -37,9 +37,11 @@ def ask_in(lang: str, question: str) -> str:
     return f"{question} {instruction}" if instruction else question
 
 
-def flow(lang: str = "en") -> tuple[ConsultStep, ...]:
-    """The consultation's questions in a language."""
-    return tuple(ConsultStep(key, ask_in(lang, text(lang, f"flow.{key}"))) for key in STEPS)
+def flow(lang: str = "en", compare: bool = False) -> tuple[ConsultStep, ...]:
+    """The consultation's questions in a language; a follow-up's (`compare`) first asks what changed
+    since the last visit."""
+    keys = (("compare",) if compare else ()) + STEPS
+    return tuple(ConsultStep(key, ask_in(lang, text(lang, f"flow.{key}"))) for key in keys)
 
 
 DEFAULT_FLOW: tuple[ConsultStep, ...] = flow("en")

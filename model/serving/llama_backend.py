@@ -18,6 +18,7 @@ them from any library linked at load time.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def ensure_backends(llama) -> None:
     lib = _lib(llama)
     if lib.ggml_backend_reg_count() == 0:
         folder = Path(llama.llama_cpp.__file__).parent / "lib"
-        override = __import__("os").environ.get("LLAMA_CPP_LIB_PATH")
+        override = os.environ.get("LLAMA_CPP_LIB_PATH")
         lib.ggml_backend_load_all_from_path(str(Path(override) if override else folder).encode())
 
 

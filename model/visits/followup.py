@@ -15,8 +15,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from typing import Iterable
+
 from model.clinical.consultation import readable_date
 from model.clinical.conversation import Conversation, ImageInput
+from model.clinical.history import ClinicalHistory, with_history
 
 RED_FLAG = "changed_since_last_visit"  # a key of the catalogue's red_flags
 _CHANGE = re.compile(r"\b(larger|bigger|grown|grew|growing|increased?|enlarg\w*|darker|darkened|lighter|new|"
@@ -69,3 +72,42 @@ def earlier_photo(store, patient: str, visit: str) -> Earlier:
     if not own:
         raise RecordsError(f"visit {visit} holds no photo of its own to compare with")
     return Earlier(record.visit, record.created, own[0], ImageInput.of(decode_photo(own[0]).image))
+
+
+def shown_to_model(conversation: Conversation, history: ClinicalHistory | None, earlier: Earlier | None,
+                   today: str) -> Conversation:
+    """A consultation as the model reads it: the earlier visit's photo first on a follow-up (both dated),
+    and the clinical history in front of the first question."""
+    if earlier is not None:
+        conversation = with_comparison(conversation, earlier.image, earlier.created, today)
+    return with_history(conversation, history)
+
+
+def more_signs(history: ClinicalHistory | None, earlier: Earlier | None, answers: Iterable[str]) -> list[str]:
+    """Warning-sign ids beyond what the texts themselves say (`red_flags`' `also`): the history's, and on a
+    follow-up a change one of `answers` reports since the last visit."""
+    keys = history.warning_signs() if history else []
+    if earlier is not None and any(changed_since_last_visit(a) for a in answers):
+        keys = keys + [RED_FLAG]
+    return keys
+
+
+def visit_record(*, reference: str, created: str, taken: str, patient: str, lang: str, model: str,
+                 images: list[ImageInput], qualities: list, turns: list[tuple[str, str]],
+                 history: ClinicalHistory | None = None, ranking=None, red_flags: list[str] = (), report=None,
+                 earlier: Earlier | None = None, name: str = ""):
+    """(the Visit, its JPEGs) to store, from any front-end's consultation: the earlier visit's photo first
+    on a follow-up, then the consultation's own (`taken` then, each with its quality, None if unknown)."""
+    from model.visits.visit import SavedPhoto, SavedTurn, Visit, jpeg
+
+    known = list(qualities)[:len(images)]
+    photos = [SavedPhoto(taken=taken, quality=q) for q in known + [None] * (len(images) - len(known))]
+    jpegs = [jpeg(image.image) for image in images]
+    if earlier is not None:
+        photos.insert(0, SavedPhoto(taken=earlier.created, from_visit=earlier.visit))
+        jpegs.insert(0, earlier.jpeg)
+    visit = Visit(visit=reference, patient=patient, name=name, created=created, lang=lang, model=model,
+                  history=history, photos=photos, turns=[SavedTurn(question=q, answer=a) for q, a in turns],
+                  differential=ranking.conditions if ranking else None, red_flags=list(red_flags), report=report,
+                  compared_with=earlier.visit if earlier else None)
+    return visit, jpegs
