@@ -157,6 +157,10 @@ class RemoteEngine:
             for key in list(self._png) if keys is None else keys:
                 self._png.pop(key, None)
 
+    def rank(self, images: list[ImageInput]) -> None:
+        """No differential: the image encoder runs on the vLLM server, which serves text only."""
+        return None
+
     def close(self) -> None:
         self._client.close()
 

@@ -12,16 +12,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from model.errors import UserFacingError
+
 from app.settings import AppSettings, is_loopback
 
 _BODY_LIMIT = 2 * 2**20  # the page's own requests: a question and its settings
 
 
-def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None] = print,
-          block: bool = True, records=None):
+def serve(settings: AppSettings, bundle: Callable[[], Path], demo_mode: bool, say: Callable[[str], None] = print,
+          block: bool = True, records: Callable[[], object] | None = None):
+    """Check the settings are safe and the port free, open the kept visits (`records`: the opener of
+    an unlocked VisitStore, asking for its passphrase), find the bundle (`bundle`: the demo is
+    generated on first use), load it, serve it. Everything that can be refused is, before the load."""
     settings.check_safe()  # before anything is loaded or bound
     check_port(settings.host, settings.port)  # a taken port is said now, not after the model loads
     keys = settings.api_keys() if not settings.no_api else []
+    records = records() if records is not None else None
+    bundle = bundle()
     from app.privacy import private_root
 
     root = private_root()  # before Gradio creates its app, so uploads land in it
@@ -31,27 +38,21 @@ def serve(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[s
     import torch
 
     from model.serving.engine import open_engine
-    from model.weights.bundle import verification_record
-    from model.weights.policy import LoadPolicy
 
-    from app.settings import default_cache_dir
     from app.web.handlers import Handlers, SessionStore
     from app.web.ui import build
     from app.web.uploads import Uploads
 
-    record = verification_record(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), bundle)
     if settings.engine_url:
         from app.remote_engine import open_remote
 
         say(f"[1/3] verifying {bundle} (its config, tokenizer and template; the LLM runs on the engine) ...")
-        engine = open_remote(bundle, settings, record=record, say=lambda line: say(f"      {line}"))
+        engine = open_remote(bundle, settings, record=settings.verification_record(bundle),
+                             say=lambda line: say(f"      {line}"))
         loaded = engine.loaded
     else:
-        policy = LoadPolicy(device=settings.device, dtype=settings.dtype, quantize=settings.quantize)
         say(f"[1/3] verifying and loading {bundle} ...")
-        kv_bytes = int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb is not None else None
-        engine = open_engine(bundle, policy, record=record, max_batch=settings.max_batch, kv_cache_bytes=kv_bytes,
-                             request_timeout_s=settings.request_timeout_s, hold=_gate(settings.test_decode_gate),
+        engine = open_engine(settings.engine_options(bundle, hold=_gate(settings.test_decode_gate)),
                              say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
         loaded = engine.loaded
         say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
@@ -153,6 +154,14 @@ def _gradio_app(app):
     raise RuntimeError("Gradio was not mounted")
 
 
+class PortTaken(UserFacingError, OSError):
+    """The port to listen on is another program's (said before the model loads where it can be)."""
+
+    def __init__(self, host: str, port: int, why: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} ({why}): another program is using the port; choose "
+                         f"another with --port N or SKINGPT_PORT=N")
+
+
 def check_port(host: str, port: int) -> None:
     """Refuse, in one plain line, a port another program already listens on."""
     import socket
@@ -163,8 +172,7 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise SystemExit(f"error: cannot listen on {host}:{port} ({err.strerror}): another program is using "
-                             f"the port; choose another with --port N or SKINGPT_PORT=N") from None
+            raise PortTaken(host, port, err.strerror) from None
 
 
 def _run_server(app, host: str, port: int):
@@ -178,8 +186,7 @@ def _run_server(app, host: str, port: int):
     thread.start()
     while not server.started:
         if not thread.is_alive():
-            raise SystemExit(f"error: cannot listen on {host}:{port} (is another server using the port? "
-                             f"choose another with --port or SKINGPT_PORT)")
+            raise PortTaken(host, port, "uvicorn could not bind it")
         time.sleep(0.05)
     return server
 

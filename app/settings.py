@@ -6,16 +6,19 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.errors import UserFacingError
+from model.choices import DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_QUANTIZE, Dtype, Quantize, check_device
 
+
+ROOT = Path(__file__).resolve().parent.parent
 MAX_PHOTOS = 8  # photos one consultation may hold, on the page and through the API
 
 
-class SettingsError(ValueError):
+class SettingsError(UserFacingError, ValueError):
     """Settings that would make the app unsafe or cannot work."""
 
 
@@ -23,11 +26,10 @@ class AppSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SKINGPT_", extra="forbid")
 
     weights: str | None = None  # a bundle directory; None: the demo bundle
-    # the load policy's choices (model.weights.policy: Quantize, Dtype), written again so that reading the
-    # settings imports no torch (a test holds them equal)
-    quantize: Literal["auto", "none", "int8", "nf4", "int8w", "int4"] = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # the load policy's choices and defaults (model.choices, torch-free)
+    quantize: Quantize = DEFAULT_QUANTIZE
+    device: str = DEFAULT_DEVICE  # auto | cpu | cuda | cuda:N
+    dtype: Dtype = DEFAULT_DTYPE
     host: str = "127.0.0.1"
     port: int = 7860
     auth: str | None = None  # "user:password"
@@ -45,6 +47,7 @@ class AppSettings(BaseSettings):
     upload_ttl_s: int = 15 * 60  # a photo attached but never sent is deleted after this long
     max_photo_mb: int = 1024  # decoded photos held in memory, all consultations together
     cache_dir: str | None = None  # bundle verification records; default $XDG_CACHE_HOME/skingpt
+    demo_bundle: str | None = None  # where the demo bundle is generated and read; default weights/demo
     # answers from a vLLM server (launch.py export-vllm + vllm serve): its /v1 URL, bearer key, model name
     engine_url: str | None = None
     engine_key: str | None = None
@@ -96,9 +99,7 @@ class AppSettings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_form(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"should be auto, cpu, cuda or cuda:N (a GPU's number), not {value!r}")
-        return value
+        return check_device(value)
 
     @field_validator("auth")
     @classmethod
@@ -112,6 +113,27 @@ class AppSettings(BaseSettings):
             return None
         user, password = self.auth.split(":", 1)
         return user, password
+
+    # -- what the settings build --------------------------------------------------------------------
+    def demo_path(self) -> Path:
+        return Path(self.demo_bundle) if self.demo_bundle else ROOT / "weights" / "demo"
+
+    def verification_record(self, bundle: str | Path) -> Path:
+        """Where this user's record of which of `bundle`'s files passed their sha256 check lives
+        (a per-user cache: never patient data)."""
+        from model.weights.bundle import verification_record
+
+        return verification_record(Path(self.cache_dir) if self.cache_dir else _user_cache(), bundle)
+
+    def engine_options(self, bundle: Path, hold=None):
+        """The one options object `model.serving.engine.open_engine` builds an engine from."""
+        from model.serving.engine import EngineOptions
+        from model.weights.policy import LoadPolicy
+
+        kv_bytes = int(self.kv_cache_gb * 2**30) if self.kv_cache_gb is not None else None
+        return EngineOptions(bundle, LoadPolicy(device=self.device, dtype=self.dtype, quantize=self.quantize),
+                             record=self.verification_record(bundle), max_batch=self.max_batch, kv_cache_bytes=kv_bytes,
+                             request_timeout_s=self.request_timeout_s, hold=hold)
 
     def check_safe(self) -> None:
         """A server reachable from other machines must ask for a password, and for a key on its API."""
@@ -146,10 +168,7 @@ def problems(err) -> str:
     return "; ".join(lines)
 
 
-def default_cache_dir() -> Path:
-    """Per-user cache (never patient data: only which bundle files passed their sha256 check)."""
-    if os.environ.get("SKINGPT_CACHE_DIR"):
-        return Path(os.environ["SKINGPT_CACHE_DIR"])
+def _user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skingpt"
 
 

@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import GGUF_MODES, PRESET_NAMES, empty_out, model_args, policy, record
+from cli.common import empty_out, model_args, policy, record
+from model.choices import GGUF, PRESETS
 
 
 def register(sub) -> None:
     bench = sub.add_parser("bench", help="load time, encode, TTFT, decode speed, follow-ups vs the reference style")
-    bench.add_argument("--preset", default="tiny", choices=PRESET_NAMES,
+    bench.add_argument("--preset", default="tiny", choices=PRESETS,
                        help="with --random-init: the architecture (see `inspect`)")
     bench.add_argument("--random-init", action="store_true", help="random weights, no files (int8w / int4 are built one "
                        "layer at a time: a 7B int4 fits in 8 GB)")
@@ -31,7 +32,7 @@ def register(sub) -> None:
     bench.add_argument("--gguf", help="with --engine-url: the bundle's GGUF copy (`quantize --mode f32`), timed too, "
                                       "through our llama.cpp runner")
     bench.add_argument("--json", action="store_true")
-    model_args(bench, GGUF_MODES, " | q4_k_m | q4_0 | q8_0 | f16 (with --random-init --save DIR: a GGUF bundle "
+    model_args(bench, GGUF, " | q4_k_m | q4_0 | q8_0 | f16 (with --random-init --save DIR: a GGUF bundle "
                "written there one tensor at a time, then served by llama.cpp)")
     bench.set_defaults(func=run)
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine_url:
         return _side_by_side(args, levels or [1, 8])
     weights = args.weights
-    if args.quantize in GGUF_MODES:
+    if args.quantize in GGUF:
         if not (args.random_init and args.save):
             raise SystemExit(f"error: --quantize {args.quantize} with --random-init writes a GGUF bundle: pass --save "
                              f"DIR (a 7B q4_0 takes about 4 GB, and 13 GB more while it is written); for a bundle "

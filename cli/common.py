@@ -7,36 +7,29 @@ import os
 import sys
 from pathlib import Path
 
+from model.errors import UserFacingError
+from model.choices import (DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_QUANTIZE, DTYPES, QUANTIZE, QUANTIZE_HELP, ChoiceError,
+                           check_device)
+
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_BUNDLE = Path(os.environ.get("SKINGPT_DEMO_BUNDLE", ROOT / "weights" / "demo"))
-# policy.QUANT_MODES, written again so that --help imports no torch (a test holds the two equal)
-QUANTIZE_MODES = ("auto", "none", "int8", "nf4", "int8w", "int4")
-QUANTIZE_HELP = ("auto (the default: on a CPU, for an LLM over 2 GiB, the fastest mode that fits in memory) | none | "
-                 "int8 | nf4 (bitsandbytes, GPUs) | int8w | int4 (PyTorch's CPU kernels); the LLM only")
-# bundle.quantize_bundle's modes (GGUF for llama.cpp, then PyTorch's weight-only), likewise
-GGUF_MODES = ("q4_k_m", "q4_0", "q8_0", "f16", "f32")
-QUANTIZE_BUNDLE_MODES = GGUF_MODES + ("int8w", "int4")
-ENCODER_MODES = ("bf16", "int8")  # encoder_int8.ENCODER_MODES, likewise
 LANGUAGE_HELP = "language of the questions, answers and report (default: the terminal's locale)"
 
 
-DTYPES = ("auto", "fp32", "fp16", "bf16")  # policy.Dtype, likewise
-PRESET_NAMES = ("skingpt4-vicuna7b", "skingpt4-vicuna13b", "skingpt4-llama2-13b", "small", "tiny", "demo")  # PRESETS
-
 
 def device_name(value: str) -> str:
-    """--device: auto | cpu | cuda | cuda:N, checked while the arguments are read."""
-    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
+    """--device, checked while the arguments are read (model.choices.check_device)."""
+    try:
+        return check_device(value)
+    except ChoiceError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def model_args(p: argparse.ArgumentParser, more_modes: tuple[str, ...] = (), more_help: str = "") -> None:
     """Flags of every command that loads a bundle (`more_modes`: --quantize choices of that command alone)."""
     p.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
-    p.add_argument("--device", default="auto", type=device_name, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="precision of the weights (default: auto)")
-    p.add_argument("--quantize", default="auto", choices=QUANTIZE_MODES + more_modes, help=QUANTIZE_HELP + more_help)
+    p.add_argument("--device", default=DEFAULT_DEVICE, type=device_name, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPES, help="precision of the weights (default: auto)")
+    p.add_argument("--quantize", default=DEFAULT_QUANTIZE, choices=QUANTIZE + more_modes, help=QUANTIZE_HELP + more_help)
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +46,7 @@ def check_sampling(args: argparse.Namespace) -> None:
     loads (the demo's preset when the demo bundle is not written yet), in the flags' own names."""
     from model.nn.config import ConfigError, SkinGPTConfig, preset
 
-    bundle = Path(args.weights) if args.weights else DEMO_BUNDLE
+    bundle = Path(args.weights) if args.weights else settings().demo_path()
     try:
         config = SkinGPTConfig.from_yaml(bundle / "skingpt.yaml") if (bundle / "skingpt.yaml").is_file() else preset("demo")
     except ConfigError:
@@ -84,7 +77,7 @@ def language(args: argparse.Namespace) -> str:
     return args.lang or pick(os.environ.get("LC_ALL"), os.environ.get("LC_MESSAGES"), os.environ.get("LANG"))
 
 
-class ArgumentProblem(ValueError):
+class ArgumentProblem(UserFacingError, ValueError):
     """A flag's value that cannot work, said before anything loads (`main` prints it, exit status 2)."""
 
 
@@ -122,18 +115,32 @@ HISTORY_HELP = ("the patient's clinical history as YAML or JSON: age, sex, body_
                 "treatments, fitzpatrick, notes (every field optional; README: 'Clinical history')")
 
 
+def settings(**flags):
+    """The app's settings (SKINGPT_* variables) with the flags given (None: not given) on top: the
+    one place a command reads its environment. A bad value is said with its flag and variable."""
+    from pydantic import ValidationError
+
+    from app.settings import AppSettings, SettingsError, problems
+
+    try:
+        return AppSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as err:
+        raise SettingsError(problems(err)) from None
+
+
 def bundle_path(weights: str | None) -> Path:
     """--weights, or the demo bundle (generated on first use), saying so on stderr."""
     if weights:
         return Path(weights)
-    if not (DEMO_BUNDLE / "manifest.json").is_file():
+    demo = settings().demo_path()
+    if not (demo / "manifest.json").is_file():
         from tools.fixtures import write_demo_bundle
 
-        print(f"No --weights given and no demo bundle yet: generating one at {DEMO_BUNDLE} ...", file=sys.stderr)
-        write_demo_bundle(DEMO_BUNDLE)
+        print(f"No --weights given and no demo bundle yet: generating one at {demo} ...", file=sys.stderr)
+        write_demo_bundle(demo)
     print("Using the DEMO bundle: random weights, so the answers mean nothing. Pass --weights DIR for a real "
           "model (see weights/README.md).", file=sys.stderr)
-    return DEMO_BUNDLE
+    return demo
 
 
 def policy(args: argparse.Namespace):
@@ -144,20 +151,18 @@ def policy(args: argparse.Namespace):
 
 def record(bundle: str | Path) -> Path:
     """Where this user's record of which bundle files already passed their sha256 check lives."""
-    from app.settings import default_cache_dir
-    from model.weights.bundle import verification_record
-
-    return verification_record(default_cache_dir(), bundle)
+    return settings().verification_record(bundle)
 
 
 def engine(args: argparse.Namespace):
-    """The bundle of --weights (or the demo), loaded under the flags' policy, behind an engine."""
+    """The bundle of --weights (or the demo), loaded under the flags' policy, behind an engine built
+    as the server builds its own (the settings' batch size, KV budget and timeout)."""
     from model.serving.engine import open_engine
 
     bundle = bundle_path(args.weights)
-    quiet = bundle == DEMO_BUNDLE  # the demo's warnings would only distract
-    return open_engine(bundle, policy(args), record=record(bundle),
-                       say=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))
+    options = settings(device=args.device, dtype=args.dtype, quantize=args.quantize).engine_options(bundle)
+    quiet = args.weights is None  # the demo's warnings would only distract
+    return open_engine(options, say=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))
 
 
 def empty_out(out: Path, force: bool = False, hint: str = "choose another --out") -> None:

@@ -145,20 +145,16 @@ def _intake(path: str, lang: str, quiet: bool = False, keep: dict | None = None)
     """A photo file as the terminal takes it: decoded (its notes said), its quality checked and said
     at once, so that a patient can retake it before asking; (the image, the quality)."""
     from model.clinical.conversation import ImageInput
-    from model.images.decode import read_photo_file
-    from model.images.quality import assess
+    from model.images.intake import take_photo
 
-    photo = read_photo_file(path)
-    quality = assess(photo.image)
+    photo = take_photo(Path(path))
     if not quiet:
-        for note in photo.notes:
-            print(f"note: {note}", file=sys.stderr)
-        if not quality.ok:
-            print(f"note: {quality.notice(lang)}", file=sys.stderr)
+        for line in photo.tell(lang):
+            print(f"note: {line}", file=sys.stderr)
     image = ImageInput.of(photo.image)
     if keep is not None:
-        keep[image.key] = quality
-    return image, quality
+        keep[image.key] = photo.quality
+    return image, photo.quality
 
 
 def _answer(args: argparse.Namespace, model, visit: TerminalVisit) -> int:

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from cli import bench, consult, evaluate, records, serve, train, weights
-from cli.common import ArgumentProblem
 
 COMMANDS = (serve, weights, consult, records, train, bench, evaluate)  # the order `--help` lists them in
 
@@ -32,6 +31,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UserFacingError, ArgumentProblem) as err:
+    except UserFacingError as err:  # the one place a command's refusal becomes its exit status
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cli.common import QUANTIZE_HELP, QUANTIZE_MODES, bundle_path
+from cli.common import bundle_path, device_name, settings
+from model.choices import DTYPES, QUANTIZE, QUANTIZE_HELP
 from cli.records import passphrase_for, records_args
 
 
 def register(sub) -> None:
     serve = sub.add_parser("serve", help="serve the web app (the default); flags also as SKINGPT_* variables")
     serve.add_argument("--weights", help="bundle directory (default: the demo bundle, random weights)")
-    serve.add_argument("--quantize", choices=QUANTIZE_MODES, help=QUANTIZE_HELP)
-    serve.add_argument("--device", help="auto | cpu | cuda")
-    serve.add_argument("--dtype", help="auto | fp32 | fp16 | bf16")
+    serve.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
+    serve.add_argument("--device", type=device_name, help="auto | cpu | cuda | cuda:N")
+    serve.add_argument("--dtype", choices=DTYPES, help="precision of the weights (default: auto)")
     serve.add_argument("--host", help="default 127.0.0.1; any other address needs --auth")
     serve.add_argument("--port", type=int, help="default 7860")
     serve.add_argument("--auth", help="user:password, required off loopback")
@@ -40,34 +40,21 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from app.settings import AppSettings, SettingsError, problems
+    from app.server import serve
 
     names = ("weights", "quantize", "device", "dtype", "host", "port", "auth", "api_key_file", "allowed_hosts",
              "cors_origins", "request_timeout_s", "engine_url", "engine_key", "engine_model", "records",
              "records_passphrase_file", "retain_days")
     flags = {k: getattr(args, k) for k in names}
     flags["api_key"] = ",".join(args.api_key) if args.api_key else None
-    if args.no_api:
-        flags["no_api"] = True
-    try:
-        settings = AppSettings(**{k: v for k, v in flags.items() if v is not None})
-        settings.check_safe()
-    except ValidationError as err:
-        print(f"error: {problems(err)}", file=sys.stderr)
-        return 2
-    except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    records = None
-    if settings.records:  # a wrong passphrase is said now, before the model loads
+    flags["no_api"] = True if args.no_api else None
+    chosen = settings(**flags)
+
+    def records():  # a wrong passphrase is said before the model loads
         from model.visits.store import VisitStore
 
-        records = VisitStore(settings.records, passphrase_for(settings.records, settings.records_passphrase_file))
-    bundle = bundle_path(settings.weights)
-    from app.server import serve
+        return VisitStore(chosen.records, passphrase_for(chosen.records, chosen.records_passphrase_file))
 
-    serve(settings, bundle, demo_mode=settings.weights is None, say=lambda line: print(line, flush=True),
-          records=records)
+    serve(chosen, lambda: bundle_path(chosen.weights), demo_mode=chosen.weights is None,
+          say=lambda line: print(line, flush=True), records=records if chosen.records else None)
     return 0

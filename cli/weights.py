@@ -6,13 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from cli.common import ENCODER_MODES, PRESET_NAMES, QUANTIZE_BUNDLE_MODES, ArgumentProblem, empty_out, record
+from cli.common import ArgumentProblem, empty_out, record
+from model.choices import BUNDLE_QUANTIZE, ENCODER_STORAGE, PRESETS
 
 
 def register(sub) -> None:
     ins = sub.add_parser("inspect", help="parameter counts, shapes and memory per part (on the meta device)")
     which = ins.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", choices=PRESET_NAMES, help="the architecture")
+    which.add_argument("--preset", choices=PRESETS, help="the architecture")
     which.add_argument("--weights", help="a bundle directory (its sha256 hashes are verified)")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.add_argument("--verify", action="store_true",
@@ -26,7 +27,7 @@ def register(sub) -> None:
     conv.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth (LAVIS)")
     conv.add_argument("--hf-blip2", help="a Hugging Face BLIP-2 directory (safetensors), instead of --vit/--blip2")
     conv.add_argument("--finetune", help="skinGPT_v1.pth or a MiniGPT-4 checkpoint (the projection)")
-    conv.add_argument("--preset", choices=PRESET_NAMES, help="architecture preset; by default chosen from the "
+    conv.add_argument("--preset", choices=PRESETS, help="architecture preset; by default chosen from the "
                                                              "projection width")
     conv.add_argument("--template", default="skingpt4", help="prompt template the weights were trained with")
     conv.add_argument("--out", required=True, help="bundle directory to write")
@@ -37,11 +38,11 @@ def register(sub) -> None:
     qu = sub.add_parser("quantize", help="write a copy of a bundle with its LLM (or encoder) quantised, for CPU "
                                          "workstations")
     qu.add_argument("--weights", required=True, help="the float bundle (or, for --encoder alone, a quantised one)")
-    qu.add_argument("--mode", choices=QUANTIZE_BUNDLE_MODES,
+    qu.add_argument("--mode", choices=BUNDLE_QUANTIZE,
                     help="q4_k_m | q4_0 | q8_0 | f16 | f32: the LLM as one GGUF file that llama.cpp runs (the "
                          "fastest on a CPU; q4_k_m and q4_0 take half a byte a weight, q8_0 one); int8w | int4: "
                          "PyTorch's weight-only kernels; leave it out to keep a quantised bundle's LLM")
-    qu.add_argument("--encoder", default="bf16", choices=ENCODER_MODES,
+    qu.add_argument("--encoder", default="bf16", choices=ENCODER_STORAGE,
                     help="bf16 (default) | int8: the image encoder's ViT linears in int8, 1 GB less for a ViT-g; "
                          "opt-in, as its effect on a trained encoder is unmeasured: compare with `eval` first")
     qu.add_argument("--out", required=True, help="the new bundle directory")

@@ -60,6 +60,7 @@ class FakeEngine:
         self.last = None
         self.queued = 0  # "queued" events before the answer starts
         self.gate, self.started = None, threading.Event()  # report answers wait at the gate when one is set
+        self.request_timeout_s = None
 
     def stream(self, conversation, session=None, cancel=None, **settings):
         self.calls.append((conversation, session, settings))
@@ -79,6 +80,9 @@ class FakeEngine:
 
     def forget_images(self, keys):
         self.forgotten_images += keys
+
+    def rank(self, images):
+        return None  # no differential head
 
 
 class FakeOOM(RuntimeError):

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -107,35 +109,53 @@ def test_bench_tiny_random_init_json():
     assert result["peak_rss_bytes"] > 0
 
 
-def test_the_cli_offers_exactly_the_load_policy_modes():
+def _choices(parser, command: str, flag: str) -> tuple:
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return tuple(next(a for a in sub._actions if flag in a.option_strings).choices)
+
+
+def test_every_front_end_offers_the_choices_of_model_choices():
     import typing
 
     from app.settings import AppSettings
-    from cli.common import QUANTIZE_MODES
-    from model.weights.policy import QUANT_MODES, Dtype
-
-    assert QUANTIZE_MODES == QUANT_MODES
-    assert typing.get_args(AppSettings.model_fields["quantize"].annotation) == QUANT_MODES
-    assert typing.get_args(AppSettings.model_fields["dtype"].annotation) == typing.get_args(Dtype)
-
-
-def test_the_cli_offers_exactly_the_bundle_quantisation_modes():
-    from cli.common import ENCODER_MODES, QUANTIZE_BUNDLE_MODES
-    from model.weights.bundle import QUANTIZE_BUNDLE_MODES as BUNDLE_MODES
-    from model.weights.encoder_int8 import ENCODER_MODES as STORED_ENCODER_MODES
-
-    assert QUANTIZE_BUNDLE_MODES == BUNDLE_MODES
-    assert ENCODER_MODES == STORED_ENCODER_MODES
-
-
-def test_the_cli_offers_exactly_the_presets_and_dtypes():
-    import typing
-
-    from cli.common import DTYPES, PRESET_NAMES
+    from cli.main import build_parser
+    from model import choices
     from model.nn.config import PRESETS
-    from model.weights.policy import Dtype
 
-    assert set(PRESET_NAMES) == set(PRESETS) and DTYPES == typing.get_args(Dtype)
+    parser = build_parser()
+    assert _choices(parser, "ask", "--quantize") == choices.QUANTIZE
+    assert _choices(parser, "serve", "--quantize") == choices.QUANTIZE
+    assert _choices(parser, "ask", "--dtype") == choices.DTYPES
+    assert _choices(parser, "quantize", "--mode") == choices.BUNDLE_QUANTIZE
+    assert _choices(parser, "quantize", "--encoder") == choices.ENCODER_STORAGE
+    assert _choices(parser, "bench", "--preset") == choices.PRESETS and set(PRESETS) == set(choices.PRESETS)
+    assert typing.get_args(AppSettings.model_fields["quantize"].annotation) == choices.QUANTIZE
+    assert typing.get_args(AppSettings.model_fields["dtype"].annotation) == choices.DTYPES
+    # one default, wherever it is read
+    from model.weights.policy import LoadPolicy
+
+    args = parser.parse_args(["ask", "--image", "x.jpg"])
+    assert (args.quantize, args.dtype, args.device) == (LoadPolicy().quantize, LoadPolicy().dtype, LoadPolicy().device)
+    assert (AppSettings().quantize, AppSettings().dtype) == (LoadPolicy().quantize, LoadPolicy().dtype)
+
+
+@pytest.mark.parametrize("device", ["cudafoo", "cuda:", "cuda:x", "gpu", "CPU", "cuda:0 "])
+def test_a_device_is_refused_alike_by_the_cli_the_settings_and_the_load_policy(device, capsys):
+    from pydantic import ValidationError
+
+    from app.settings import AppSettings
+    from cli.main import build_parser
+    from model.weights.policy import LoadPolicy, PolicyError
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ask", "--image", "x.jpg", "--device", device])
+    assert "device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match="device must be auto, cpu, cuda or cuda:N"):
+        AppSettings(device=device)
+    with pytest.raises(PolicyError, match="device must be auto, cpu, cuda or cuda:N"):
+        LoadPolicy(device=device)
+    for good in ("auto", "cpu", "cuda", "cuda:1"):
+        assert LoadPolicy(device=good).device == AppSettings(device=good).device == good
 
 
 def test_bad_arguments_are_refused_before_anything_loads(tmp_path):
@@ -148,7 +168,7 @@ def test_bad_arguments_are_refused_before_anything_loads(tmp_path):
     (tmp_path / "bad.yaml").write_text("age: [1\n")
     cases = [(("ask", "--image", photo, "--quantize", "int3"), "invalid choice: 'int3'"),
              (("ask", "--image", photo, "--dtype", "fp8"), "invalid choice: 'fp8'"),
-             (("ask", "--image", photo, "--device", "gpu"), "'gpu' is not a device"),
+             (("ask", "--image", photo, "--device", "gpu"), "device must be auto, cpu, cuda or cuda:N (a GPU's number), not 'gpu'"),
              (("ask", "--image", str(tmp_path / "none.jpg")), "does not exist."),
              (("ask", "--image", photo, "--weights", str(tmp_path / "no-bundle")), "--weights"),
              (("ask", "--image", photo, "--pdf", "r.pdf"), "--pdf writes the report: add --report"),

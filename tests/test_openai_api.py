@@ -133,7 +133,7 @@ def test_clinical_history_and_photo_quality_extension_fields(client):
     told = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
                                           extra_body={"clinical_history": history})
     assert told.usage.prompt_tokens > plain.usage.prompt_tokens + 15
-    assert plain.model_extra["photo_quality"] == [{"ok": False, "problems": ["small", "little_skin"]}]
+    assert plain.model_extra["photo_quality"] == [{"ok": False, "problems": ["small", "little_skin"], "notes": []}]
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
                                        extra_body={"clinical_history": {"age": 300}})

@@ -47,7 +47,7 @@ def test_half_precision_policy_keeps_ln_vision_fp32(tiny_bundle):
 def test_bad_policies_say_what_to_do():
     with pytest.raises(PolicyError, match="quantize must be one of auto, none, int8, nf4, int8w, int4"):
         LoadPolicy(quantize="int2")
-    with pytest.raises(PolicyError, match="dtype must be auto or one of"):
+    with pytest.raises(PolicyError, match="dtype must be one of auto, fp32, fp16, bf16"):
         LoadPolicy(dtype="fp8")
     if not torch.cuda.is_available():
         with pytest.raises(PolicyError, match="no CUDA GPU is visible; use --device cpu"):

@@ -12,7 +12,6 @@ it these tests skip, saying so.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal

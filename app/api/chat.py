@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.clinical.conversation import Conversation, ConversationError, ImageInput, Turn
 from model.clinical.history import ClinicalHistory, with_history
-from model.images.quality import assess
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
-from model.images.decode import MAX_BYTES, ImageError, ImageTooLarge, decode_photo
+from model.images.decode import MAX_BYTES, ImageError, ImageTooLarge
+from model.images.intake import Intake, take_photo
 
 from app.settings import MAX_PHOTOS
 
@@ -150,7 +150,7 @@ class ChatAPI:
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise APIError(400, "stop takes up to 4 non-empty strings", "invalid_value", "stop")
-        conversation, images = self._conversation(request.messages)
+        conversation, photos = self._conversation(request.messages)
         max_new = request.max_completion_tokens or request.max_tokens
         if max_new is not None and max_new >= self.engine.config.generation.max_context:
             raise APIError(400, f"max_tokens must be below the context of "
@@ -158,20 +158,23 @@ class ChatAPI:
         sampling = SamplingSettings(max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p,
                                     seed=request.seed)
         settings: dict[str, Any] = {"stop": tuple(stops), **sampling.overrides()}
-        quality = [assess(image.image).model_dump(include={"ok", "problems"}) for image in conversation.images]
-        return Prepared(with_history(conversation, request.clinical_history), settings, request.stream, images,
+        quality = [{**photo.quality.model_dump(include={"ok", "problems"}), "notes": list(photo.notes)}
+                   for photo in photos]  # measured when each was taken in
+        return Prepared(with_history(conversation, request.clinical_history), settings, request.stream, len(photos),
                         request.prompt_cache_key, quality)
 
-    def _conversation(self, messages: list[_Message]) -> tuple[Conversation, int]:
+    def _conversation(self, messages: list[_Message]) -> tuple[Conversation, list[Intake]]:
         system = "\n".join(_text(m, i) for i, m in enumerate(messages) if m.role in ("system", "developer"))
         turns: list[list] = []  # [question parts, images, answer or None]
+        photos: list[Intake] = []  # every photo as taken in, in the conversation's order
         for i, message in enumerate(m for m in messages if m.role not in ("system", "developer")):
             if message.role == "user":
                 if not turns or turns[-1][2] is not None:
                     turns.append([[], [], None])
-                text, images = self._user_content(message, i)
+                text, taken = self._user_content(message, i)
                 turns[-1][0].append(text)
-                turns[-1][1].extend(images)
+                turns[-1][1].extend(ImageInput.of(photo.image) for photo in taken)
+                photos.extend(taken)
             else:
                 if not turns or turns[-1][2] is not None:
                     raise APIError(400, "an assistant message must follow a user message", "invalid_value",
@@ -179,7 +182,7 @@ class ChatAPI:
                 turns[-1][2] = _text(message, i)
         if not turns or turns[-1][2] is not None:
             raise APIError(400, "the last message must be the user's question", "invalid_value", "messages")
-        count = sum(len(t[1]) for t in turns)
+        count = len(photos)
         if count == 0:
             raise APIError(400, "SkinGPT answers about a photo of the skin: add one to a user message as an "
                                 "image_url part with a data:image/...;base64 URL", "image_required", "messages")
@@ -191,9 +194,9 @@ class ChatAPI:
             if n == 0 and system:
                 question = f"{system}\n\n{question}".strip()
             built.append(Turn(question or "Please describe the skin in this photo.", tuple(images), answer))
-        return Conversation(tuple(built)), count
+        return Conversation(tuple(built)), photos
 
-    def _user_content(self, message: _Message, index: int) -> tuple[str, list[ImageInput]]:
+    def _user_content(self, message: _Message, index: int) -> tuple[str, list[Intake]]:
         if isinstance(message.content, str) or message.content is None:
             return _checked(message.content or "", index), []
         texts, images = [], []
@@ -208,7 +211,7 @@ class ChatAPI:
         return " ".join(texts), images
 
     @staticmethod
-    def _image(url: str, where: str) -> ImageInput:
+    def _image(url: str, where: str) -> Intake:
         if url.startswith(("http://", "https://")):
             raise APIError(400, "this server never fetches URLs: send the photo inline as a "
                                 "data:image/jpeg;base64,... URL", "image_url_not_allowed", where)
@@ -223,7 +226,7 @@ class ChatAPI:
         except (binascii.Error, ValueError):
             raise APIError(400, "the photo's base64 data is not valid", "invalid_base64", where) from None
         try:
-            return ImageInput.of(decode_photo(data, name="The photo").image)
+            return take_photo(data, name="The photo")
         except ImageTooLarge as err:
             raise APIError(413, str(err), "image_too_large", where) from None
         except ImageError as err:

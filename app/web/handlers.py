@@ -12,25 +12,28 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import ValidationError
 
 from model.clinical.conversation import Conversation, ImageInput
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
-from model.images.decode import ImageError, Photo, decode_photo
+from model.images.decode import ImageError
+from model.images.intake import Intake, take_photo
 from model.clinical.consultation import ask_in, extract_diagnosis
 from model.clinical.history import ClinicalHistory
 from model.clinical.records import validation_message
 from model.clinical.safety import red_flag_notice
 from model.i18n.catalog import LANGUAGES
-from model.images.quality import assess
 
 from app.privacy import remove_upload, sweep_uploads
 from app.settings import MAX_PHOTOS
 from app.web.session import Consultation, Message, SessionStore, Wiped
 from app.web.uploads import Uploads
+
+if TYPE_CHECKING:
+    from model.serving.engine import AnswerEngine
 
 log = logging.getLogger("skingpt.app")
 
@@ -41,7 +44,7 @@ Update = tuple[list[Message], str]  # (chat history, red-flag notice markdown)
 
 @dataclass
 class Handlers:
-    engine: Any  # model.serving.engine.Engine, or a stand-in with the same stream/answer/forget methods
+    engine: AnswerEngine  # model.serving.engine.Engine, the remote engine, or a test's stand-in
     store: SessionStore
     max_message_chars: int = 2000
     out_of_memory: tuple[type[BaseException], ...] = ()
@@ -56,7 +59,7 @@ class Handlers:
         state.settle()
         text, files = _split_message(message)
         state.unsent = text  # given back to the box unless the question is asked
-        read: dict[str, Photo | ImageError] = {}  # a photo attached twice is read once, and kept twice
+        read: dict[str, Intake | ImageError] = {}  # a photo attached twice is read once, and kept twice
         for path in files:
             if path not in read:
                 read[path] = self._read_photo(state, Path(path))
@@ -101,7 +104,7 @@ class Handlers:
         lines = [f"**{state.t('quality.title')}:** {q.notice(state.lang)}" for q in poor[:1]]
         return "\n\n".join(filter(None, [self._notice(state), *lines]))
 
-    def _read_photo(self, state: Consultation, path: Path) -> Photo | ImageError:
+    def _read_photo(self, state: Consultation, path: Path) -> Intake | ImageError:
         """An attached file as a clean photo, or why it is not one; the uploaded file is deleted."""
         with state.lock:
             state.uploads.discard(path)
@@ -117,28 +120,28 @@ class Handlers:
         finally:
             remove_upload(path, self.store.root)  # the original may carry GPS tags: gone at once
         try:
-            return decode_photo(data, name="That file")
+            return take_photo(data, name="That file")
         except ImageError as err:
             return err
 
-    def _accept_photo(self, state: Consultation, photo: Photo | ImageError) -> str | None:
+    def _accept_photo(self, state: Consultation, photo: Intake | ImageError) -> str | None:
         """Keep one photo in the consultation; the reason when it is refused."""
         started = time.perf_counter()
         try:
             if isinstance(photo, ImageError):
                 raise photo
-            self._check_room(state, photo.image)
+            self._check_room(state, photo)
         except ImageError as err:
             log.info("photo rejected session=%s reason=%s", state.id[:8], type(err).__name__)
             return str(err)
-        quality = assess(photo.image)
+        quality = photo.quality  # measured when it was taken in
         with state.lock:
             state.photos += 1
             try:  # re-encoded from pixels alone: no EXIF, GPS or ICC
                 clean = state.write_file(f"photo-{state.photos}.jpg", _jpeg(photo.image))
             except Wiped:
                 return "This consultation was cleared; please attach the photo again."
-            state.photo_bytes += _pixel_bytes(photo.image)
+            state.photo_bytes += photo.pixel_bytes
             state.pending.append(ImageInput.of(photo.image))
             state.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
             for note in photo.notes:
@@ -150,12 +153,12 @@ class Handlers:
                  ",".join(quality.problems) or "ok", (time.perf_counter() - started) * 1000)
         return None
 
-    def _check_room(self, state: Consultation, image) -> None:
+    def _check_room(self, state: Consultation, photo: Intake) -> None:
         """Decoded photos are held in memory: bounded per consultation and for the whole server."""
         if len(state.conversation.images) + len(state.pending) >= MAX_PHOTOS:
             raise ImageError(f"This consultation already has {MAX_PHOTOS} photos, the most one consultation holds. "
                              f"Ask about the photos you sent, or press New patient to start again.")
-        if self.store.photo_bytes() + _pixel_bytes(image) > self.store.max_photo_bytes:
+        if self.store.photo_bytes() + photo.pixel_bytes > self.store.max_photo_bytes:
             raise ImageError(f"The server is holding as many photos as it can right now "
                              f"({self.store.max_photo_bytes // 2**20} MB for all consultations). Please try again "
                              f"in a few minutes, or send a smaller photo.")
@@ -197,12 +200,12 @@ class Handlers:
             yield state.messages, self._notice(state)
             return
         finally:
-            if generation is not None and hasattr(generation, "close"):
+            if generation is not None:
                 generation.close()
             # closed by its consumer (Stop, a cancelled request, a closed tab): keep what was said, as stopped
             state.finish(answer, answer.reply["content"], stopped=True)
         log.info("answer session=%s tokens=%d seconds=%.2f finish=%s", state.id[:8],
-                 len(getattr(generation, "tokens", [])), time.perf_counter() - started, generation.finish_reason)
+                 len(generation.tokens), time.perf_counter() - started, generation.finish_reason)
         yield state.messages, self._notice(state)
 
     def stop(self, session: str) -> None:
@@ -278,8 +281,7 @@ class Handlers:
             return
         self.engine.forget(state.id)
         self.engine.forget(f"{state.id}:report")
-        if hasattr(self.engine, "forget_images"):
-            self.engine.forget_images([img.key for img in state.conversation.images] + [img.key for img in state.pending])
+        self.engine.forget_images([img.key for img in state.conversation.images] + [img.key for img in state.pending])
         log.info("session wiped session=%s", state.id[:8])
 
     def sweep(self) -> int:
@@ -320,9 +322,8 @@ class Handlers:
                                       **(settings or SamplingSettings()).overrides())
 
         try:
-            rank = getattr(self.engine, "rank", None)
             report = consult(ask, images[0], steps=steps, lang=state.lang,
-                             ranking=rank(images[-3:]) if rank else None, quality=state.quality,
+                             ranking=self.engine.rank(images[-3:]), quality=state.quality,
                              frame=state.shown_to_model)  # (the history goes in with the frame)
             shown = ([state.earlier.image] if state.earlier else []) + images  # a follow-up: the earlier photo first
             photos = [state.write_file(f"skin-report-photo-{n}.jpg", _jpeg(image.image))
@@ -357,14 +358,13 @@ class Handlers:
     def differential(self, session: str) -> str:
         """The bundle's calibrated ranking for the consultation's last (up to 3) photos, as HTML with
         bars, and a warning when the chat's named condition is not in its top 3. '' without a head."""
-        rank = getattr(self.engine, "rank", None)
         state = self.store.get(session)
         photos = (list(state.conversation.images) + state.pending)[-3:]
-        if rank is None or not photos:
+        if not photos:
             return ""
         keys = tuple(p.key for p in photos)
         if state.ranking is None or state.ranking[0] != keys:
-            state.ranking = (keys, rank(photos))
+            state.ranking = (keys, self.engine.rank(photos))
         ranking = state.ranking[1]
         if ranking is None:
             return ""
@@ -435,6 +435,3 @@ def _jpeg(image) -> bytes:
     image.save(buffer, "JPEG", quality=92)
     return buffer.getvalue()
 
-
-def _pixel_bytes(image) -> int:
-    return image.size[0] * image.size[1] * len(image.getbands())

@@ -4,8 +4,8 @@ Gradio names an upload's folder by the file's content hash, so the same photo se
 (or twice in one message) shares one path, and whichever consultation uses or clears it first
 deletes it for the other. Our upload route (Gradio's own, with its login check, over a fresh
 folder per request) gives every upload its own path. Before the request returns, the photo is
-decoded as the chat will decode it (upright, sRGB) and written back from its pixels alone as a
-lossless PNG named by the server (never by the file's own name, which may be the patient's); the
+taken in (`model.images.intake`: decoded upright in sRGB, its quality measured) and written back
+from its pixels alone as a lossless PNG named by the server (never by the file's own name, which may be the patient's); the
 original, with whatever GPS tags it carried, is deleted. A file that is not a
 usable photo leaves an empty file and its reason, told in the chat when it is sent.
 """
@@ -22,21 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from PIL import Image
 from starlette.requests import Request  # at module level: FastAPI reads the route's annotations by name
 
-from model.images.decode import ImageError, Photo, decode_photo
-from model.images.quality import PhotoQuality, assess
+from model.images.decode import ImageError
+from model.images.intake import Intake, keep_lossless, reopen, take_photo
+from model.images.quality import PhotoQuality
 
 from app.privacy import UPLOADS, remove_upload
 
 
 @dataclass(frozen=True)
 class _Entry:
-    notes: tuple[str, ...]
-    error: ImageError | None
+    intake: Intake | ImageError  # what was taken in (its pixels are on disk), or why it is not a photo
     made: float
-    quality: PhotoQuality | None = None  # measured on arrival, so the page can say it before it is sent
 
 
 class Uploads:
@@ -68,45 +66,38 @@ class Uploads:
         finally:
             path.unlink(missing_ok=True)
         try:
-            photo: Photo | None = decode_photo(data, name="That file")
-            error = None
+            taken: Intake | ImageError = take_photo(data, name="That file")
         except ImageError as err:
-            photo, error = None, err
+            taken = err
         clean = path.with_name(f"photo-{secrets.token_hex(6)}.png")  # named by us: no patient's name on disk
-        fd = os.open(clean, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            if photo is not None:
-                photo.image.save(handle, "PNG", compress_level=1)  # lossless: the chat sees these pixels
-        quality = assess(photo.image) if photo is not None else None
+        if isinstance(taken, Intake):
+            keep_lossless(taken, clean)
+        else:  # an empty file: the page shows the attachment, the chat says why it is refused
+            os.close(os.open(clean, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
         with self._lock:
-            self._items[str(clean)] = _Entry(photo.notes if photo else (), error, time.monotonic(), quality)
+            self._items[str(clean)] = _Entry(taken, time.monotonic())
         return str(clean)
 
     def quality(self, path: str | Path) -> PhotoQuality | None:
         """How a cleaned upload measured on arrival (None: unknown, or not a photo)."""
         with self._lock:
             entry = self._items.get(str(path))
-        return entry.quality if entry is not None else None
+        return entry.intake.quality if entry is not None and isinstance(entry.intake, Intake) else None
 
     def known(self, path: str | Path) -> bool:
         with self._lock:
             return str(path) in self._items
 
-    def take(self, path: str | Path) -> Photo:
+    def take(self, path: str | Path) -> Intake:
         """The photo at a cleaned path (ImageError when it was not one); the file is deleted."""
         with self._lock:
             entry = self._items.pop(str(path), None)
         try:
             if entry is None:
                 raise ImageError("That file is no longer on the server; please attach the photo again")
-            if entry.error is not None:
-                raise entry.error
-            with Image.open(path, formats=("PNG",)) as image:
-                image.load()
-                pixels = image.convert("RGB")
-            return Photo(pixels, entry.notes)
-        except OSError:
-            raise ImageError("That file is no longer on the server; please attach the photo again") from None
+            if isinstance(entry.intake, ImageError):
+                raise entry.intake
+            return reopen(Path(path), entry.intake)
         finally:
             self._remove(path)
 

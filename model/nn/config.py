@@ -18,6 +18,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
+from model.choices import PRESETS as PRESET_NAMES
 from model.errors import UserFacingError
 
 
@@ -210,6 +211,9 @@ PRESETS: dict[str, SkinGPTConfig] = {
     "demo": _DEMO,
     "small": _SMALL,
 }
+
+
+assert tuple(sorted(PRESETS)) == tuple(sorted(PRESET_NAMES)), "model.choices.PRESETS names every preset"
 
 
 def preset(name: str) -> SkinGPTConfig:

@@ -1,10 +1,11 @@
 """The one streaming decode path, and the object that owns serving's parts.
 
 The app, the CLI, evaluation and benchmarks all decode through `Engine.stream`; a non-streaming
-answer is a join of it. In the caller's thread a `Generation` builds its prompt (`prompt`), gets the
-image embeddings (`image_cache`), claims its session (`sessions`) and hands a `Request` to the
-scheduler; then it streams, filling itself from the request's events (`requests`). The scheduler
-thread decodes every answer in progress together through the model runner (`runner`).
+answer is a join of it. In the caller's thread `stream` builds the prompt (`prompt`), gets the image
+embeddings (`image_cache`), claims a session (`sessions`) and hands a `Request` to the scheduler; the
+`Generation` it returns streams, filling itself from that request's events (`requests`). The
+scheduler thread decodes every answer in progress together through the model runner (`runner`).
+`EngineOptions` and `open_engine` are the one way the app and the CLI build an engine.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from model.clinical.conversation import Conversation, ConversationError, ImageInput, Template, template
+from model.clinical.ranking import Ranking
 from model.images.preprocess import preprocess
-from model.nn.config import GenerationConfig
+from model.nn.config import GenerationConfig, SkinGPTConfig
 from model.serving.image_cache import ImageCache
 from model.serving.prompt import PromptBuilder, context_budget, dropped_notice
 from model.serving.requests import Failed, Finished, GenerationStats, Queued, Request, Text
@@ -29,25 +32,63 @@ from model.serving.sampler import Sampler
 from model.serving.scheduler import Scheduler
 from model.serving.sessions import SessionCache
 from model.weights.bundle import LoadedBundle, load_bundle
-from model.weights.policy import cpu_advice
+from model.weights.policy import LoadPolicy, cpu_advice
+
+
+class Answer(Protocol):
+    """What a front-end reads of an answer being streamed: `Generation` here, and the remote engine's."""
+
+    text: str
+    tokens: list[int]  # generated token ids, once finished
+    finish_reason: str | None  # stop | eos | length | cancelled | timeout, once finished
+    notices: list[str]
+    stats: GenerationStats
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def events(self) -> Iterator[tuple[str, object]]:
+        """("queued", place) while waiting for a batch slot, then ("text", piece)s."""
+
+    def close(self) -> None:
+        """Stop early; safe from any thread."""
+
+
+class AnswerEngine(Protocol):
+    """What the app and the API ask of an engine: `Engine` here, `app.remote_engine.RemoteEngine`
+    (a vLLM server) there, or a test's stand-in; each has every one of these."""
+
+    config: SkinGPTConfig
+    request_timeout_s: float | None
+
+    @property
+    def max_batch(self) -> int: ...
+
+    def stream(self, conversation: Conversation, **kwargs) -> Answer: ...
+
+    def answer(self, conversation: Conversation, **kwargs) -> str: ...
+
+    def forget(self, session: str) -> None: ...
+
+    def forget_images(self, keys: list[str] | None = None) -> None: ...
+
+    def rank(self, images: list[ImageInput]) -> Ranking | None:
+        """The bundle's calibrated differential, or None (no head, or no encoder here)."""
 
 
 class Generation:
     """An answer being streamed: iterate it for text pieces (or `events()` for the queue position
     too); afterwards read `text`, `tokens`, `finish_reason` (stop | eos | length | cancelled |
-    timeout), `stats` and `notices`. Everything here is written in the consumer's thread, from the request's events."""
+    timeout), `stats` and `notices`. The consumer's thread fills it from the request's events;
+    `close` may come from any thread (the API's disconnect watcher, a Stop)."""
 
-    def __init__(self, engine: Engine, conversation: Conversation, session: str | None,
-                 settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
-                 fixed_length: bool = False, stop: tuple[str, ...] = (), prefix_cache: str | None = None) -> None:
+    def __init__(self, request: Request, poke: Callable[[], None], notices: list[str]) -> None:
+        self.finish_reason: str | None = None
+        self._request, self._poke = request, poke  # poke: wake the scheduler (it ends a closed request)
         self.text = ""
         self.tokens: list[int] = []  # generated token ids (EOS excluded), once finished
         self.produced = 0  # tokens generated so far
-        self.finish_reason: str | None = None
-        self.notices: list[str] = []
-        self.stats = GenerationStats()
-        self._args = (conversation, session, settings, seed, cancel, fixed_length, stop, prefix_cache)
-        self._engine, self._request = engine, None
+        self.notices = notices
+        self.stats = request.stats
         self._events = self._run()
         self._texts = (value for kind, value in self._events if kind == "text")
 
@@ -62,7 +103,6 @@ class Generation:
         return self._events
 
     def _run(self) -> Iterator[tuple[str, object]]:
-        self._request = self._engine._submit(self, *self._args)
         while True:
             event = self._request.out.get()
             if isinstance(event, Text):
@@ -81,9 +121,9 @@ class Generation:
     def close(self) -> None:
         """Stop early (the consumer went away); the session's cache stays valid. Safe from any
         thread, also while another thread waits for the next piece."""
-        if self._request is not None and self.finish_reason is None:
+        if self.finish_reason is None:
             self._request.closed.set()
-            self._engine.scheduler.poke()
+            self._poke()
             self.finish_reason = "cancelled"  # the scheduler ends it so at its next step
         try:
             self._events.close()
@@ -91,9 +131,8 @@ class Generation:
             pass  # being iterated in another thread: it ends as soon as the scheduler lets go
 
     def __del__(self) -> None:  # a consumer that dropped the stream without closing it frees its slot
-        request = getattr(self, "_request", None)
-        if request is not None and self.finish_reason is None:
-            request.closed.set()
+        if self.finish_reason is None:
+            self._request.closed.set()
 
 
 class Engine:
@@ -112,15 +151,11 @@ class Engine:
         self.prompt = PromptBuilder(self.template, self.tokenizer, self.config.image_placeholder,
                                     self.config.qformer.num_query_tokens, self.config.generation.max_context)
         self.images = ImageCache(self._encode, max_images)
-        budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(self.device)
-        budget = getattr(self.runner, "kv_bytes", budget)  # a fixed pool (llama.cpp) is its own budget
+        budget = self.runner.kv_bytes  # a fixed pool (llama.cpp) is its own budget
+        if budget is None:
+            budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(self.device)
         self.sessions = SessionCache(self.runner.new_state, budget, self.runner.free)
-        self.runner.make_room = self.sessions.drop_oldest_idle
-        # A prefill chunk is what a streaming answer may wait between two of its tokens: on a CPU 64
-        # positions of the `small` preset take about 0.5 s; a GPU prefills 512 in milliseconds;
-        # llama.cpp's batched products want more positions a call (its runner says how many).
-        chunk = prefill_chunk or getattr(self.runner, "prefill_chunk", None) or (
-            512 if self.device.type == "cuda" else 64)
+        chunk = prefill_chunk or self.runner.prefill_chunk  # what an answer may wait between two tokens
         self.scheduler = Scheduler(self.runner, self.sessions, max_batch, chunk, hold)  # hold: a test hook
 
     @property
@@ -146,7 +181,11 @@ class Engine:
             settings = dataclasses.replace(self.config.generation, **overrides)
         except TypeError as err:
             raise ConversationError(f"unknown generation setting: {err}") from None
-        return Generation(self, conversation, session, settings, seed, cancel, fixed_length, tuple(stop), prefix_cache)
+        notices: list[str] = []
+        request = self._request(conversation, session, settings, seed, cancel, fixed_length, tuple(stop),
+                                prefix_cache, notices)
+        self.scheduler.submit(request)
+        return Generation(request, self.scheduler.poke, notices)
 
     def answer(self, conversation: Conversation, **kwargs) -> str:
         return "".join(self.stream(conversation, **kwargs))
@@ -168,7 +207,7 @@ class Engine:
         with self.device_lock:
             return self.model.encode_image(pixels)[0]  # (Q, D)
 
-    def rank(self, images: list[ImageInput]):
+    def rank(self, images: list[ImageInput]) -> Ranking | None:
         """The bundle's calibrated differential for 1-3 photos of one case, or None without a head."""
         head = self.loaded.differential
         if head is None:
@@ -184,11 +223,16 @@ class Engine:
         """Bytes of KV cache held for idle sessions."""
         return self.sessions.idle_bytes()
 
+    def close(self) -> None:
+        """Stop the scheduler's thread and free the runner (what llama.cpp holds)."""
+        self.scheduler.stop()
+        self.runner.close()
+
     # -- requests ----------------------------------------------------------------------------------
-    def _submit(self, gen: Generation, conversation: Conversation, session_name: str | None,
-                settings: GenerationConfig, seed: int | None, cancel: threading.Event | None,
-                fixed_length: bool, stop: tuple[str, ...], prefix_cache: str | None) -> Request:
-        """In the caller's thread: the prompt, the image embeddings, a session; then the scheduler's turn."""
+    def _request(self, conversation: Conversation, session_name: str | None, settings: GenerationConfig,
+                 seed: int | None, cancel: threading.Event | None, fixed_length: bool, stop: tuple[str, ...],
+                 prefix_cache: str | None, notices: list[str]) -> Request:
+        """In the caller's thread: the prompt, the image embeddings, a session, as one ready request."""
         start = time.perf_counter()
         if conversation.pending is None:
             raise ConversationError("the conversation has no question to answer")
@@ -196,29 +240,40 @@ class Engine:
         slots, images, dropped = self.prompt.slots(conversation, budget)
         stats = GenerationStats(dropped_turns=dropped)
         if dropped:
-            gen.notices.append(dropped_notice(len(dropped)))
+            notices.append(dropped_notice(len(dropped)))
         embeds = {img.key: self.encode(img) for img in images}
         sampler = Sampler(settings, seed, self.device, [s for s in slots if isinstance(s, int)])
         stops, eos = ((), None) if fixed_length else (self.template.stop + stop, self.tokenizer.eos_token_id)
         if session_name is None and prefix_cache is not None:
             session_name = self.sessions.closest(prefix_cache, slots)
         deadline = start + self.request_timeout_s if self.request_timeout_s is not None else None
-        request = Request(self.sessions.claim(session_name), slots, embeds, sampler, stops, eos,
-                          settings.max_new_tokens, cancel, self.tokenizer, start, stats, deadline)
-        self.scheduler.submit(request)
-        return request
+        return Request(self.sessions.claim(session_name), slots, embeds, sampler, stops, eos,
+                       settings.max_new_tokens, cancel, self.tokenizer, start, stats, deadline)
 
 
-def open_engine(bundle: str | Path, policy, *, record: Path | None = None, say: Callable[[str], None] = print,
-                **engine_options) -> Engine:
-    """Load a bundle under a load policy and put an engine in front of it, saying (through `say`)
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything that builds an engine, from the CLI's flags or the app's settings alike."""
+
+    bundle: Path
+    policy: LoadPolicy
+    record: Path | None = None  # which bundle files already passed their sha256 check (None: check all)
+    max_batch: int = 8  # answers decoded together
+    kv_cache_bytes: int | None = None  # idle sessions' KV caches (None: a third of free memory)
+    request_timeout_s: float | None = None  # one answer, queue wait included
+    hold: Callable[[], bool] | None = None  # a test hook: decoding waits while it returns True
+
+
+def open_engine(options: EngineOptions, say: Callable[[str], None] = print) -> Engine:
+    """Load a bundle under its load policy and put an engine in front of it, saying (through `say`)
     what the user should know: a slow mode on this machine, what `auto` chose and why."""
-    if advice := cpu_advice(policy):
+    if advice := cpu_advice(options.policy):
         say(f"warning: {advice}")
-    loaded = load_bundle(bundle, policy, record=record)
+    loaded = load_bundle(options.bundle, options.policy, record=options.record)
     if loaded.note:
         say(loaded.note)
-    return Engine(loaded, **engine_options)
+    return Engine(loaded, max_batch=options.max_batch, kv_cache_bytes=options.kv_cache_bytes,
+                  request_timeout_s=options.request_timeout_s, hold=options.hold)
 
 
 def make_runner(loaded: LoadedBundle, device_lock: threading.Lock, max_batch: int,

@@ -23,13 +23,14 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from model.nn.config import LLMConfig
 from model.serving.requests import ImageSlot, Slot
+from model.serving.runner import MakeRoom, no_room
 from model.serving.llama_backend import Threadpool, ensure_backends
 from model.weights.gguf_llm import GGUFError, require_llama_cpp
 
@@ -76,7 +77,6 @@ class LlamaRunner:
         self.device = torch.device("cpu")
         self.threads = threads or default_threads()
         self._lock = threading.RLock()  # every llama.cpp call; free() comes from other threads
-        self.make_room: Callable[[], bool] = lambda: False
         self.model = _load_model(llama, Path(gguf), repack=_repackable(cfg))
         self._table = _token_table(Path(gguf))  # words of a prompt with a photo go in as its rows (see `_feed`)
         self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self.model))
@@ -136,11 +136,12 @@ class LlamaRunner:
                 self.llama.llama_memory_seq_rm(self.memory, state.seq, length, -1)
             state.length = min(state.length, length)
 
-    def prefill(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def prefill(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+                make_room: MakeRoom = no_room) -> torch.Tensor:
         with self.device_lock, self._lock:
             if state.seq is None:
-                state.seq = self._take_sequence()
-            return self._feed(state, slots, embeds)
+                state.seq = self._take_sequence(make_room)
+            return self._feed(state, slots, embeds, make_room)
 
     def join(self, state: LlamaState) -> None:
         self.rows.append(state)
@@ -148,14 +149,14 @@ class LlamaRunner:
     def leave(self, row: int) -> LlamaState:
         return self.rows.pop(row)
 
-    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+    def decode(self, tokens: Sequence[int], make_room: MakeRoom = no_room) -> torch.Tensor:
         with self.device_lock, self._lock:
             batch = self._tokens
             for i, (state, token) in enumerate(zip(self.rows, tokens)):
                 batch.token[i], batch.pos[i] = token, state.length
                 batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, state.seq, 1
             batch.n_tokens = len(tokens)
-            self._run(batch, len(tokens))
+            self._run(batch, len(tokens), make_room)
             for state in self.rows:
                 state.length += 1
             return self._logits(len(tokens))  # (B, V)
@@ -173,7 +174,8 @@ class LlamaRunner:
             state.seq, state.length = None, 0
 
     # -- llama.cpp ---------------------------------------------------------------------------------
-    def _feed(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _feed(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+              make_room: MakeRoom) -> torch.Tensor:
         """Slots after what the state's sequence holds, in parts that fit llama.cpp's batch; (V,) logits of
         the last. A batch holds token ids or embeddings, not both: a chunk with a photo goes in as
         embeddings only (its words as rows of the GGUF's own token table), so that it is one
@@ -184,10 +186,10 @@ class LlamaRunner:
             last = i == len(parts) - 1
             if photo:
                 self._fill(self._embeds, len(part), state, last, embeds=self._rows(part, embeds))
-                self._run(self._embeds, len(part))
+                self._run(self._embeds, len(part), make_room)
             else:
                 self._fill(self._tokens, len(part), state, last, tokens=part)
-                self._run(self._tokens, len(part))
+                self._run(self._tokens, len(part), make_room)
             state.length += len(part)
         return self._logits(1)[0]
 
@@ -199,9 +201,9 @@ class LlamaRunner:
         return torch.stack([embeds[s.key][s.index].float() if isinstance(s, ImageSlot) else next(words)
                             for s in slots]).contiguous()
 
-    def _take_sequence(self) -> int:
+    def _take_sequence(self, make_room: MakeRoom) -> int:
         while not self._free_seqs:
-            if not self.make_room():
+            if not make_room():
                 raise GGUFError(f"all {self.max_sequences} llama.cpp sequences hold answers in progress; "
                                 f"lower SKINGPT_MAX_BATCH or wait for an answer to end")
         return self._free_seqs.popleft()
@@ -218,7 +220,7 @@ class LlamaRunner:
             batch.logits[i] = 1 if logits_last and i == count - 1 else 0
         batch.n_tokens = count
 
-    def _run(self, batch, count: int) -> None:
+    def _run(self, batch, count: int, make_room: MakeRoom) -> None:
         """llama_decode, making room in the KV cache (dropping idle sessions) while it has none."""
         while True:
             status = self.llama.llama_decode(self.ctx, batch)
@@ -226,7 +228,7 @@ class LlamaRunner:
                 return
             if status != _NO_KV_SLOT:
                 raise GGUFError(f"llama.cpp failed to decode a batch of {count} positions (status {status})")
-            if not self.make_room():
+            if not make_room():
                 raise GGUFError(f"llama.cpp's KV cache ({self.kv_cells} positions) is full with answers in "
                                 f"progress; raise SKINGPT_KV_CACHE_GB or lower SKINGPT_MAX_BATCH")
 

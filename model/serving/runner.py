@@ -20,11 +20,25 @@ from model.serving.kv_cache import Batch, new_cache, trim_cache
 from model.serving.requests import ImageSlot, Slot, starts_image
 
 
+MakeRoom = Callable[[], bool]  # drop the least recently used idle session; False when none is left
+
+
+def no_room() -> bool:
+    """A `MakeRoom` with nothing to drop (a runner driven on its own, as in tests)."""
+    return False
+
+
 class ModelRunner(Protocol):
+    """Everything the engine and the scheduler ask of a runtime. `make_room` is the session cache's,
+    passed with each call that may need KV room: a runtime whose cache is a fixed pool (llama.cpp)
+    asks it when the pool is full; one whose caches grow (torch) never does."""
+
     device: torch.device  # where image embeddings and sampling live
-    # Set by the engine: drop the least recently used idle session (False when none is left). A
-    # runtime whose cache is a fixed pool (llama.cpp) asks it when the pool is full.
-    make_room: Callable[[], bool]
+    # positions one prefill call takes: what a streaming answer may wait between two of its tokens
+    prefill_chunk: int
+    # a fixed pool's size in bytes, which is then the idle sessions' whole budget; None: caches grow, and
+    # the engine's budget bounds what idle sessions keep
+    kv_bytes: int | None
 
     def new_state(self) -> Any:
         """An empty session state."""
@@ -32,7 +46,8 @@ class ModelRunner(Protocol):
     def trim(self, state: Any, length: int) -> None:
         """Keep the first `length` positions of the state."""
 
-    def prefill(self, state: Any, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def prefill(self, state: Any, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+                make_room: MakeRoom = no_room) -> torch.Tensor:
         """Feed `slots` after what the state holds (an image's run never split); (V,) logits of the last."""
 
     def join(self, state: Any) -> None:
@@ -41,7 +56,7 @@ class ModelRunner(Protocol):
     def leave(self, row: int) -> Any:
         """Row `row` leaves the batch; its state (all it was fed) goes back to the session."""
 
-    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+    def decode(self, tokens: Sequence[int], make_room: MakeRoom = no_room) -> torch.Tensor:
         """Feed one token to every row, in row order; (B, V) logits."""
 
     def drop_batch(self) -> None:
@@ -49,6 +64,9 @@ class ModelRunner(Protocol):
 
     def free(self, state: Any) -> None:
         """A session's state is no longer needed."""
+
+    def close(self) -> None:
+        """Free what the runtime holds outside Python (the engine is done with it)."""
 
 
 class TorchRunner:
@@ -58,7 +76,9 @@ class TorchRunner:
         self.model, self.lock = model, device_lock
         self.device = model.llm.get_input_embeddings().weight.device
         self.batch = Batch()
-        self.make_room = lambda: False  # unused: torch caches grow; the session cache's byte budget bounds them
+        # On a CPU 64 positions of the `small` preset take about 0.5 s; a GPU prefills 512 in milliseconds.
+        self.prefill_chunk = 512 if self.device.type == "cuda" else 64
+        self.kv_bytes: int | None = None  # caches grow: the session cache's byte budget bounds them
 
     def new_state(self):
         return new_cache()
@@ -66,7 +86,8 @@ class TorchRunner:
     def trim(self, state, length: int) -> None:
         trim_cache(state, length)
 
-    def prefill(self, state, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def prefill(self, state, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+                make_room: MakeRoom = no_room) -> torch.Tensor:
         ids = torch.tensor([[IMAGE_TOKEN_ID if isinstance(s, ImageSlot) else s for s in slots]], device=self.device)
         keys = [s.key for s in slots if starts_image(s)]
         images = torch.stack([embeds[k] for k in keys]) if keys else None  # (N_img, Q, D)
@@ -81,7 +102,7 @@ class TorchRunner:
     def leave(self, row: int):
         return self.batch.remove(row)
 
-    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+    def decode(self, tokens: Sequence[int], make_room: MakeRoom = no_room) -> torch.Tensor:
         with self.lock, torch.no_grad():
             positions, mask = self.batch.step_inputs()
             out = self.model.llm(input_ids=torch.tensor(list(tokens), device=self.device).unsqueeze(1),
@@ -95,3 +116,6 @@ class TorchRunner:
 
     def free(self, state) -> None:
         pass  # torch frees a cache with its last reference
+
+    def close(self) -> None:
+        self.batch = Batch()

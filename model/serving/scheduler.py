@@ -156,7 +156,7 @@ class Scheduler:
             while end < len(slots) and inside_image(slots[end]):
                 end += 1  # an image's run is never split between chunks
             new = slots[request.fed:end]
-            logits = self.runner.prefill(session.state, new, request.embeds)
+            logits = self.runner.prefill(session.state, new, request.embeds, self.sessions.drop_oldest_idle)
             session.slots.extend(new)
             request.fed = end
         except BaseException as err:  # noqa: BLE001 - delivered to the consumer, which raises it
@@ -177,7 +177,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         tokens = [r.next_token for r in self.decoding]
         try:
-            logits = self.runner.decode(tokens)  # (B, V)
+            logits = self.runner.decode(tokens, self.sessions.drop_oldest_idle)  # (B, V)
         except BaseException as err:  # noqa: BLE001 - every row gets it; their states are dropped
             failed, self.decoding = self.decoding, []
             self.runner.drop_batch()

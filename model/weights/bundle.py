@@ -26,15 +26,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from model.choices import BUNDLE_QUANTIZE, ENCODER_STORAGE, GGUF, WEIGHT_ONLY, ChoiceError, check_choice
 from model.nn.config import ConfigError, SkinGPTConfig
 from model.errors import UserFacingError
 from model.nn.llm import ExternalLLM, LLMLoadError, config_from_dir, load_llm, load_tokenizer
-from model.weights.policy import (WEIGHT_ONLY, LoadPolicy, Sizing, bnb_config, choose_policy, fast_cpu_encoder,
+from model.weights.policy import (LoadPolicy, Sizing, bnb_config, choose_policy, fast_cpu_encoder,
                            module_bytes, quantized_linear_params)
 from model.nn.skingpt import ENCODER_PARTS, SkinGPT
-from model.weights.encoder_int8 import (ENCODER_MODES, install_int8_linears, int8_note, int8_scales,
+from model.weights.encoder_int8 import (install_int8_linears, int8_note, int8_scales,
                                         quantise_encoder, stored_int8)
-from model.weights.gguf_llm import GGUF_FILE, GGUF_MODES, require_llama_cpp
+from model.weights.gguf_llm import GGUF_FILE, require_llama_cpp
 from model.weights.weight_only import (entries, from_float_files, kernel_speeds, load_quantized_llm, read_quantization,
                           require_kernels, write_quantized, TensorFiles)
 
@@ -43,7 +44,6 @@ ENCODER_FILE = "encoder.safetensors"
 LLM_DIR = "llm"
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "skingpt-bundle/1"
-QUANTIZE_BUNDLE_MODES = (*GGUF_MODES, *WEIGHT_ONLY)  # what `quantize_bundle` writes
 HOW_TO_GET = ("build one with `python launch.py convert` from the published weight files "
               "(see weights/README.md), or use a bundle written by `python launch.py train`")
 
@@ -229,8 +229,12 @@ def quantize_bundle(source: str | Path, out: str | Path, mode: str | None, encod
     (as it was for f32), or with `encoder="int8"` its ViT linears in int8 (see `encoder_int8`). The
     quantisation is recorded, every file hashed."""
     source, out = Path(source), Path(out)
-    if encoder not in ENCODER_MODES:
-        raise BundleError(f"the encoder is stored as {' or '.join(ENCODER_MODES)}, not {encoder!r}")
+    try:
+        check_choice("the encoder's storage", encoder, ENCODER_STORAGE)
+        if mode is not None:
+            check_choice("the bundle's quantisation mode", mode, BUNDLE_QUANTIZE)
+    except ChoiceError as err:
+        raise BundleError(str(err)) from None
     manifest = verify_bundle(source)
     config = load_config(source)
     quantised = read_quantization(source / LLM_DIR) is not None or (source / LLM_DIR / GGUF_FILE).is_file()
@@ -243,7 +247,7 @@ def quantize_bundle(source: str | Path, out: str | Path, mode: str | None, encod
     with safe_open(str(source / ENCODER_FILE), framework="pt") as handle:
         if stored_int8(handle.keys()):
             raise BundleError(f"{source}'s encoder is int8 already; quantise the bundle it was made from")
-    if mode in GGUF_MODES and mode not in ("f32", "f16"):
+    if mode in GGUF and mode not in ("f32", "f16"):
         require_llama_cpp()  # before anything is written
     (out / LLM_DIR).mkdir(parents=True, exist_ok=True)
     for rel in bundle_files(source):
@@ -276,7 +280,7 @@ def quantize_bundle(source: str | Path, out: str | Path, mode: str | None, encod
 def _write_llm(source: Path, out: Path, config: SkinGPTConfig, mode: str) -> dict[str, str]:
     files = TensorFiles(source / LLM_DIR)
     try:
-        if mode in GGUF_MODES:
+        if mode in GGUF:
             made = write_gguf_llm(out / LLM_DIR, config.llm, load_tokenizer(source / LLM_DIR), files.get, mode)
         else:
             made = {}

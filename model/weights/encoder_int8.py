@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ENCODER_MODES = ("bf16", "int8")  # what `quantize --encoder` writes; bf16 is the default
 # the ViT blocks' linear weights (timm EVA names), the only tensors stored as int8
 _QUANTISED = re.compile(r"^vision\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight$")
 

@@ -23,13 +23,13 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from model.choices import GGUF, GGUF_FILE_TYPES
 from model.errors import UserFacingError
 from model.nn.config import LLMConfig
 
 GGUF_FILE = "model.gguf"
 # --mode: llama.cpp's file types (enum llama_ftype). f32 and f16 are written directly, the rest
 # quantised from an f16 file by llama.cpp.
-GGUF_MODES = {"q4_k_m": 15, "q4_0": 2, "q8_0": 7, "f16": 1, "f32": 0}
 LLAMA_CPP_INSTALL = ("install llama.cpp's Python bindings: `.venv/bin/pip install -r requirements.txt` "
                      "(builds llama-cpp-python from source with cmake and a C++ compiler)")
 
@@ -152,7 +152,7 @@ def write_gguf(path: Path, cfg: LLMConfig, tokenizer: Any, params: Iterable[tupl
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(GGUF_MODES[dtype])
+    writer.add_file_type(GGUF_FILE_TYPES[dtype])
     tokens, kinds = _vocabulary(tokenizer, cfg.vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -182,10 +182,10 @@ def quantize_gguf(source: Path, out: Path, mode: str, threads: int = 0) -> Path:
     """llama.cpp's own quantiser: an f16 / f32 GGUF -> `mode` (q8_0, q4_0, q4_k_m). Tensors whose rows
     do not fit a k-quant's 256-wide blocks get llama.cpp's fallback type (tiny models only)."""
     llama_cpp = require_llama_cpp()
-    if mode not in GGUF_MODES:
-        raise GGUFError(f"GGUF mode must be one of {', '.join(GGUF_MODES)}, not {mode!r}")
+    if mode not in GGUF:
+        raise GGUFError(f"GGUF mode must be one of {', '.join(GGUF)}, not {mode!r}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = GGUF_MODES[mode]
+    params.ftype = GGUF_FILE_TYPES[mode]
     params.nthread = threads
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
     if status != 0 or not out.is_file():

@@ -14,15 +14,13 @@ from typing import Callable, Literal, get_args
 import torch
 from torch import nn
 
+from model.choices import (BITSANDBYTES, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_QUANTIZE, DTYPES, QUANTIZE, WEIGHT_ONLY, ChoiceError,
+                           Dtype, Quantize, check_choice, check_device)
 from model.errors import UserFacingError
 
-Quantize = Literal["auto", "none", "int8", "nf4", "int8w", "int4"]
-Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 EncoderCompute = Literal["auto", "stored"]  # stored: the encoder computes in the dtype it is stored in
 
-QUANT_MODES = get_args(Quantize)
-WEIGHT_ONLY = ("int8w", "int4")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class PolicyError(UserFacingError, ValueError):
@@ -31,22 +29,21 @@ class PolicyError(UserFacingError, ValueError):
 
 @dataclass(frozen=True)
 class LoadPolicy:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Dtype = "auto"
-    quantize: Quantize = "none"
+    device: str = DEFAULT_DEVICE  # auto | cpu | cuda | cuda:N
+    dtype: Dtype = DEFAULT_DTYPE
+    quantize: Quantize = DEFAULT_QUANTIZE
     encoder_compute: EncoderCompute = "auto"  # auto: on a CPU, a half-precision encoder computes in fp32 where faster
 
     def __post_init__(self) -> None:
-        """Built from flags and settings, not from a file: the Literal choices are checked here, each
-        refusal naming the field and what it takes."""
-        if self.quantize not in QUANT_MODES:
-            raise PolicyError(f"quantize must be one of {', '.join(QUANT_MODES)}, not {self.quantize!r}")
-        if self.dtype not in get_args(Dtype):
-            raise PolicyError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.encoder_compute not in get_args(EncoderCompute):
-            raise PolicyError(f"encoder_compute must be auto or stored, not {self.encoder_compute!r}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise PolicyError(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+        """Built from flags and settings, not from a file: each value is checked by model.choices'
+        validator, the refusal naming the value and what it takes."""
+        try:
+            check_choice("quantize", self.quantize, QUANTIZE)
+            check_choice("dtype", self.dtype, DTYPES)
+            check_choice("encoder_compute", self.encoder_compute, get_args(EncoderCompute))
+            check_device(self.device)
+        except ChoiceError as err:
+            raise PolicyError(str(err)) from None
 
     def resolve_device(self) -> str:
         if self.device == "auto":
@@ -63,7 +60,7 @@ class LoadPolicy:
         if self.quantize in WEIGHT_ONLY:
             return torch.bfloat16
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
+            return TORCH_DTYPES[self.dtype]
         if self.resolve_device() == "cpu":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -118,10 +115,10 @@ CPU_DECODE_TOKENS_PER_S = {"int8w": 14.0, "int4": 12.3, "bf16": 10.9, "fp32": 8.
 
 def cpu_advice(policy: LoadPolicy) -> str | None:
     """A warning for a mode that is slow on a CPU, when the policy puts the model on one."""
-    if policy.quantize == "auto" or policy.resolve_device() != "cpu":
-        return None  # auto says what it chose, and why, as it loads
+    if (policy.quantize == "auto" and policy.dtype == "auto") or policy.resolve_device() != "cpu":
+        return None  # auto says what it chose, and why, as it loads (with a dtype asked for, it quantises nothing)
     speed = CPU_DECODE_TOKENS_PER_S
-    if policy.quantize in ("int8", "nf4"):
+    if policy.quantize in BITSANDBYTES:
         return (f"bitsandbytes {policy.quantize} decodes {speed['bf16'] / speed[policy.quantize]:.1f}x slower than "
                 f"bf16 on a CPU (measured); use --quantize int8w (the fastest here, 1 byte a weight) or int4 "
                 f"(half a byte), or --dtype bf16")
@@ -241,4 +238,4 @@ def fast_cpu_encoder(policy: LoadPolicy, vision: nn.Module) -> str:
 
 
 def _name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
+    return {v: k for k, v in TORCH_DTYPES.items()}[dtype]

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from model.nn.config import SkinGPTConfig
-from model.weights.policy import QUANT_MODES, estimate_llm_bytes, quantized_linear_params
+from model.choices import QUANTIZE
+from model.weights.policy import estimate_llm_bytes, quantized_linear_params
 from model.nn.skingpt import ENCODER_PARTS, SkinGPT, build_skingpt, count_parameters
 
 PART_NAMES = {"vision": "ViT", "ln_vision": "ln_vision", "qformer": "Q-Former", "query_tokens": "query tokens",
@@ -24,7 +25,7 @@ def describe(config: SkinGPTConfig) -> dict[str, Any]:
     linear = quantized_linear_params(model.llm)
     memory = {mode: {"encoder_half": encoder * 2, "llm": estimate_llm_bytes(counts["llm"], linear, mode),
                      "total": encoder * 2 + estimate_llm_bytes(counts["llm"], linear, mode)}
-              for mode in QUANT_MODES if mode != "auto"}
+              for mode in QUANTIZE if mode != "auto"}
     return {"name": config.name, "parameters": counts, "total_parameters": sum(counts.values()),
             "shapes": _shapes(model), "memory_bytes": memory, "prompt_template": config.prompt_template}
 

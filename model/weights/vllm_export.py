@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from model.clinical.conversation import Template, template
 from model.nn.config import SkinGPTConfig
 from model.nn.llm import hf_config as llama_config, load_tokenizer
-from model.weights.bundle import (CONFIG_FILE, ENCODER_FILE, LLM_DIR, BundleError, load_config, quantized_mode,
+from model.weights.bundle import (ENCODER_FILE, LLM_DIR, BundleError, load_config, quantized_mode,
                                   verify_bundle)
 from model.weights.encoder_int8 import stored_int8
 
