@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from model.clinical.conversation import Conversation, ConversationError, ImageInput, Template, template
+from model.prompt.conversation import Conversation, ConversationError, ImageInput, Template, template
 from model.errors import UserFacingError
 from model.nn.config import SkinGPTConfig
 from model.serving.detokenize import printable
@@ -126,7 +126,7 @@ class RemoteEngine:
         except TypeError as err:
             raise ConversationError(f"unknown generation setting: {err}") from None
         budget = context_budget(settings.max_context, self.config.llm.max_position_embeddings, settings.max_new_tokens)
-        _, _, dropped = self.prompt.slots(conversation, budget)
+        _, _, dropped = self.prompt.positions(conversation, budget)
         body = {"model": self.model, "messages": self.messages(conversation, frozenset(dropped)), "stream": True,
                 "stream_options": {"include_usage": True}, "max_tokens": settings.max_new_tokens,
                 "return_token_ids": True, "skip_special_tokens": True,

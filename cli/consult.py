@@ -144,7 +144,7 @@ def _report(args: argparse.Namespace, model, visit: TerminalVisit) -> int:
 def _intake(path: str, lang: str, quiet: bool = False, keep: dict | None = None):
     """A photo file as the terminal takes it: decoded (its notes said), its quality checked and said
     at once, so that a patient can retake it before asking; (the image, the quality)."""
-    from model.clinical.conversation import ImageInput
+    from model.prompt.conversation import ImageInput
     from model.images.intake import take_photo
 
     photo = take_photo(Path(path))
@@ -159,7 +159,7 @@ def _intake(path: str, lang: str, quiet: bool = False, keep: dict | None = None)
 
 def _answer(args: argparse.Namespace, model, visit: TerminalVisit) -> int:
     from model.clinical.consultation import ask_in
-    from model.clinical.conversation import Conversation
+    from model.prompt.conversation import Conversation
     from model.clinical.ranking import ranking_text
     from model.clinical.safety import red_flags
     from model.i18n.catalog import text
@@ -201,7 +201,7 @@ def _printed(generation) -> str:
 
 def run_chat(args: argparse.Namespace) -> int:
     from model.clinical.consultation import ask_in
-    from model.clinical.conversation import Conversation
+    from model.prompt.conversation import Conversation
     from model.i18n.catalog import text
 
     lang = language(args)

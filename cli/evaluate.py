@@ -98,7 +98,7 @@ def review_score(args: argparse.Namespace) -> int:
 
 def consistency(args: argparse.Namespace) -> int:
     from model.clinical.consultation import DEFAULT_FLOW
-    from model.clinical.conversation import Conversation
+    from model.prompt.conversation import Conversation
     from model.evaluation.predict import consistency as run, read_cases
 
     labels = _labels(args)

@@ -18,7 +18,7 @@ from tools.fixtures import skin_photo
 
 from model.serving.sampler import SamplingSettings
 from app.web.handlers import QUICK_PROMPTS, Handlers, SessionStore
-from model.clinical.conversation import ConversationError
+from model.prompt.conversation import ConversationError
 
 
 class FakeGeneration:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from model.weights.bundle import load_bundle
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.serving.engine import Engine
 
 QUESTIONS = ["What is it?", "Please describe the skin condition in this photo in detail, with its colour and border.",

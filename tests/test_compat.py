@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.serving.detokenize import printable
 from model.serving.engine import Engine
 from model.weights.bundle import load_bundle, verify_bundle

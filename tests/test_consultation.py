@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from model.clinical.consultation import DEFAULT_FLOW, ConsultStep, build_report, consult, extract_diagnosis
-from model.clinical.conversation import ImageInput
+from model.prompt.conversation import ImageInput
 from model.clinical.safety import DISCLAIMER, red_flags
 
 

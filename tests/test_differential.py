@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import ROOT
 from model.weights.bundle import BundleError, load_bundle, verify_bundle, write_manifest
-from model.clinical.differential import HEAD_META, HEAD_WEIGHTS, DifferentialError, DifferentialHead
+from model.nn.differential import HEAD_META, HEAD_WEIGHTS, DifferentialError, DifferentialHead
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_the_head_is_hashed_in_the_bundle_and_loaded_with_it(head_bundle):
 
 
 def test_a_ranking_for_one_to_three_photos(head_bundle, labelled):
-    from model.clinical.conversation import ImageInput
+    from model.prompt.conversation import ImageInput
     from model.serving.engine import Engine
 
     engine = Engine(load_bundle(head_bundle))

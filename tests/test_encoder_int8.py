@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import ROOT
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.images.preprocess import preprocess
 from model.serving.engine import Engine
 from model.weights.bundle import ENCODER_FILE, LLM_DIR, BundleError, load_bundle, quantize_bundle, read_manifest

@@ -12,10 +12,10 @@ from PIL import Image
 
 import model.serving.engine as engine_module
 from model.weights.bundle import load_bundle
-from model.clinical.conversation import Conversation, ImageInput, render
+from model.prompt.conversation import Conversation, ImageInput, render
 from model.serving.engine import Engine
 from model.serving.detokenize import visible as _visible
-from model.serving.requests import ImageSlot
+from model.serving.requests import ImagePosition
 from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 
 
@@ -86,17 +86,17 @@ def test_followup_prefill_holds_the_image(engine):
         "".join(engine.stream(conversation, session=None, do_sample=False, max_new_tokens=2))  # no reuse
     finally:
         hook.remove()
-    slots, _, _ = engine.prompt.slots(conversation, 10_000)
-    prefill = torch.cat([c[0] for c in captured if c is not None])[:len(slots)]  # (T, D), over its chunks
-    positions = [i for i, s in enumerate(slots) if isinstance(s, ImageSlot)]
+    positions, _, _ = engine.prompt.positions(conversation, 10_000)
+    prefill = torch.cat([c[0] for c in captured if c is not None])[:len(positions)]  # (T, D), over its chunks
+    positions = [i for i, s in enumerate(positions) if isinstance(s, ImagePosition)]
     assert len(positions) == 32
     torch.testing.assert_close(prefill[positions], engine.encode(image))
 
-    # with reuse, the image stays in the session's KV cache: its slots are there, in place
+    # with reuse, the image stays in the session's KV cache: its positions are there, in place
     reused = engine.stream(conversation, session="img", do_sample=False, max_new_tokens=2, fixed_length=True)
     "".join(reused)
-    cached = engine.sessions.slots_of("img")
-    assert [cached[i] for i in positions] == [ImageSlot(image.key, j) for j in range(32)]
+    cached = engine.sessions.positions_of("img")
+    assert [cached[i] for i in positions] == [ImagePosition(image.key, j) for j in range(32)]
     assert reused.stats.reused_tokens > positions[-1]
     engine.forget("img")
 
@@ -104,12 +104,12 @@ def test_followup_prefill_holds_the_image(engine):
 def test_second_image_goes_to_its_own_turn(engine):
     a, b = _photo(2), _photo(3)
     conversation = Conversation().ask("Here is my arm.", [a]).answer("I see a red patch.").ask("And my leg, weeks later.", [b])
-    slots, images, _ = engine.prompt.slots(conversation, 10_000)
-    keys = [s.key for s in slots if isinstance(s, ImageSlot)]
+    positions, images, _ = engine.prompt.positions(conversation, 10_000)
+    keys = [s.key for s in positions if isinstance(s, ImagePosition)]
     assert keys == [a.key] * 32 + [b.key] * 32 and images == [a, b]
     gen = engine.stream(conversation, do_sample=False, max_new_tokens=3, fixed_length=True)
     "".join(gen)
-    assert len(gen.tokens) == 3 and gen.stats.prompt_tokens == len(slots)
+    assert len(gen.tokens) == 3 and gen.stats.prompt_tokens == len(positions)
 
 
 class _Scripted:
@@ -246,14 +246,14 @@ def test_budget_drops_oldest_text_keeps_images_and_question(engine):
     "".join(gen)
     assert gen.stats.dropped_turns and gen.notices and "photos kept" in gen.notices[0]
     assert gen.stats.prompt_tokens <= 300 - 8
-    slots, _, dropped = engine.prompt.slots(conversation, 300 - 8)
-    assert sum(isinstance(s, ImageSlot) for s in slots) == 32  # the image survived
-    text = engine.tokenizer.decode([s for s in slots if isinstance(s, int)])
+    positions, _, dropped = engine.prompt.positions(conversation, 300 - 8)
+    assert sum(isinstance(s, ImagePosition) for s in positions) == 32  # the image survived
+    text = engine.tokenizer.decode([s for s in positions if isinstance(s, int)])
     assert "What now?" in text and "Question 0" not in text
 
 
 def test_question_too_long_for_context_is_a_clear_error(engine):
-    from model.clinical.conversation import ConversationError
+    from model.prompt.conversation import ConversationError
 
     conversation = Conversation().ask("word " * 400, [_photo(6)])
     with pytest.raises(ConversationError, match="context positions but only"):
@@ -307,7 +307,7 @@ def test_image_placeholder_ids_are_never_real_tokens(engine):
 
 def test_skingpt4_prompt_is_the_reference_demo_prompt_exactly():
     """Converted SkinGPT-4 weights were trained and demoed with this exact text (shared REFERENCE.md)."""
-    from model.clinical.conversation import TEMPLATES
+    from model.prompt.conversation import TEMPLATES
 
     first = Conversation().ask("What's wrong with my skin?", [_photo(0)])
     assert render(TEMPLATES["skingpt4"], first) == (
@@ -335,7 +335,7 @@ def test_the_linear_prompt_builder_keeps_what_the_quadratic_one_kept(engine):
     """Random conversations and budgets: the same turns dropped and the same ids, or the same refusal."""
     import random
 
-    from model.clinical.conversation import ConversationError
+    from model.prompt.conversation import ConversationError
 
     rng = random.Random(0)
     words = "red itchy patch rash since weeks é 中文 spreading  \n mole ###".split(" ")
@@ -349,19 +349,19 @@ def test_the_linear_prompt_builder_keeps_what_the_quadratic_one_kept(engine):
         budget = rng.randint(60, 900)
         expected, expected_dropped = _quadratic_slots(engine, conversation, budget)
         try:
-            slots, _, dropped = engine.prompt.slots(conversation, budget)
+            positions, _, dropped = engine.prompt.positions(conversation, budget)
         except ConversationError:
             assert expected is None
             continue
-        assert [IMAGE_TOKEN_ID if isinstance(s, ImageSlot) else s for s in slots] == expected
+        assert [IMAGE_TOKEN_ID if isinstance(s, ImagePosition) else s for s in positions] == expected
         assert dropped == expected_dropped
 
 
 def test_a_typed_image_placeholder_is_only_text(engine):
     """A question that types `<ImageHere>` cannot make the prompt claim a second image."""
     conversation = Conversation().ask("What is <ImageHere> this <ImageHere>?", [_photo(1)])
-    slots, images, _ = engine.prompt.slots(conversation, 900)
-    assert sum(isinstance(s, ImageSlot) for s in slots) == 32 and len(images) == 1
+    positions, images, _ = engine.prompt.positions(conversation, 900)
+    assert sum(isinstance(s, ImagePosition) for s in positions) == 32 and len(images) == 1
     assert "".join(engine.stream(conversation, max_new_tokens=2, do_sample=False)) is not None
 
 

@@ -69,7 +69,7 @@ def test_a_prompt_tokenises_what_it_keeps_not_what_was_sent(tiny_bundle):
     """The prompt builder's work, counted in characters handed to the tokenizer: the same for a history
     of 20 turns as for one of 400 (it weighs turns newest first and stops at the first that no longer
     fits), and no more than the question itself when it is too long for the context."""
-    from model.clinical.conversation import Conversation, ImageInput, template
+    from model.prompt.conversation import Conversation, ImageInput, template
     from model.serving.prompt import PromptBuilder
     from model.weights.bundle import load_bundle
 
@@ -100,7 +100,7 @@ def test_a_prompt_tokenises_what_it_keeps_not_what_was_sent(tiny_bundle):
             conversation = conversation.ask("x " * 3750).answer("y " * 3750)
         tokenised.clear()
         try:
-            builder.slots(conversation.ask(question), 900)
+            builder.positions(conversation.ask(question), 900)
         except ValueError:
             pass
         return sum(tokenised)

@@ -16,7 +16,7 @@ ALLOWED = {"model": {"model"}, "app": {"app", "model"}, "tools": {"tools", "mode
            # the preprocessing and its config (test_the_vllm_plugin_imports_only_what_vllms_environment_has)
            "skingpt_vllm": {"skingpt_vllm", "model"}}
 # inside the library, each folder imports only folders listed before it
-LIBRARY_LAYERS = ("errors", "choices", "metrics", "i18n", "nn", "images", "clinical", "visits", "weights", "serving", "evaluation", "training")
+LIBRARY_LAYERS = ("errors", "choices", "metrics", "i18n", "nn", "images", "prompt", "clinical", "visits", "weights", "serving", "evaluation", "training")
 MAX_FUNCTION_LINES = 80
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from model.clinical.conversation import Conversation
+from model.prompt.conversation import Conversation
 from model.serving.engine import Engine
 from model.weights.bundle import BundleError, load_bundle, quantize_bundle, verify_bundle
 from model.weights.gguf_llm import GGUF_FILE, GGUFError
@@ -68,10 +68,10 @@ def _teacher_forced_top1(engine: Engine, reference: Engine, photos: int, tokens:
         gen = reference.stream(conversation, fixed_length=True, do_sample=False, max_new_tokens=tokens)
         "".join(gen)
         forced = gen.tokens
-        slots, images, _ = engine.prompt.slots(conversation, 900)
+        positions, images, _ = engine.prompt.positions(conversation, 900)
         runner = engine.runner
         state = runner.new_state()
-        logits = runner.prefill(state, slots, {img.key: engine.encode(img) for img in images})
+        logits = runner.prefill(state, positions, {img.key: engine.encode(img) for img in images})
         runner.join(state)
         for token in forced:
             agree += int(logits.argmax()) == token
@@ -144,7 +144,7 @@ def test_regenerate_removes_the_old_answers_tail(loaded_f32):
     # what llama.cpp holds is the prompt and this answer only: the first answer's tail was removed
     assert llama_cpp.llama_memory_seq_pos_max(engine.runner.memory, state.seq) == state.length - 1
     assert state.length == again.stats.prompt_tokens + len(again.tokens) - 1  # the last token is sampled, not fed
-    assert state.length == len(engine.sessions._sessions["regen"].slots)
+    assert state.length == len(engine.sessions._sessions["regen"].positions)
 
 
 def test_a_full_kv_pool_drops_idle_sessions_and_answers_alike(loaded_f32):

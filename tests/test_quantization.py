@@ -88,7 +88,7 @@ def _next_token_logprobs(loaded, question: str):
     import torch
     from PIL import Image
 
-    from model.clinical.conversation import Conversation, ImageInput, render, template
+    from model.prompt.conversation import Conversation, ImageInput, render, template
     from model.images.preprocess import preprocess
     from model.nn.skingpt import tokenize_prompt
 
@@ -162,7 +162,7 @@ def test_a_weight_only_model_answers_through_the_engine(tiny_bundle):
     from PIL import Image
 
     from model.weights.bundle import load_bundle
-    from model.clinical.conversation import Conversation, ImageInput
+    from model.prompt.conversation import Conversation, ImageInput
     from model.weights.policy import LoadPolicy
     from model.serving.engine import Engine
 

@@ -59,7 +59,7 @@ def _skin_photo() -> Image.Image:
 
 
 def test_one_greedy_answer_reads_as_text(loaded):
-    from model.clinical.conversation import Conversation, ImageInput
+    from model.prompt.conversation import Conversation, ImageInput
     from model.serving.engine import Engine
 
     engine = Engine(loaded)

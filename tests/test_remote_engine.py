@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import _free_port
 
 from app.remote_engine import EngineUnavailable, RemoteEngine
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.weights.bundle import load_bundle
 
 

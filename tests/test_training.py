@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, _free_port
 from model.weights.bundle import load_bundle
-from model.clinical.conversation import TEMPLATES, Conversation, ImageInput, render, template, training_segments
+from model.prompt.conversation import TEMPLATES, Conversation, ImageInput, render, template, training_segments
 from tools.fixtures import write_training_data
 from model.training.config import StepConfig
 from model.training.data import Collator, DataError, TrainDataset, load_samples, read_records

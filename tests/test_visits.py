@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from model.clinical.conversation import Conversation, ImageInput, render, template
+from model.prompt.conversation import Conversation, ImageInput, render, template
 from model.clinical.history import ClinicalHistory
 from model.visits.followup import changed_since_last_visit, with_comparison
 from model.visits.store import VisitStore

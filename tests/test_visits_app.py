@@ -76,7 +76,7 @@ def test_a_follow_up_shows_both_photos_dated_asks_what_changed_and_flags_a_chang
     conversation = engine.calls[-1][0]
     state = handlers.store.get("a")
     # the model reads the earlier photo first, then today's, dated in one fixed English sentence
-    from model.clinical.conversation import render, template
+    from model.prompt.conversation import render, template
 
     prompt = render(template("skingpt4"), conversation)
     assert conversation.images == (state.earlier.image, state.conversation.images[0])

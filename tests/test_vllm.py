@@ -28,7 +28,7 @@ from PIL import Image
 from conftest import ROOT, _free_port, start_server
 
 from app.remote_engine import RemoteEngine
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.clinical.history import ClinicalHistory, with_history
 from model.serving.detokenize import printable
 from model.serving.engine import Engine

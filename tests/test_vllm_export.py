@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from app.remote_engine import RemoteEngine
-from model.clinical.conversation import TEMPLATES, Conversation, ImageInput, render
+from model.prompt.conversation import TEMPLATES, Conversation, ImageInput, render
 from model.clinical.history import ClinicalHistory, with_history
 from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 from model.weights.bundle import BundleError, load_bundle, load_config

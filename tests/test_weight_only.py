@@ -104,7 +104,7 @@ def test_a_random_preset_is_built_layer_by_layer_and_its_saved_bundle_loads_the_
 
 
 def test_a_quantised_bundle_answers_through_the_engine_and_the_cli(int4_bundle, tmp_path):
-    from model.clinical.conversation import Conversation, ImageInput
+    from model.prompt.conversation import Conversation, ImageInput
     from model.serving.engine import Engine
 
     engine = Engine(load_bundle(int4_bundle))

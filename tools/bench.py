@@ -26,7 +26,7 @@ from PIL import Image
 from model.weights.bundle import (LLM_DIR, LoadedBundle, auto_policy, load_bundle, quantized_mode, save_bundle,
                                   save_model_bundle)
 from model.nn.config import SkinGPTConfig
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.serving.engine import Engine
 from model.weights.policy import WEIGHT_ONLY, LoadPolicy, PolicyError, fast_cpu_encoder, module_bytes
 from model.nn.skingpt import ENCODER_PARTS, SkinGPT, build_skingpt
@@ -310,14 +310,14 @@ def _bare_decode(engine: Engine, conversation: Conversation, new_tokens: int) ->
     """Greedy decoding of the first turn's prompt (the same positions the engine was timed at) with
     nothing but LLM forwards and argmax: the floor the engine is held to."""
     from model.nn.skingpt import IMAGE_TOKEN_ID
-    from model.serving.requests import ImageSlot
+    from model.serving.requests import ImagePosition
 
-    slots, images, _ = engine.prompt.slots(conversation, engine.config.generation.max_context - new_tokens)
+    positions, images, _ = engine.prompt.positions(conversation, engine.config.generation.max_context - new_tokens)
     embeds = {image.key: engine.encode(image) for image in images}
     if engine.loaded.runtime == "llama.cpp":
-        return _bare_runner_decode(engine, slots, embeds, new_tokens)
+        return _bare_runner_decode(engine, positions, embeds, new_tokens)
     model = engine.model
-    ids = [IMAGE_TOKEN_ID if isinstance(s, ImageSlot) else s for s in slots]
+    ids = [IMAGE_TOKEN_ID if isinstance(s, ImagePosition) else s for s in positions]
     image = torch.stack([embeds[image.key] for image in images])  # (N, Q, D)
     with torch.no_grad():
         from model.serving.kv_cache import new_cache
@@ -337,12 +337,12 @@ def _bare_decode(engine: Engine, conversation: Conversation, new_tokens: int) ->
     return (new_tokens - 1) / elapsed
 
 
-def _bare_runner_decode(engine: Engine, slots: list, embeds: dict[str, torch.Tensor], new_tokens: int) -> float:
+def _bare_runner_decode(engine: Engine, positions: list, embeds: dict[str, torch.Tensor], new_tokens: int) -> float:
     """The same loop on a runtime of its own (llama.cpp): the runner's prefill and decode calls alone,
     on an engine with nothing else in flight."""
     runner = engine.runner
     state = runner.new_state()
-    token = int(runner.prefill(state, slots, embeds).argmax())
+    token = int(runner.prefill(state, positions, embeds).argmax())
     runner.join(state)
     start = time.perf_counter()
     for _ in range(new_tokens - 1):

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from model.clinical.conversation import Conversation
+from model.prompt.conversation import Conversation
 
 from tools.bench import QUESTIONS, bench_photo
 

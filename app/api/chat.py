@@ -27,7 +27,7 @@ from typing import Any, Iterator, Literal
 from fastapi import Request  # at module level: FastAPI reads the routes' annotations by name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.clinical.conversation import Conversation, ConversationError, ImageInput, Turn
+from model.prompt.conversation import Conversation, ConversationError, ImageInput, Turn
 from model.clinical.history import ClinicalHistory, with_history
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from model.clinical.consultation import ConsultationReport
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.clinical.history import ClinicalHistory
 from model.i18n.catalog import text
 from model.clinical.safety import red_flags

@@ -13,7 +13,7 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.clinical.history import ClinicalHistory, with_history
 from model.clinical.ranking import RankedCondition, Ranking, ranking_markdown
 from model.images.quality import PhotoQuality

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, field_validator
 
 from model.clinical import fitzpatrick
-from model.clinical.conversation import Conversation, Turn, neutralise_markers
+from model.prompt.conversation import Conversation, Turn, neutralise_markers
 from model.clinical.records import SkinTyped
 from model.i18n.catalog import text
 

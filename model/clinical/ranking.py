@@ -4,28 +4,10 @@ JSON is `model_dump`)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
 from model.i18n.catalog import text
+from model.nn.differential import RankedCondition, Ranking
 
-
-class RankedCondition(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    condition: str
-    probability: float  # calibrated, 0..1
-
-
-class Ranking(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    conditions: list[RankedCondition]  # best first
-    uncertain: bool  # the top probability is below the threshold chosen for the target precision
-    photos: int
-    raw_confidence: float = 0.0  # the top probability before temperature scaling (for calibration reports)
-
-    def top(self, k: int = 3) -> list[str]:
-        return [c.condition for c in self.conditions[:k]]
+__all__ = ["RankedCondition", "Ranking", "ranking_markdown", "ranking_text"]
 
 
 def ranking_markdown(conditions: list[RankedCondition], uncertain: bool, lang: str) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from model.clinical.consultation import DEFAULT_FLOW, consult
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.clinical.history import ClinicalHistory, with_history
 from model.errors import UserFacingError
 from model.images.decode import ImageError, read_image_file

@@ -61,7 +61,7 @@ def differential_score(rows: list[dict], labels: LabelSet, n_boot: int, seed: in
     calibration (ECE before and after temperature scaling, a reliability plot)."""
     import torch
 
-    from model.clinical.differential import reliability_plot
+    from model.evaluation.differential import reliability_plot
 
     scored = [r for r in rows if r.get("differential") and r.get("label") is not None and not r.get("error")]
     if not scored:

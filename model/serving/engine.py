@@ -20,8 +20,8 @@ from typing import Callable, Iterator, Protocol
 
 import torch
 
-from model.clinical.conversation import Conversation, ConversationError, ImageInput, Template, template
-from model.clinical.ranking import Ranking
+from model.prompt.conversation import Conversation, ConversationError, ImageInput, Template, template
+from model.nn.differential import Ranking
 from model.images.preprocess import preprocess
 from model.nn.config import GenerationConfig, SkinGPTConfig
 from model.serving.image_cache import ImageCache
@@ -212,7 +212,7 @@ class Engine:
         head = self.loaded.differential
         if head is None:
             return None
-        from model.clinical.differential import image_features
+        from model.nn.differential import image_features
 
         pixels = torch.stack([preprocess(image.image, self.config.preprocess) for image in images])  # (N, 3, S, S)
         with self.device_lock:
@@ -237,17 +237,17 @@ class Engine:
         if conversation.pending is None:
             raise ConversationError("the conversation has no question to answer")
         budget = context_budget(settings.max_context, self.config.llm.max_position_embeddings, settings.max_new_tokens)
-        slots, images, dropped = self.prompt.slots(conversation, budget)
+        positions, images, dropped = self.prompt.positions(conversation, budget)
         stats = GenerationStats(dropped_turns=dropped)
         if dropped:
             notices.append(dropped_notice(len(dropped)))
         embeds = {img.key: self.encode(img) for img in images}
-        sampler = Sampler(settings, seed, self.device, [s for s in slots if isinstance(s, int)])
+        sampler = Sampler(settings, seed, self.device, [s for s in positions if isinstance(s, int)])
         stops, eos = ((), None) if fixed_length else (self.template.stop + stop, self.tokenizer.eos_token_id)
         if session_name is None and prefix_cache is not None:
-            session_name = self.sessions.closest(prefix_cache, slots)
+            session_name = self.sessions.closest(prefix_cache, positions)
         deadline = start + self.request_timeout_s if self.request_timeout_s is not None else None
-        return Request(self.sessions.claim(session_name), slots, embeds, sampler, stops, eos,
+        return Request(self.sessions.claim(session_name), positions, embeds, sampler, stops, eos,
                        settings.max_new_tokens, cancel, self.tokenizer, start, stats, deadline)
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from model.clinical.conversation import ImageInput
+from model.prompt.conversation import ImageInput
 
 
 class ImageCache:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from model.nn.config import LLMConfig
-from model.serving.requests import ImageSlot, Slot
+from model.serving.requests import ImagePosition, Position
 from model.serving.runner import MakeRoom, no_room
 from model.serving.llama_backend import Threadpool, ensure_backends
 from model.weights.gguf_llm import GGUFError, require_llama_cpp
@@ -136,12 +136,12 @@ class LlamaRunner:
                 self.llama.llama_memory_seq_rm(self.memory, state.seq, length, -1)
             state.length = min(state.length, length)
 
-    def prefill(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+    def prefill(self, state: LlamaState, positions: Sequence[Position], embeds: Mapping[str, torch.Tensor],
                 make_room: MakeRoom = no_room) -> torch.Tensor:
         with self.device_lock, self._lock:
             if state.seq is None:
                 state.seq = self._take_sequence(make_room)
-            return self._feed(state, slots, embeds, make_room)
+            return self._feed(state, positions, embeds, make_room)
 
     def join(self, state: LlamaState) -> None:
         self.rows.append(state)
@@ -174,14 +174,14 @@ class LlamaRunner:
             state.seq, state.length = None, 0
 
     # -- llama.cpp ---------------------------------------------------------------------------------
-    def _feed(self, state: LlamaState, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+    def _feed(self, state: LlamaState, positions: Sequence[Position], embeds: Mapping[str, torch.Tensor],
               make_room: MakeRoom) -> torch.Tensor:
-        """Slots after what the state's sequence holds, in parts that fit llama.cpp's batch; (V,) logits of
+        """Positions after what the state's sequence holds, in parts that fit llama.cpp's batch; (V,) logits of
         the last. A batch holds token ids or embeddings, not both: a chunk with a photo goes in as
         embeddings only (its words as rows of the GGUF's own token table), so that it is one
         `llama_decode` rather than one per run of each kind, each of which reads every weight."""
-        photo = any(isinstance(s, ImageSlot) for s in slots)
-        parts = [slots[i:i + self.n_batch] for i in range(0, len(slots), self.n_batch)]
+        photo = any(isinstance(s, ImagePosition) for s in positions)
+        parts = [positions[i:i + self.n_batch] for i in range(0, len(positions), self.n_batch)]
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if photo:
@@ -193,13 +193,13 @@ class LlamaRunner:
             state.length += len(part)
         return self._logits(1)[0]
 
-    def _rows(self, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """(T, D) fp32 input rows: an image slot's query embedding, or a token's row of the GGUF's token
+    def _rows(self, positions: Sequence[Position], embeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(T, D) fp32 input rows: an image position's query embedding, or a token's row of the GGUF's token
         table, dequantised as llama.cpp's own lookup does (the same values, so the same answer)."""
-        ids = [s for s in slots if not isinstance(s, ImageSlot)]
+        ids = [s for s in positions if not isinstance(s, ImagePosition)]
         words = iter(torch.from_numpy(_dequantize(self._table, ids)) if ids else ())
-        return torch.stack([embeds[s.key][s.index].float() if isinstance(s, ImageSlot) else next(words)
-                            for s in slots]).contiguous()
+        return torch.stack([embeds[s.key][s.index].float() if isinstance(s, ImagePosition) else next(words)
+                            for s in positions]).contiguous()
 
     def _take_sequence(self, make_room: MakeRoom) -> int:
         while not self._free_seqs:

@@ -1,4 +1,4 @@
-"""A conversation as the prompt the model is fed: slots that fit the context, oldest text dropped first.
+"""A conversation as the prompt the model is fed: positions that fit the context, oldest text dropped first.
 
 Building a prompt costs time linear in what it keeps, never in what the caller sent: turns are
 weighed newest first, each tokenised once and alone, and the weighing stops at the first turn that
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from model.clinical.conversation import Conversation, ConversationError, ImageInput, Template, Turn, render, render_turn
+from model.prompt.conversation import Conversation, ConversationError, ImageInput, Template, Turn, render, render_turn
 from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
-from model.serving.requests import ImageSlot, Slot
+from model.serving.requests import ImagePosition, Position
 
 
 def context_budget(max_context: int, max_positions: int, max_new_tokens: int) -> int:
@@ -36,8 +36,8 @@ class PromptBuilder:
         self.longest_piece = max(len(p) for p in pieces if p)  # characters one token can cover, at most
         self.base = len(self._ids(template.system + template.prompt_end))  # BOS, system text, the end marker
 
-    def slots(self, conversation: Conversation, budget: int) -> tuple[list[Slot], list[ImageInput], tuple[int, ...]]:
-        """Slots of the prompt that fits `budget`, dropping the text of the oldest turns first (never
+    def positions(self, conversation: Conversation, budget: int) -> tuple[list[Position], list[ImageInput], tuple[int, ...]]:
+        """Positions of the prompt that fits `budget`, dropping the text of the oldest turns first (never
         an image, never the pending question); the images in order, and the dropped turns."""
         turns = tuple(self.plain(t) for t in conversation.turns)
         conversation = Conversation(turns)
@@ -70,15 +70,15 @@ class PromptBuilder:
         if len(ids) > budget:
             raise self._too_long(str(len(ids)), budget)
         images = list(conversation.images)
-        slots: list[Slot] = []
+        positions: list[Position] = []
         run = 0
         for token in ids:
             if token == IMAGE_TOKEN_ID:
-                slots.append(ImageSlot(images[run // self.queries].key, run % self.queries))
+                positions.append(ImagePosition(images[run // self.queries].key, run % self.queries))
                 run += 1
             else:
-                slots.append(token)
-        return slots, images, tuple(dropped)
+                positions.append(token)
+        return positions, images, tuple(dropped)
 
     def _too_long(self, needed: str, budget: int) -> ConversationError:
         return ConversationError(

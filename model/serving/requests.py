@@ -1,6 +1,7 @@
-"""What the scheduler works on: prompt slots, one answer's request, and the events it emits.
+"""What the scheduler works on: prompt positions, one answer's request, and the events it emits.
 
-A prompt is a list of slots: a token id, or an `ImageSlot` (the j-th query embedding of an image).
+A prompt is a list of positions: a token id, or an `ImagePosition` (the j-th query embedding of an image).
+(Not "slots": in llama.cpp's server a slot is a sequence being served, which here is a `Request`.)
 A `Request` holds one answer's decoding state; the scheduler thread alone changes it. Its consumer
 reads events from `out`, a thread-safe queue: `Queued` while it waits for a batch place, `Text` as
 pieces become visible, and then exactly one `Finished` or `Failed`.
@@ -23,26 +24,26 @@ from model.serving.sampler import Sampler
 log = logging.getLogger("skingpt.engine")
 
 
-class ImageSlot(NamedTuple):
+class ImagePosition(NamedTuple):
     key: str  # the image's pixel key
     index: int  # which of its query embeddings (0 .. Q-1)
 
 
-Slot = Union[int, ImageSlot]
+Position = Union[int, ImagePosition]
 
 
-def starts_image(slot: Slot) -> bool:
-    return isinstance(slot, ImageSlot) and slot.index == 0
+def starts_image(position: Position) -> bool:
+    return isinstance(position, ImagePosition) and position.index == 0
 
 
-def inside_image(slot: Slot) -> bool:
+def inside_image(position: Position) -> bool:
     """A position that may not start a chunk or a reused prefix: the middle of an image's run."""
-    return isinstance(slot, ImageSlot) and slot.index != 0
+    return isinstance(position, ImagePosition) and position.index != 0
 
 
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0  # positions in the prompt, image slots included
+    prompt_tokens: int = 0  # positions in the prompt, image positions included
     reused_tokens: int = 0  # of those, already in the session's cache
     prefill_tokens: int = 0  # of those, run through the model now
     new_tokens: int = 0
@@ -86,10 +87,10 @@ class Request:
     """One answer's decoding state. The scheduler thread alone touches it, except `out` (the queue
     the consumer reads) and the two events, which any thread may set."""
 
-    def __init__(self, session, slots: list[Slot], embeds: dict[str, torch.Tensor], sampler: Sampler,
+    def __init__(self, session, positions: list[Position], embeds: dict[str, torch.Tensor], sampler: Sampler,
                  stops: tuple[str, ...], eos: int | None, max_new_tokens: int, cancel: threading.Event | None,
                  tokenizer, start: float, stats: GenerationStats, deadline: float | None = None) -> None:
-        self.session, self.slots, self.embeds = session, slots, embeds
+        self.session, self.positions, self.embeds = session, positions, embeds
         self.sampler, self.stops, self.eos, self.max_new_tokens = sampler, stops, eos, max_new_tokens
         self.cancel, self.closed = cancel, threading.Event()
         self.deadline = deadline  # time.perf_counter() past which the answer stops ("timeout")

@@ -17,7 +17,7 @@ import torch
 
 from model.nn.skingpt import IMAGE_TOKEN_ID
 from model.serving.kv_cache import Batch, new_cache, trim_cache
-from model.serving.requests import ImageSlot, Slot, starts_image
+from model.serving.requests import ImagePosition, Position, starts_image
 
 
 MakeRoom = Callable[[], bool]  # drop the least recently used idle session; False when none is left
@@ -46,9 +46,9 @@ class ModelRunner(Protocol):
     def trim(self, state: Any, length: int) -> None:
         """Keep the first `length` positions of the state."""
 
-    def prefill(self, state: Any, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+    def prefill(self, state: Any, positions: Sequence[Position], embeds: Mapping[str, torch.Tensor],
                 make_room: MakeRoom = no_room) -> torch.Tensor:
-        """Feed `slots` after what the state holds (an image's run never split); (V,) logits of the last."""
+        """Feed `positions` after what the state holds (an image's run never split); (V,) logits of the last."""
 
     def join(self, state: Any) -> None:
         """The state's answer enters the decode batch as its last row."""
@@ -86,10 +86,10 @@ class TorchRunner:
     def trim(self, state, length: int) -> None:
         trim_cache(state, length)
 
-    def prefill(self, state, slots: Sequence[Slot], embeds: Mapping[str, torch.Tensor],
+    def prefill(self, state, positions: Sequence[Position], embeds: Mapping[str, torch.Tensor],
                 make_room: MakeRoom = no_room) -> torch.Tensor:
-        ids = torch.tensor([[IMAGE_TOKEN_ID if isinstance(s, ImageSlot) else s for s in slots]], device=self.device)
-        keys = [s.key for s in slots if starts_image(s)]
+        ids = torch.tensor([[IMAGE_TOKEN_ID if isinstance(s, ImagePosition) else s for s in positions]], device=self.device)
+        keys = [s.key for s in positions if starts_image(s)]
         images = torch.stack([embeds[k] for k in keys]) if keys else None  # (N_img, Q, D)
         with self.lock, torch.no_grad():
             inputs = self.model.embed_inputs(ids, images)  # (1, T_chunk, D)

@@ -143,27 +143,27 @@ class Scheduler:
 
     def _prefill_chunk(self, request: Request) -> None:
         """Feed the next chunk of the prompt the session's state lacks; at its end, the first token."""
-        session, slots = request.session, request.slots
+        session, positions = request.session, request.positions
         try:
             if request.fed is None:
-                reuse = reusable(session.slots, slots)
+                reuse = reusable(session.positions, positions)
                 self.runner.trim(session.state, reuse)
-                session.slots = session.slots[:reuse]
+                session.positions = session.positions[:reuse]
                 request.fed = reuse
                 stats = request.stats
-                stats.prompt_tokens, stats.reused_tokens, stats.prefill_tokens = len(slots), reuse, len(slots) - reuse
-            end = min(len(slots), request.fed + self.prefill_chunk)
-            while end < len(slots) and inside_image(slots[end]):
+                stats.prompt_tokens, stats.reused_tokens, stats.prefill_tokens = len(positions), reuse, len(positions) - reuse
+            end = min(len(positions), request.fed + self.prefill_chunk)
+            while end < len(positions) and inside_image(positions[end]):
                 end += 1  # an image's run is never split between chunks
-            new = slots[request.fed:end]
+            new = positions[request.fed:end]
             logits = self.runner.prefill(session.state, new, request.embeds, self.sessions.drop_oldest_idle)
-            session.slots.extend(new)
+            session.positions.extend(new)
             request.fed = end
         except BaseException as err:  # noqa: BLE001 - delivered to the consumer, which raises it
             self.prefilling.remove(request)
             self._fail(request, err)
             return
-        if end < len(slots):
+        if end < len(positions):
             return
         self.prefilling.remove(request)
         if request.accept(request.sampler(logits)):
@@ -187,7 +187,7 @@ class Scheduler:
         self.steps += 1
         finished = []
         for row, request in enumerate(self.decoding):
-            request.session.slots.append(tokens[row])
+            request.session.positions.append(tokens[row])
             if request.accept(request.sampler(logits[row])):
                 finished.append(row)
         for row in reversed(finished):

@@ -1,8 +1,8 @@
 """The session cache: each consultation's model state (its KV cache), what that state holds, and the
 byte budget of the idle ones.
 
-A session keeps the runner's state of what it has already fed the model, with the `slots` that
-describe it. A new prompt is compared slot by slot with them; only the differing tail is prefilled.
+A session keeps the runner's state of what it has already fed the model, with the `positions` that
+describe it. A new prompt is compared position by position with them; only the differing tail is prefilled.
 Idle sessions are kept within a byte budget, least recently used dropped first; a dropped session
 simply prefills its whole prompt next time. The state is opaque here: the runner makes it, and it
 reports its own size (`nbytes()`).
@@ -16,18 +16,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from model.serving.requests import Slot, inside_image
+from model.serving.requests import Position, inside_image
 
 
 @dataclass
 class Session:
     state: Any  # the runner's state (None while the decode batch holds it)
-    slots: list[Slot] = field(default_factory=list)  # exactly what `state` holds
+    positions: list[Position] = field(default_factory=list)  # exactly what `state` holds
     busy: bool = False  # an answer is decoding into it (or was left open by its consumer)
     name: str | None = None  # None: used for one answer, then freed
 
 
-def common_prefix(a: list[Slot], b: list[Slot]) -> int:
+def common_prefix(a: list[Position], b: list[Position]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -36,10 +36,10 @@ def common_prefix(a: list[Slot], b: list[Slot]) -> int:
     return n
 
 
-def reusable(cached: list[Slot], slots: list[Slot]) -> int:
-    """How many leading positions of `slots` a state holding `cached` can keep."""
-    reuse = min(common_prefix(cached, slots), len(slots) - 1)  # the last position must run to give logits
-    while reuse > 0 and inside_image(slots[reuse]):
+def reusable(cached: list[Position], positions: list[Position]) -> int:
+    """How many leading positions of `positions` a state holding `cached` can keep."""
+    reuse = min(common_prefix(cached, positions), len(positions) - 1)  # the last position must run to give logits
+    while reuse > 0 and inside_image(positions[reuse]):
         reuse -= 1  # never start inside an image's run
     return reuse
 
@@ -66,22 +66,22 @@ class SessionCache:
             self._sessions.move_to_end(name)
             return session
 
-    def closest(self, family: str, slots: list[Slot]) -> str:
-        """The idle session of `family` (a name prefix) sharing the most leading positions with `slots`,
+    def closest(self, family: str, positions: list[Position]) -> str:
+        """The idle session of `family` (a name prefix) sharing the most leading positions with `positions`,
         or a new name in the family when none shares any."""
         with self._lock:
             best, name = 0, None
             for key, session in self._sessions.items():
                 if key.startswith(family) and not session.busy and session.state is not None:
-                    shared = common_prefix(session.slots, slots)
+                    shared = common_prefix(session.positions, positions)
                     if shared > best:
                         best, name = shared, key
             return name or f"{family}{os.urandom(8).hex()}"
 
-    def slots_of(self, name: str) -> list[Slot] | None:
+    def positions_of(self, name: str) -> list[Position] | None:
         with self._lock:
             session = self._sessions.get(name)
-            return None if session is None else list(session.slots)
+            return None if session is None else list(session.positions)
 
     def release(self, session: Session) -> None:
         """An answer left the session: it is idle again (or freed, when it has no name or was forgotten
@@ -96,7 +96,7 @@ class SessionCache:
 
     def reset(self, session: Session) -> None:
         """A half-updated state is never reused: the session starts afresh."""
-        old, session.state, session.slots = session.state, self.new_state(), []
+        old, session.state, session.positions = session.state, self.new_state(), []
         if old is not None:
             self.free_state(old)
 

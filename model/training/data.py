@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from model.clinical.conversation import Conversation, ImageInput, training_segments
+from model.prompt.conversation import Conversation, ImageInput, training_segments
 from model.errors import UserFacingError
 from model.images.decode import ImageError, check_photo_file, read_image_file
 from model.images.preprocess import train_transform

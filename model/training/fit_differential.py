@@ -3,6 +3,7 @@ manifest, a calibrated head on them, and a new bundle that carries it (the old o
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -10,10 +11,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from model.weights.bundle import MANIFEST_FILE, load_bundle, read_manifest, write_manifest
-from model.clinical.differential import FEATURES, DifferentialError, DifferentialHead, image_features, reliability_plot, \
-    top_confidence, train_differential
+from model.evaluation.differential import accuracy, evaluate, reliability_plot, top_confidence
+from model.nn.differential import FEATURES, DifferentialError, DifferentialHead, image_features
 from model.images.decode import read_image_file
 from model.images.preprocess import preprocess
 from model.weights.policy import LoadPolicy
@@ -115,3 +117,74 @@ def _copy_bundle(source: Path, out: Path) -> None:
 
     shutil.copytree(source, out, copy_function=link_or_copy, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns(MANIFEST_FILE, "differential*"))
+
+
+# -- fitting the head ------------------------------------------------------------------------------
+
+def fit(train_x: torch.Tensor, train_y: torch.Tensor, classes: tuple[str, ...], feature: str,
+        steps: int = 400, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> DifferentialHead:
+    """Class-balanced multinomial logistic regression on standardised features (full batch)."""
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    x = (train_x - mean) / std
+    k = len(classes)
+    counts = torch.bincount(train_y, minlength=k).float()
+    balance = (counts.sum() / (k * counts.clamp(min=1)))  # rare conditions weigh as much as common ones
+    weight = (torch.randn(k, x.shape[1], generator=generator) * 0.01).requires_grad_()
+    bias = torch.zeros(k, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(x @ weight.T + bias, train_y, weight=balance).backward()
+        optimizer.step()
+    return DifferentialHead(classes, weight.detach(), bias.detach(), mean, std, feature)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature that minimises the negative log-likelihood on held-out logits."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def threshold_for(probs: torch.Tensor, labels: torch.Tensor, target_precision: float) -> float:
+    """The lowest top probability above which the top condition is right at least `target_precision`
+    of the time on validation; 1.0 (always 'uncertain') when no threshold reaches it."""
+    top, pred = probs.max(-1)
+    for t in sorted(set(top.tolist())):
+        kept = top >= t
+        if kept.sum() >= 1 and (pred[kept] == labels[kept]).float().mean() >= target_precision:
+            return float(t)
+    return 1.0
+
+
+def train_differential(features: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor],
+                       classes: tuple[str, ...], choice: str = "auto", target_precision: float = 0.9,
+                       seed: int = 0) -> DifferentialHead:
+    """features[kind][split] -> (N, F); labels[split] -> (N,). Fits a head per feature kind (or the one
+    asked for), keeps the best on validation, calibrates it there and picks its threshold."""
+    kinds = FEATURES if choice == "auto" else (choice,)
+    trials = {}
+    for kind in kinds:
+        head = fit(features[kind]["train"], labels["train"], classes, kind, seed=seed)
+        trials[kind] = (accuracy(head.probabilities(features[kind]["val"], calibrated=False), labels["val"]), head)
+    kind = max(trials, key=lambda name: trials[name][0])
+    head = trials[kind][1]
+    val_x, val_y = features[kind]["val"], labels["val"]
+    head.temperature = fit_temperature(head.logits(val_x), val_y)
+    head.threshold = threshold_for(head.probabilities(val_x), val_y, target_precision)
+    head.metrics = {"feature_choice": {name: round(acc, 4) for name, (acc, _) in trials.items()},
+                    "target_precision": target_precision, "validation": evaluate(head, val_x, val_y)}
+    if "test" in labels and labels["test"].numel():
+        head.metrics["test"] = evaluate(head, features[kind]["test"], labels["test"])
+    if not math.isfinite(head.temperature):
+        raise DifferentialError("temperature scaling failed on the validation split; add validation images")
+    return head

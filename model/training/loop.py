@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.weights.bundle import load_bundle, save_model_bundle
-from model.clinical.conversation import template
+from model.prompt.conversation import template
 from model.errors import UserFacingError
 from model.weights.policy import LoadPolicy
 from model.training.config import StepConfig

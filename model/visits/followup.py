@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from model.clinical.consultation import readable_date
-from model.clinical.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation, ImageInput
 from model.clinical.history import ClinicalHistory, with_history
 
 RED_FLAG = "changed_since_last_visit"  # a key of the catalogue's red_flags

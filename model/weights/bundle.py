@@ -413,7 +413,7 @@ def load_bundle(path: str | Path, policy: LoadPolicy = LoadPolicy(), verify: boo
     load_encoder(model, bundle / ENCODER_FILE, device=device, dtype=dtype)
     footprint = {part: module_bytes(getattr(model, part)) for part in (*ENCODER_PARTS, "llm")}
     note = "; ".join(n for n in (note, fast_cpu_encoder(policy, model.vision), int8_note(model.vision)) if n)
-    from model.clinical.differential import DifferentialHead
+    from model.nn.differential import DifferentialHead
 
     return LoadedBundle(model.eval(), load_tokenizer(llm_dir), config, bundle, manifest, device, footprint,
                         DifferentialHead.load(bundle), policy, note)
@@ -445,7 +445,7 @@ def _load_gguf(bundle: Path, config: SkinGPTConfig, manifest: dict[str, Any], po
     mode = quantized_mode(manifest) or "gguf"
     note = "; ".join(n for n in (f"llama.cpp runs the bundle's LLM ({mode} GGUF) on the CPU",
                                  fast_cpu_encoder(concrete, model.vision), int8_note(model.vision)) if n)
-    from model.clinical.differential import DifferentialHead
+    from model.nn.differential import DifferentialHead
 
     return LoadedBundle(model.eval(), load_tokenizer(bundle / LLM_DIR), config, bundle, manifest, "cpu", footprint,
                         DifferentialHead.load(bundle), concrete, note, gguf)

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.clinical.conversation import Template, template
+from model.prompt.conversation import Template, template
 from model.nn.config import SkinGPTConfig
 from model.nn.llm import hf_config as llama_config, load_tokenizer
 from model.weights.bundle import (ENCODER_FILE, LLM_DIR, BundleError, load_config, quantized_mode,
@@ -182,7 +182,7 @@ def _literal(text: str) -> str:
 
 
 def chat_template(tpl: Template, placeholder: str) -> str:
-    """The template as Jinja over OpenAI messages: what `model.clinical.conversation.render` writes
+    """The template as Jinja over OpenAI messages: what `model.prompt.conversation.render` writes
     for the same turns. A user message's photos (any image part, wherever it stands) go first,
     joined by a space, then a space and its text; a user message with photos and no text is a turn
     whose text was dropped for room. A system message is refused: the system text is the bundle's."""

@@ -15,27 +15,47 @@ validation for a target precision says when the top condition is too unsure to s
 Several photos of one case are combined by averaging their logits. It is stored in the bundle as
 `differential.safetensors` (weights, standardisation) and `differential.json` (labels, temperature,
 threshold, feature kind, metrics), hashed in the manifest like every other part.
+
+Here: the head, its features and its file format, and the ranking it gives. Fitting it is
+`model.training.fit_differential`; its metrics and reliability plot, `model.evaluation.differential`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from model import metrics
-from model.clinical.ranking import RankedCondition, Ranking
+from pydantic import BaseModel, ConfigDict
+
 from model.errors import UserFacingError
 
 HEAD_WEIGHTS = "differential.safetensors"
 HEAD_META = "differential.json"
 FEATURES = ("vit", "qformer", "both")
 MAX_PHOTOS = 3  # photos of one case combined into one ranking
+
+
+class RankedCondition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    condition: str
+    probability: float  # calibrated, 0..1
+
+
+class Ranking(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    conditions: list[RankedCondition]  # best first
+    uncertain: bool  # the top probability is below the threshold chosen for the target precision
+    photos: int
+    raw_confidence: float = 0.0  # the top probability before temperature scaling (for calibration reports)
+
+    def top(self, k: int = 3) -> list[str]:
+        return [c.condition for c in self.conditions[:k]]
 
 
 class DifferentialError(UserFacingError, ValueError):
@@ -129,134 +149,3 @@ class DifferentialHead:
         if head.feature not in FEATURES or head.mean.shape[0] != head.weight.shape[1]:
             raise DifferentialError(f"{meta} describes features its weights do not fit; train the head again")
         return head
-
-
-# -- training ---------------------------------------------------------------------------------------
-
-def fit(train_x: torch.Tensor, train_y: torch.Tensor, classes: tuple[str, ...], feature: str,
-        steps: int = 400, lr: float = 0.05, weight_decay: float = 1e-3, seed: int = 0) -> DifferentialHead:
-    """Class-balanced multinomial logistic regression on standardised features (full batch)."""
-    generator = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
-    x = (train_x - mean) / std
-    k = len(classes)
-    counts = torch.bincount(train_y, minlength=k).float()
-    balance = (counts.sum() / (k * counts.clamp(min=1)))  # rare conditions weigh as much as common ones
-    weight = (torch.randn(k, x.shape[1], generator=generator) * 0.01).requires_grad_()
-    bias = torch.zeros(k, requires_grad=True)
-    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(x @ weight.T + bias, train_y, weight=balance).backward()
-        optimizer.step()
-    return DifferentialHead(classes, weight.detach(), bias.detach(), mean, std, feature)
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature that minimises the negative log-likelihood on held-out logits."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-def threshold_for(probs: torch.Tensor, labels: torch.Tensor, target_precision: float) -> float:
-    """The lowest top probability above which the top condition is right at least `target_precision`
-    of the time on validation; 1.0 (always 'uncertain') when no threshold reaches it."""
-    top, pred = probs.max(-1)
-    for t in sorted(set(top.tolist())):
-        kept = top >= t
-        if kept.sum() >= 1 and (pred[kept] == labels[kept]).float().mean() >= target_precision:
-            return float(t)
-    return 1.0
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
-    """ECE over equal-width confidence bins: the gap between confidence and accuracy, weighted."""
-    confidence, correct = top_confidence(probs, labels)
-    return metrics.calibration_error(confidence.tolist(), correct.tolist(), bins)
-
-
-def _cases(probs: torch.Tensor, labels: torch.Tensor, k: int) -> list[metrics.Case]:
-    """(N, C) probabilities and (N,) class indices as ranked cases (class indices as names)."""
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1).indices.tolist()
-    return [metrics.Case(str(label), tuple(map(str, ranked))) for label, ranked in zip(labels.tolist(), top)]
-
-
-def accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    return metrics.top_k(_cases(probs, labels, k), k)
-
-
-def balanced_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return metrics.balanced_accuracy(_cases(probs, labels, 1))
-
-
-def reliability_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, bins: int = 10) -> None:
-    """Accuracy against confidence per bin, one curve per (confidence, correct) pair, ECE in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="#888", linestyle="--", linewidth=1, label="perfect")
-    for name, (confidence, correct) in curves.items():
-        xs, ys = [], []
-        for i in range(bins):
-            inside = (confidence > i / bins) & (confidence <= (i + 1) / bins)
-            if inside.any():
-                xs.append(confidence[inside].mean().item())
-                ys.append(correct[inside].mean().item())
-        ece = metrics.calibration_error(confidence.tolist(), correct.tolist(), bins)
-        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
-    ax.set(xlabel="confidence of the top condition", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title="Differential head reliability")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def top_confidence(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence of the top condition, 1.0 where it is right) per case."""
-    confidence, pred = probs.max(-1)
-    return confidence, (pred == labels).float()
-
-
-def evaluate(head: DifferentialHead, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    raw, calibrated = head.probabilities(x, calibrated=False), head.probabilities(x)
-    return {"n": int(y.shape[0]), "top1": accuracy(calibrated, y), "top3": accuracy(calibrated, y, 3),
-            "balanced_accuracy": balanced_accuracy(calibrated, y),
-            "ece_before": expected_calibration_error(raw, y), "ece_after": expected_calibration_error(calibrated, y),
-            "chance": 1 / len(head.classes)}
-
-
-def train_differential(features: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor],
-                       classes: tuple[str, ...], choice: str = "auto", target_precision: float = 0.9,
-                       seed: int = 0) -> DifferentialHead:
-    """features[kind][split] -> (N, F); labels[split] -> (N,). Fits a head per feature kind (or the one
-    asked for), keeps the best on validation, calibrates it there and picks its threshold."""
-    kinds = FEATURES if choice == "auto" else (choice,)
-    trials = {}
-    for kind in kinds:
-        head = fit(features[kind]["train"], labels["train"], classes, kind, seed=seed)
-        trials[kind] = (accuracy(head.probabilities(features[kind]["val"], calibrated=False), labels["val"]), head)
-    kind = max(trials, key=lambda name: trials[name][0])
-    head = trials[kind][1]
-    val_x, val_y = features[kind]["val"], labels["val"]
-    head.temperature = fit_temperature(head.logits(val_x), val_y)
-    head.threshold = threshold_for(head.probabilities(val_x), val_y, target_precision)
-    head.metrics = {"feature_choice": {name: round(acc, 4) for name, (acc, _) in trials.items()},
-                    "target_precision": target_precision, "validation": evaluate(head, val_x, val_y)}
-    if "test" in labels and labels["test"].numel():
-        head.metrics["test"] = evaluate(head, features[kind]["test"], labels["test"])
-    if not math.isfinite(head.temperature):
-        raise DifferentialError("temperature scaling failed on the validation split; add validation images")
-    return head
