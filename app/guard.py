@@ -18,10 +18,11 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from app.errors import refusal
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -168,12 +169,7 @@ async def _refuse(send, scope, status: int, api: bool, code: str, message: str) 
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    if api:  # the API's own error format
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": code}}).encode()
-        kind = b"application/json"
-    else:
-        body, kind = (message[0].upper() + message[1:] + ".\n").encode(), b"text/plain; charset=utf-8"
+    body, kind = refusal(message, code, api)
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -37,33 +37,12 @@ def serve(settings: AppSettings, bundle: Callable[[], Path], demo_mode: bool, sa
 
     import torch
 
-    from model.serving.engine import open_engine
-
     from app.web.handlers import Handlers, SessionStore
     from app.web.ui import build
     from app.web.uploads import Uploads
 
-    if settings.engine_url:
-        from app.remote_engine import open_remote
-
-        say(f"[1/3] verifying {bundle} (its config, tokenizer and template; the LLM runs on the engine) ...")
-        engine = open_remote(bundle, settings, record=settings.verification_record(bundle),
-                             say=lambda line: say(f"      {line}"))
-        loaded = engine.loaded
-    else:
-        say(f"[1/3] verifying and loading {bundle} ...")
-        engine = open_engine(settings.engine_options(bundle, hold=_gate(settings.test_decode_gate)),
-                             say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
-        loaded = engine.loaded
-        say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
-        if loaded.runtime == "llama.cpp":
-            from model.serving.llama_backend import cpu_variant
-
-            say(f"      llama.cpp's CPU code: {_variant_line(cpu_variant())}")
-        kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
-                else "idle consultations' KV caches within")
-        say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} "
-            f"{engine.kv_cache_bytes / 2**30:.1f} GiB")
+    engine = _open_engine(settings, bundle, demo_mode, say)
+    loaded = engine.loaded
     store = SessionStore(root, settings.session_ttl_s, max_photo_bytes=settings.max_photo_mb * 2**20)
     uploads = Uploads(root)
     handlers = Handlers(engine, store, settings.max_message_chars, out_of_memory=(torch.cuda.OutOfMemoryError,),
@@ -72,7 +51,8 @@ def serve(settings: AppSettings, bundle: Callable[[], Path], demo_mode: bool, sa
     desk = _visit_desk(settings, records, store, loaded.label, say)
     blocks = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency, desk=desk)
     blocks.queue(default_concurrency_limit=concurrency)
-    app = _http_app(settings, blocks, engine, keys, uploads)
+    app = _http_app(settings, blocks, engine, keys, uploads,
+                    photo_room=lambda n: store.photo_bytes() + n <= store.max_photo_bytes)
     _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2),
                    purge=(lambda: desk.records.purge(settings.retain_days)) if desk and settings.retain_days else None)
     say("[3/3] starting the web server ...")
@@ -90,6 +70,33 @@ def serve(settings: AppSettings, bundle: Callable[[], Path], demo_mode: bool, sa
         while server.started and not server.should_exit:
             time.sleep(0.5)
     return server
+
+
+def _open_engine(settings: AppSettings, bundle: Path, demo_mode: bool, say: Callable[[str], None]):
+    """The engine the settings ask for: a vLLM server's (--engine-url), or ours over the bundle; said
+    step by step."""
+    from model.serving.engine import open_engine
+
+    if settings.engine_url:
+        from app.remote_engine import open_remote
+
+        say(f"[1/3] verifying {bundle} (its config, tokenizer and template; the LLM runs on the engine) ...")
+        return open_remote(bundle, settings, record=settings.verification_record(bundle),
+                           say=lambda line: say(f"      {line}"))
+    say(f"[1/3] verifying and loading {bundle} ...")
+    engine = open_engine(settings.engine_options(bundle, hold=_gate(settings.test_decode_gate)),
+                         say=(lambda line: None) if demo_mode else (lambda line: say(f"      {line}")))
+    loaded = engine.loaded
+    say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
+    if loaded.runtime == "llama.cpp":
+        from model.serving.llama_backend import cpu_variant
+
+        say(f"      llama.cpp's CPU code: {_variant_line(cpu_variant())}")
+    kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
+            else "idle consultations' KV caches within")
+    say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} "
+        f"{engine.kv_cache_bytes / 2**30:.1f} GiB")
+    return engine
 
 
 def _variant_line(variant: str) -> str:
@@ -111,7 +118,7 @@ def _key_line(keys: list[str]) -> str:
     return f"{len(keys)} keys, each caller's cached prefixes its own"
 
 
-def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads):
+def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads, photo_room: Callable[[int], bool]):
     """Our FastAPI app: the API, Gradio at /, our upload route, no CORS unless configured, behind Guard."""
     import gradio as gr
     from fastapi import FastAPI
@@ -133,7 +140,8 @@ def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads):
     app.add_exception_handler(APIError, error_response)
     app.add_exception_handler(Exception, error_response)
     if not settings.no_api:
-        app.include_router(router(ChatAPI(engine, engine.config.name, callers_apart=len(keys) > 1), keys))
+        app.include_router(router(ChatAPI(engine, engine.config.name, callers_apart=len(keys) > 1,
+                                          photo_room=photo_room), keys))
     own_upload_route(app, blocks, uploads, gradio_app=lambda: _gradio_app(app))  # before the mount: it answers first
     gr.mount_gradio_app(
         app, blocks, path="", server_name=settings.host, server_port=settings.port, auth=settings.credentials(),

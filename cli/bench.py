@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import empty_out, model_args, policy, record
+from cli.common import ArgumentProblem, empty_out, model_args, policy, record
+from model.errors import UserFacingError
 from model.choices import GGUF, PRESETS
 
 
@@ -56,7 +57,7 @@ def _write_gguf(preset_name: str, mode: str, out: Path) -> Path:
     child.start()
     child.join()
     if child.exitcode != 0:
-        raise SystemExit(f"error: writing the GGUF bundle failed (exit {child.exitcode}); see above")
+        raise UserFacingError(f"writing the GGUF bundle failed (exit {child.exitcode}); see above")
     return out
 
 
@@ -64,26 +65,26 @@ def _levels(args: argparse.Namespace) -> list[int]:
     try:
         levels = [int(n) for n in args.concurrency.split(",")] if args.concurrency else []
     except ValueError:
-        raise SystemExit(f"error: --concurrency takes session counts like 1,2,4,8, not {args.concurrency!r}") from None
+        raise ArgumentProblem(f"--concurrency takes session counts like 1,2,4,8, not {args.concurrency!r}") from None
     if any(n < 1 for n in levels):
-        raise SystemExit("error: --concurrency counts must be at least 1")
+        raise ArgumentProblem("--concurrency counts must be at least 1")
     return levels
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.random_init and not args.weights:
-        raise SystemExit("error: pass --preset NAME --random-init, or --weights DIR")
+        raise ArgumentProblem("pass --preset NAME --random-init, or --weights DIR")
     levels = _levels(args)
     if args.repeat < 1:
-        raise SystemExit("error: --repeat must be at least 1")
+        raise ArgumentProblem("--repeat must be at least 1")
     if args.save and not args.random_init:
-        raise SystemExit("error: --save writes a --random-init model; to quantise a bundle use `launch.py quantize`")
+        raise ArgumentProblem("--save writes a --random-init model; to quantise a bundle use `launch.py quantize`")
     if args.engine_url:
         return _side_by_side(args, levels or [1, 8])
     weights = args.weights
     if args.quantize in GGUF:
         if not (args.random_init and args.save):
-            raise SystemExit(f"error: --quantize {args.quantize} with --random-init writes a GGUF bundle: pass --save "
+            raise ArgumentProblem(f"--quantize {args.quantize} with --random-init writes a GGUF bundle: pass --save "
                              f"DIR (a 7B q4_0 takes about 4 GB, and 13 GB more while it is written); for a bundle "
                              f"of your own use `launch.py quantize --mode {args.quantize}`, then --weights")
         weights = _write_gguf(args.preset, args.quantize, Path(args.save))
@@ -119,14 +120,14 @@ def _side_by_side(args: argparse.Namespace, levels: list[int]) -> int:
     from tools.bench_engines import format_side_by_side, measure
 
     if not args.weights:
-        raise SystemExit("error: --engine-url needs --weights: the bundle the server serves (export-vllm of it)")
+        raise ArgumentProblem("--engine-url needs --weights: the bundle the server serves (export-vllm of it)")
     loaded = load_bundle(args.weights, policy(args), record=record(args.weights))
     remote = RemoteEngine(loaded.config, loaded.tokenizer, args.engine_url, max_batch=max(levels),
                           key=args.engine_key or os.environ.get("SKINGPT_ENGINE_KEY"))
     try:
         remote.probe()
     except EngineUnavailable as err:
-        raise SystemExit(f"error: {err}") from None
+        raise ArgumentProblem(f"{err}") from None
     rows = [measure(f"torch ({loaded.device})", Engine(loaded, max_batch=max(levels)), levels, args.new_tokens,
                     args.repeat)]
     if args.gguf:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.errors import UserFacingError
+from model.errors import UserFacingError, spell
 from model.choices import (DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_QUANTIZE, DTYPES, QUANTIZE, QUANTIZE_HELP, ChoiceError,
                            check_device)
 
@@ -162,9 +162,10 @@ def engine(args: argparse.Namespace):
     bundle = bundle_path(args.weights)
     options = settings(device=args.device, dtype=args.dtype, quantize=args.quantize).engine_options(bundle)
     quiet = args.weights is None  # the demo's warnings would only distract
-    return open_engine(options, say=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr)))
+    return open_engine(options, say=(lambda line: None) if quiet else (lambda line: print(spell(line, cli=True),
+                                                                                          file=sys.stderr)))
 
 
 def empty_out(out: Path, force: bool = False, hint: str = "choose another --out") -> None:
     if out.exists() and any(out.iterdir()) and not force:
-        raise SystemExit(f"error: {out} exists and is not empty; {hint}")
+        raise ArgumentProblem(f"{out} exists and is not empty; {hint}")

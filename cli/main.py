@@ -32,5 +32,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserFacingError as err:  # the one place a command's refusal becomes its exit status
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.for_cli()}", file=sys.stderr)  # settings and commands named as flags here
         return 2

@@ -6,6 +6,7 @@ import argparse
 
 from cli.common import bundle_path, device_name, settings
 from model.choices import DTYPES, QUANTIZE, QUANTIZE_HELP
+from model.errors import spell
 from cli.records import passphrase_for, records_args
 
 
@@ -56,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
         return VisitStore(chosen.records, passphrase_for(chosen.records, chosen.records_passphrase_file))
 
     serve(chosen, lambda: bundle_path(chosen.weights), demo_mode=chosen.weights is None,
-          say=lambda line: print(line, flush=True), records=records if chosen.records else None)
+          say=lambda line: print(spell(line, cli=True), flush=True), records=records if chosen.records else None)
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.common import ArgumentProblem
+from model.errors import spell
+
 
 def register(sub) -> None:
     tr = sub.add_parser("train", help="one training step (step1 / step2 config); torchrun runs it on many GPUs")
@@ -42,10 +45,10 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
     weights = args.weights or cfg.weights
     if not weights or not Path(weights).is_dir():
-        raise SystemExit(f"error: no starting bundle at {weights!r}: pass --weights DIR or set `weights:` in "
+        raise ArgumentProblem(f"no starting bundle at {weights!r}: pass --weights DIR or set `weights:` in "
                          f"{args.config} (step 2 starts from step 1's RUN_DIR/bundle; for a quick try: "
                          f"--weights weights/demo)")
-    train(cfg, args.data, args.out, weights, resume=args.resume, say=lambda line: print(line, flush=True))
+    train(cfg, args.data, args.out, weights, resume=args.resume, say=lambda line: print(spell(line, cli=True), flush=True))
     return 0
 
 
@@ -54,7 +57,7 @@ def run_train_differential(args: argparse.Namespace) -> int:
 
     out, head = build(args.data, args.weights, args.out, labels=args.labels, feature=args.features,
                       val_fraction=args.val_fraction, target_precision=args.target_precision, seed=args.seed,
-                      say=lambda line: print(line, flush=True))
+                      say=lambda line: print(spell(line, cli=True), flush=True))
     metrics = head.metrics
     held_out = metrics.get("test") or metrics["validation"]
     which = "test" if "test" in metrics else "validation"

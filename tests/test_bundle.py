@@ -51,7 +51,7 @@ def test_missing_file_is_named(bundle):
 
 
 def test_no_bundle_says_how_to_get_one(tmp_path):
-    with pytest.raises(BundleError, match=r"no SkinGPT bundle at .*python launch.py convert"):
+    with pytest.raises(BundleError, match=r"no SkinGPT bundle at .*SkinGPT.s `convert` command"):
         load_bundle(tmp_path / "nowhere")
 
 

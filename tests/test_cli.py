@@ -47,6 +47,18 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert "has no config.json" in proc.stderr and "Traceback" not in proc.stderr
     proc = _run("inspect", "--weights", str(tmp_path / "missing"), check=False)
     assert proc.returncode == 2 and "no SkinGPT bundle at" in proc.stderr and "Traceback" not in proc.stderr
+    assert "`python launch.py convert`" in proc.stderr  # the library's "convert command", as this front-end runs it
+
+
+def test_library_errors_name_settings_and_commands_for_their_reader():
+    """A library message names `{setting:...}` / `{command:...}`: a Python caller reads the setting's
+    name, the terminal its flag and variable and the command line to type."""
+    from model.errors import UserFacingError, spell
+
+    err = UserFacingError("lower {setting:max_batch} or run {command:quantize --mode q4_0}")
+    assert str(err) == "lower the max_batch setting or run SkinGPT's `quantize --mode q4_0` command"
+    assert err.for_cli() == "lower --max-batch / SKINGPT_MAX_BATCH or run `python launch.py quantize --mode q4_0`"
+    assert spell("no marks {here}") == "no marks {here}"
 
 
 def _demo_env(tmp_path):

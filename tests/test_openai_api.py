@@ -210,3 +210,23 @@ def test_readme_examples_work_as_written(api_server, tmp_path):
     curl = curl.replace("127.0.0.1:7860", f"127.0.0.1:{port}")
     result = subprocess.run(["bash", "-c", curl], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and '"chat.completion"' in result.stdout, result.stdout + result.stderr
+
+
+def test_api_photos_count_against_the_servers_photo_memory():
+    """The API's photos are taken in as the page's are, and refused (503, Retry-After) when the
+    server's decoded-photo memory, shared with the page's consultations, has no room for them."""
+    from types import SimpleNamespace
+
+    from app.api.chat import APIError, ChatAPI
+    from model.nn.config import preset
+
+    asked: list[int] = []
+    engine = SimpleNamespace(config=preset("tiny"), max_batch=1)
+    full = ChatAPI(engine, MODEL, photo_room=lambda n: asked.append(n) or False)
+    body = {"model": MODEL, "messages": [_ask("What is this?", _data_url())]}
+    with pytest.raises(APIError) as refused:
+        full.prepare(body)
+    assert refused.value.status == 503 and refused.value.code == "server_busy"
+    assert refused.value.headers == {"Retry-After": "30"} and asked == [96 * 128 * 3]
+    prepared = ChatAPI(engine, MODEL).prepare(body)  # room: the photo is taken in, its quality and notes said
+    assert prepared.prompt_images == 1 and prepared.photo_quality[0]["notes"] == []

@@ -50,7 +50,7 @@ def test_bad_policies_say_what_to_do():
     with pytest.raises(PolicyError, match="dtype must be one of auto, fp32, fp16, bf16"):
         LoadPolicy(dtype="fp8")
     if not torch.cuda.is_available():
-        with pytest.raises(PolicyError, match="no CUDA GPU is visible; use --device cpu"):
+        with pytest.raises(PolicyError, match="no CUDA GPU is visible; set the device setting to cpu"):
             LoadPolicy(device="cuda").resolve_device()
     assert LoadPolicy().resolve_device() in ("cpu", "cuda")
 

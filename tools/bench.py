@@ -148,6 +148,38 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _encode_ms(engine: Engine, device: str) -> list[float]:
+    """Milliseconds to encode each of three different photos (nothing cached)."""
+    out = []
+    for i in range(3):
+        image = bench_photo(i)
+        _sync(device)
+        t = time.perf_counter()
+        engine.encode(image)
+        _sync(device)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _followups(engine: Engine, conversation: Conversation, turns: int, settings: dict[str, Any]) -> list[dict]:
+    """Each follow-up on the first answer's session (only its new tail prefilled), against the same
+    prompt prefilled from nothing."""
+    rows = []
+    for turn in range(1, turns + 1):
+        conversation = conversation.ask(QUESTIONS[(turn - 1) % len(QUESTIONS)])
+        ours = engine.stream(conversation, session="bench0", fixed_length=True, **settings)
+        answer = "".join(ours).strip()
+        baseline = engine.stream(conversation, session=None, fixed_length=True, max_new_tokens=1, do_sample=False)
+        "".join(baseline)
+        rows.append({"turn": turn, "prompt_tokens": ours.stats.prompt_tokens,
+                     "prefill_tokens": ours.stats.prefill_tokens,
+                     "ttft_ms": ours.stats.time_to_first_token_s * 1000,
+                     "baseline_ttft_ms": baseline.stats.time_to_first_token_s * 1000,
+                     "speedup": baseline.stats.time_to_first_token_s / max(ours.stats.time_to_first_token_s, 1e-9)})
+        conversation = conversation.answer(answer)
+    return rows
+
+
 def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, repeats: int = 1) -> dict[str, Any]:
     """The bench's figures. The first answer, its bare loop and (llama.cpp) the peer are timed `repeats`
     times back to back, each time on a fresh session: their figures are medians, and the ratios the
@@ -156,15 +188,7 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, rep
     device = loaded.device
     settings = {"max_new_tokens": new_tokens, "do_sample": False}
 
-    encode_ms = []
-    for i in range(3):
-        image = bench_photo(i)
-        _sync(device)
-        t = time.perf_counter()
-        engine.encode(image)
-        _sync(device)
-        encode_ms.append((time.perf_counter() - t) * 1000)
-
+    encode_ms = _encode_ms(engine, device)
     conversation = Conversation().ask("Please describe the skin condition in this photo.", [bench_photo(0)])
     engine.answer(conversation, session="warmup", fixed_length=True, **settings)  # kernels, allocator
     engine.forget("warmup")
@@ -187,20 +211,7 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, rep
             pair["llama_cpp"] = engine.runner.plain_timing(plain, new_tokens)
         paired.append(pair)
 
-    rows = []
-    for turn in range(1, turns + 1):
-        conversation = conversation.ask(QUESTIONS[(turn - 1) % len(QUESTIONS)])
-        ours = engine.stream(conversation, session="bench0", fixed_length=True, **settings)
-        answer = "".join(ours).strip()
-        baseline = engine.stream(conversation, session=None, fixed_length=True, max_new_tokens=1, do_sample=False)
-        "".join(baseline)
-        rows.append({"turn": turn, "prompt_tokens": ours.stats.prompt_tokens,
-                     "prefill_tokens": ours.stats.prefill_tokens,
-                     "ttft_ms": ours.stats.time_to_first_token_s * 1000,
-                     "baseline_ttft_ms": baseline.stats.time_to_first_token_s * 1000,
-                     "speedup": baseline.stats.time_to_first_token_s / max(ours.stats.time_to_first_token_s, 1e-9)})
-        conversation = conversation.answer(answer)
-
+    rows = _followups(engine, conversation, turns, settings)
     median = lambda key: statistics.median(p[key] for p in paired)  # noqa: E731
     result = {
         "model": loaded.config.name, "runtime": loaded.runtime, "device": _device_name(engine),

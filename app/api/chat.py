@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from fastapi import Request  # at module level: FastAPI reads the routes' annotations by name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +34,7 @@ from model.serving.sampler import SamplingSettings
 from model.images.decode import MAX_BYTES, ImageError, ImageTooLarge
 from model.images.intake import Intake, take_photo
 
+from app.errors import api_body, sentence
 from app.settings import MAX_PHOTOS
 
 log = logging.getLogger("skingpt.api")
@@ -55,7 +56,7 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return api_body(self.message, self.code, self.param, self.kind)
 
 
 class _ImageURL(BaseModel):
@@ -112,8 +113,10 @@ class ChatAPI:
     same `prompt_cache_key` left: a caller who does not send one shares nothing, and learns nothing
     from `cached_tokens` or from timing about what others sent."""
 
-    def __init__(self, engine, model_id: str, max_queue: int | None = None, callers_apart: bool = False) -> None:
+    def __init__(self, engine, model_id: str, max_queue: int | None = None, callers_apart: bool = False,
+                 photo_room: Callable[[int], bool] = lambda n: True) -> None:
         self.engine, self.model_id = engine, model_id
+        self.photo_room = photo_room  # whether the server may hold n more bytes of decoded photos (the page's bound)
         self.max_queue = max_queue if max_queue is not None else 4 * engine.max_batch
         self.callers_apart = callers_apart
         self.created = int(time.time())
@@ -188,6 +191,10 @@ class ChatAPI:
                                 "image_url part with a data:image/...;base64 URL", "image_required", "messages")
         if count > MAX_PHOTOS:
             raise APIError(400, f"at most {MAX_PHOTOS} photos per conversation", "too_many_images", "messages")
+        if not self.photo_room(sum(photo.pixel_bytes for photo in photos)):
+            raise APIError(503, "the server is holding as many photos as it can right now; try again in a few "
+                                "minutes, or send smaller photos", "server_busy", kind="server_error",
+                           headers={"Retry-After": "30"})
         built = []  # the turns as one tuple: history of any length is one pass
         for n, (parts, images, answer) in enumerate(turns):
             question = " ".join(p for p in parts if p).strip()
@@ -288,7 +295,7 @@ def _run(call):
     except ConversationError as err:
         raise APIError(400, str(err), "context_length_exceeded") from None
     except UserFacingError as err:
-        status = getattr(err, "http_status", 400)  # 502: the remote engine (serve --engine-url) failed
+        status = err.http_status  # 502: the remote engine (serve --engine-url) failed
         raise APIError(status, str(err), "invalid_request" if status == 400 else "engine_unavailable",
                        kind="invalid_request_error" if status == 400 else "server_error") from None
 
@@ -390,10 +397,10 @@ def error_response(request, err: Exception):
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
     if isinstance(err, ClientDisconnect):  # the client left mid-body, or the guard cut a body over its limit
         log.info("request ended before its body was read")
-        return PlainTextResponse("The request ended before its body did.", status_code=400)
+        return PlainTextResponse(sentence("the request ended before its body did"), status_code=400)
     if not request.url.path.startswith(API_PREFIX):
         log.error("request failed reason=%s", type(err).__name__)
-        return PlainTextResponse("Something went wrong on the server; please try again.", status_code=500)
+        return PlainTextResponse(sentence("something went wrong on the server; please try again"), status_code=500)
     log.error("api request failed reason=%s", type(err).__name__, exc_info=err)
     return error_response(request, APIError(500, "something went wrong on the server; please try again",
                                             "internal_error", kind="server_error"))

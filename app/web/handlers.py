@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import ValidationError
 
-from model.prompt.conversation import Conversation, ImageInput
+from model.prompt.conversation import Conversation
 from model.errors import UserFacingError
 from model.serving.sampler import SamplingSettings
 from model.images.decode import ImageError
@@ -84,11 +84,7 @@ class Handlers:
         if not state.conversation.images and not state.pending:
             yield state.error(state.t("messages.photo_first")), self._notice(state)
             return
-        with state.lock:  # the question is shown as typed; the model is asked it in the page's language
-            state.unsent = ""
-            state.messages.append({"role": "user", "content": text.strip()})
-            state.conversation = state.conversation.ask(ask_in(state.lang, text.strip()), state.pending)
-            state.pending = []
+        state.ask(text.strip(), ask_in(state.lang, text.strip()))  # shown as typed; asked in the page's language
         yield from self._answer(state, settings or SamplingSettings())
 
     def attached(self, session: str, message: dict | None) -> str:
@@ -134,23 +130,12 @@ class Handlers:
         except ImageError as err:
             log.info("photo rejected session=%s reason=%s", state.id[:8], type(err).__name__)
             return str(err)
-        quality = photo.quality  # measured when it was taken in
-        with state.lock:
-            state.photos += 1
-            try:  # re-encoded from pixels alone: no EXIF, GPS or ICC
-                clean = state.write_file(f"photo-{state.photos}.jpg", _jpeg(photo.image))
-            except Wiped:
-                return "This consultation was cleared; please attach the photo again."
-            state.photo_bytes += photo.pixel_bytes
-            state.pending.append(ImageInput.of(photo.image))
-            state.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
-            for note in photo.notes:
-                state.note(note)
-            state.quality.append(quality)
-            if not quality.ok:  # said at once, before any answer; the patient may still go on
-                state.note(quality.notice(state.lang), "quality.title")
+        try:  # the private copy re-encoded from pixels alone: no EXIF, GPS or ICC
+            state.add_photo(photo, _jpeg(photo.image))
+        except Wiped:
+            return "This consultation was cleared; please attach the photo again."
         log.info("photo accepted session=%s size=%dx%d quality=%s ms=%.0f", state.id[:8], *photo.image.size,
-                 ",".join(quality.problems) or "ok", (time.perf_counter() - started) * 1000)
+                 ",".join(photo.quality.problems) or "ok", (time.perf_counter() - started) * 1000)
         return None
 
     def _check_room(self, state: Consultation, photo: Intake) -> None:
@@ -217,13 +202,7 @@ class Handlers:
     def regenerate(self, session: str, settings: SamplingSettings | None = None) -> Iterator[Update]:
         state = self.store.get(session)
         state.settle()
-        with state.lock:  # never held across a yield: the next piece may be asked for from another thread
-            turns = state.conversation.turns
-            last = turns[-1] if turns and turns[-1].answer is not None else None
-            if last is not None:
-                state.conversation = state.conversation.drop_last().ask(last.question, last.images)
-                while state.messages and state.messages[-1]["role"] == "assistant":
-                    state.messages.pop()  # the old answer and its notes
+        last = state.take_back_answer()
         if last is None:
             yield state.error(state.t("messages.no_answer_yet")), self._notice(state)
             return
@@ -256,9 +235,7 @@ class Handlers:
             problem = (state.t("history.check_fields", fields="; ".join(state.t(f"history.{f}") for f in known))
                        if known else validation_message(err))  # the form's own labels, in the page's language
             return state.t("history.invalid", problem=problem), self._notice(state)
-        with state.lock:
-            state.history = None if history.is_empty() else history
-            state.refresh_flags()
+        state.set_history(history)
         log.info("history saved session=%s fields=%d", state.id[:8], len(given))  # which fields: never their values
         return (state.t("history.saved") if state.history else ""), self._notice(state)
 

@@ -1,4 +1,5 @@
-"""One consultation's state and every change to it, in one small object (no Gradio here).
+"""One consultation's state and the changes to it, in one small object (no Gradio here): the handlers
+read its fields and change them through its methods.
 
 The client names its session (Gradio's `session_hash`), and the client is not trusted: that string
 is only ever a dictionary key, hashed. Everything that touches the disk or the log uses the
@@ -28,6 +29,7 @@ from model.clinical.consultation import ConsultationReport
 from model.prompt.conversation import Conversation, ImageInput
 from model.clinical.history import ClinicalHistory
 from model.i18n.catalog import text
+from model.images.intake import Intake
 from model.clinical.safety import red_flags
 from model.images.quality import PhotoQuality
 from model.visits.followup import Earlier, more_signs, shown_to_model
@@ -171,6 +173,59 @@ class Consultation:
 
     def error(self, message: str) -> list[Message]:
         return self.note(message, "titles.error")
+
+    # -- the consultation's own changes (handlers call these; none is held across a yield) ---------------
+    def ask(self, shown: str, question: str) -> None:
+        """The question as typed joins the chat; the model is asked `question` about the pending photos."""
+        with self.lock:
+            self.unsent = ""
+            self.messages.append({"role": "user", "content": shown})
+            self.conversation = self.conversation.ask(question, self.pending)
+            self.pending = []
+
+    def add_photo(self, intake: Intake, private_copy: bytes) -> None:
+        """An accepted photo: its private copy (the chat shows it), its pixels pending for the next
+        question, its notes and quality said at once (before any answer; the patient may go on).
+        Wiped: the consultation was cleared meanwhile, and nothing was kept."""
+        with self.lock:
+            clean = self.write_file(f"photo-{self.photos + 1}.jpg", private_copy)
+            self.photos += 1
+            self.photo_bytes += intake.pixel_bytes
+            self.pending.append(ImageInput.of(intake.image))
+            self.messages.append({"role": "user", "content": {"path": str(clean), "mime_type": "image/jpeg"}})
+            for line in intake.notes:
+                self.note(line)
+            self.quality.append(intake.quality)
+            if not intake.quality.ok:
+                self.note(intake.quality.notice(self.lang), "quality.title")
+
+    def take_back_answer(self):
+        """For Regenerate: the last answered turn asked again (its answer and notes off the chat); the
+        turn taken back, or None when nothing was answered yet."""
+        with self.lock:
+            turns = self.conversation.turns
+            last = turns[-1] if turns and turns[-1].answer is not None else None
+            if last is not None:
+                self.conversation = self.conversation.drop_last().ask(last.question, last.images)
+                while self.messages and self.messages[-1]["role"] == "assistant":
+                    self.messages.pop()
+            return last
+
+    def compare_with(self, earlier: Earlier) -> None:
+        """A follow-up: the earlier visit's photo joins the chat, both dates said (Wiped: cleared meanwhile)."""
+        from model.clinical.consultation import readable_date
+
+        with self.lock:
+            shown = self.write_file("photo-earlier.jpg", earlier.jpeg)
+            self.earlier = earlier
+            self.messages.append({"role": "user", "content": {"path": str(shown), "mime_type": "image/jpeg"}})
+            self.note(self.t("records.compared", earlier=readable_date(earlier.created, self.lang), visit=earlier.visit,
+                             today=readable_date(self.started, self.lang)), "titles.follow_up")
+
+    def set_history(self, history: ClinicalHistory) -> None:
+        with self.lock:
+            self.history = None if history.is_empty() else history
+            self.refresh_flags()
 
     def note(self, message: str, title: str = "titles.note") -> list[Message]:
         """A message of the app's own beside the answers, under a title (a key of `titles.*`, `quality.title`)."""

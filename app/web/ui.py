@@ -448,7 +448,12 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
                                                           _sampling(max_new_tokens, do_sample, temp, p)))
 
     events.append(page.compare_quick.click(what_changed, inputs, answering, api_visibility="private", **model_events))
+    _wire_stop_and_after(page, handlers, events, model_events)
+    return events
 
+
+def _wire_stop_and_after(page: Page, handlers: Handlers, events: list, model_events: dict) -> None:
+    """Stop, and what follows every answering event: the box unlocked, the focus back, the ranking."""
     def stop(request: gr.Request) -> None:
         handlers.stop(request.session_hash)
 
@@ -468,7 +473,6 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
         event.then(unlock, [page.chatbot], [page.live, page.box], queue=False, api_visibility="private").then(
             None, None, None, js=FOCUS_QUESTION).then(  # the keyboard is back in the question box
             differential, None, [page.ranked], api_visibility="private", **model_events)
-    return events
 
 
 def _locking_box(updates: Iterator) -> Iterator:

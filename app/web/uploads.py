@@ -28,6 +28,7 @@ from model.images.decode import ImageError
 from model.images.intake import Intake, keep_lossless, reopen, take_photo
 from model.images.quality import PhotoQuality
 
+from app.errors import sentence
 from app.privacy import UPLOADS, remove_upload
 
 
@@ -122,7 +123,7 @@ def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any
     first: Gradio's parser and login rule (`gradio_app()`: the mounted Gradio app), over a folder
     of its own per request, every file cleaned before it answers."""
     import anyio
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import PlainTextResponse
     from gradio.route_utils import MultiPartException, upload_fn
     from gradio.routes import file_upload_statuses
 
@@ -136,7 +137,7 @@ def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any
 
     async def upload_file(request: Request, upload_id: str | None = None):
         if not logged_in(request):
-            return JSONResponse({"detail": {"error": "Not authenticated"}}, status_code=401)
+            return PlainTextResponse(sentence("not logged in: open the page and log in again"), status_code=401)
         folder = uploads.new_folder()
         limit = blocks.max_file_size if blocks.max_file_size is not None else math.inf
         try:
@@ -144,7 +145,7 @@ def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any
                                           upload_progress=file_upload_statuses if upload_id else None)
         except MultiPartException as exc:
             uploads.discard_folder(folder)
-            return PlainTextResponse(exc.message, status_code=413 if "maximum allowed size" in exc.message else 400)
+            return PlainTextResponse(sentence(exc.message), status_code=413 if "maximum allowed size" in exc.message else 400)
         # identical files in one request land on one path: cleaned once, named as often as sent
         cleaned = await anyio.to_thread.run_sync(lambda: {f: uploads.clean(Path(f)) for f in dict.fromkeys(files)})
         blocks.upload_file_set.update(cleaned.values())

@@ -90,15 +90,10 @@ class VisitDesk:
             earlier = earlier_photo(self.records, reference, visit)
         except (RecordsError, ImageError) as err:
             return state.error(str(err)), ""
-        with state.lock:
-            try:
-                shown = state.write_file("photo-earlier.jpg", earlier.jpeg)
-            except Wiped:
-                return state.messages, ""
-            state.earlier = earlier
-            state.messages.append({"role": "user", "content": {"path": str(shown), "mime_type": "image/jpeg"}})
-            state.note(state.t("records.compared", earlier=readable_date(earlier.created, state.lang), visit=earlier.visit,
-                               today=readable_date(state.started, state.lang)), "titles.follow_up")
+        try:
+            state.compare_with(earlier)
+        except Wiped:
+            return state.messages, ""
         log.info("follow-up session=%s", state.id[:8])
         return state.messages, earlier.visit
 

@@ -36,12 +36,11 @@ def _latin1(value: str) -> str:
         "latin-1", "replace").decode("latin-1")
 
 
-def report_pdf(report: ConsultationReport, photos: Sequence[Image.Image] = ()) -> bytes:
-    """The report, with the consultation's `photos` (as `report.details.photos` names them) on it."""
+def _new_pdf(report: ConsultationReport):
+    """An A4 document with its first page, and the CJK font it carries (None: Latin-1 core fonts do)."""
     from fpdf import FPDF
 
     logging.getLogger("fontTools").setLevel(logging.ERROR)  # it logs each subsetting step of every PDF
-
     everything = report.full_text + "".join(report.red_flags) + "".join(report.history_lines())
     needs_cjk = report.lang != "en" or bool(_BEYOND_LATIN1.search(everything))
     font = cjk_font() if needs_cjk else None
@@ -53,6 +52,12 @@ def report_pdf(report: ConsultationReport, photos: Sequence[Image.Image] = ()) -
     if font is not None:
         pdf.add_font("cjk", "", str(font))
     pdf.add_page()
+    return pdf, font
+
+
+def report_pdf(report: ConsultationReport, photos: Sequence[Image.Image] = ()) -> bytes:
+    """The report, with the consultation's `photos` (as `report.details.photos` names them) on it."""
+    pdf, font = _new_pdf(report)
     width = pdf.w - pdf.l_margin - pdf.r_margin
     family, clean = ("cjk", str) if font is not None else ("Helvetica", _latin1)
 

@@ -153,7 +153,7 @@ def _one(engine, case: EvalCase, path: Path, seed: int, report: bool, settings: 
 def read_predictions(run: str | Path) -> list[dict]:
     path = Path(run) / PREDICTIONS
     if not path.is_file():
-        raise EvalError(f"{run} has no {PREDICTIONS}; run `python launch.py eval predict` first")
+        raise EvalError(f"{run} has no {PREDICTIONS}; run {{command:eval predict}} first")
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:

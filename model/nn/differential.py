@@ -128,7 +128,7 @@ class DifferentialHead:
             if not path.is_file():
                 raise DifferentialError(f"{bundle} has {HEAD_META if path is weights else HEAD_WEIGHTS} but not "
                                         f"{path.name}: copy the whole bundle again, or train the head anew with "
-                                        f"`python launch.py train-differential`")
+                                        f"{{command:train-differential}}")
         try:
             from safetensors import safe_open
 
@@ -141,7 +141,7 @@ class DifferentialHead:
                        info.get("metrics", {}))
         except Exception as err:  # noqa: BLE001 - safetensors, JSON and shape errors all mean the same to a user
             raise DifferentialError(f"the differential head in {bundle} cannot be read ({type(err).__name__}: "
-                                    f"{err}); train it again with `python launch.py train-differential`") from err
+                                    f"{err}); train it again with {{command:train-differential}}") from err
         if head.weight.shape[0] != len(classes) or head.bias.shape[0] != len(classes):
             raise DifferentialError(f"{meta} lists {len(classes)} conditions but {weights} has "
                                     f"{head.weight.shape[0]} outputs: the two files do not belong together; train "

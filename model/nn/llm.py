@@ -76,7 +76,7 @@ def load_llm(path: str | Path, *, dtype: torch.dtype, device: str,
     path = Path(path)
     if not any(path.glob("*.safetensors")):
         raise LLMLoadError(f"{path} holds no .safetensors weights; serving never unpickles .bin files. "
-                           f"Build a bundle with `python launch.py convert`, which converts them once.")
+                           f"Build a bundle with {{command:convert}}, which converts them once.")
     model, info = LlamaForCausalLM.from_pretrained(
         path, dtype=dtype, device_map=device, quantization_config=quantization_config,
         local_files_only=True, use_safetensors=True, output_loading_info=True)

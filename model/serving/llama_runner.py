@@ -99,7 +99,7 @@ class LlamaRunner:
         self.ctx = llama.llama_init_from_model(self.model, ctx)
         if not self.ctx:
             raise GGUFError(f"llama.cpp could not make a context of {kv_cells} positions ({kv_type} cache) for "
-                            f"{gguf} (its reason is printed above); if memory ran out, lower SKINGPT_KV_CACHE_GB")
+                            f"{gguf} (its reason is printed above); if memory ran out, lower {{setting:kv_cache_gb}}")
         self._pool = Threadpool(llama, self.threads)  # as llama-bench: workers kept, not made per call
         self._pool.attach(self.ctx)
         self.memory = llama.llama_get_memory(self.ctx)
@@ -205,7 +205,7 @@ class LlamaRunner:
         while not self._free_seqs:
             if not make_room():
                 raise GGUFError(f"all {self.max_sequences} llama.cpp sequences hold answers in progress; "
-                                f"lower SKINGPT_MAX_BATCH or wait for an answer to end")
+                                f"lower {{setting:max_batch}} or wait for an answer to end")
         return self._free_seqs.popleft()
 
     def _fill(self, batch, count: int, state: LlamaState, logits_last: bool, *, tokens: Sequence[int] = (),
@@ -230,7 +230,7 @@ class LlamaRunner:
                 raise GGUFError(f"llama.cpp failed to decode a batch of {count} positions (status {status})")
             if not make_room():
                 raise GGUFError(f"llama.cpp's KV cache ({self.kv_cells} positions) is full with answers in "
-                                f"progress; raise SKINGPT_KV_CACHE_GB or lower SKINGPT_MAX_BATCH")
+                                f"progress; raise {{setting:kv_cache_gb}} or lower {{setting:max_batch}}")
 
     def _logits(self, rows: int) -> torch.Tensor:
         """The last `rows` outputs' logits, copied out of llama.cpp's buffer: (rows, V)."""
@@ -351,6 +351,6 @@ def _load_model(llama, gguf: Path, repack: bool = True):
             model = llama.llama_model_load_from_file(str(gguf).encode(), params)
             if not model:
                 raise GGUFError(f"llama.cpp could not load {gguf}: the file is not a Llama GGUF it can read; "
-                                f"write the bundle again with `python launch.py quantize`")
+                                f"write the bundle again with {{command:quantize}}")
             _MODELS[key] = model
         return _MODELS[key]

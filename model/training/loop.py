@@ -114,6 +114,26 @@ def _batches(dataset: TrainDataset, ctx: Dist, cfg: StepConfig, epoch: int) -> l
     return [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
 
 
+def _prepare(cfg: StepConfig, data: str | Path, weights: str | Path, ctx, device: str, dtype: str,
+             say: Callable[[str], None]):
+    """The starting bundle with the step's parts trainable, and its samples as a dataset and collator."""
+    policy = LoadPolicy(device=device, dtype=dtype, encoder_compute="stored")
+    base = load_bundle(weights, policy, verify=ctx.main)  # (stored: parameter names stay those it saves)
+    _make_trainable(base.model, cfg)
+    if cfg.grad_checkpointing:
+        base.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    samples = load_samples(data, cfg.split, cfg.skip_bad_records, say=say if ctx.main else (lambda _: None))
+    dataset = TrainDataset(samples, base.config.preprocess, cfg.prompts, cfg.seed)
+    collate = Collator(base.tokenizer, template(cfg.template), base.config.image_placeholder,
+                       base.config.qformer.num_query_tokens, cfg.max_txt_len)
+    return base, samples, dataset, collate
+
+
+def _trainable_line(model, cfg: StepConfig) -> str:
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable: {', '.join(cfg.trainable)} ({count:,} parameters)"
+
+
 def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Path, *, resume: bool = False,
           say: Callable[[str], None] = print) -> Path | None:
     """Run one training step config; return the final bundle's path (rank 0) or None."""
@@ -122,37 +142,21 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(cfg.seed)
-
-    policy = LoadPolicy(device=device, dtype=precision if amp_dtype else "fp32", encoder_compute="stored")
-    base = load_bundle(weights, policy, verify=ctx.main)  # (stored: parameter names stay those it saves)
+    base, samples, dataset, collate = _prepare(cfg, data, weights, ctx, device, precision if amp_dtype else "fp32", say)
     model, tokenizer = base.model, base.tokenizer
-    _make_trainable(model, cfg)
-    if cfg.grad_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    samples = load_samples(data, cfg.split, cfg.skip_bad_records, say=say if ctx.main else (lambda _: None))
-    dataset = TrainDataset(samples, base.config.preprocess, cfg.prompts, cfg.seed)
-    collate = Collator(tokenizer, template(cfg.template), base.config.image_placeholder,
-                       base.config.qformer.num_query_tokens, cfg.max_txt_len)
-
     steps_per_epoch = math.ceil(len(_batches(dataset, ctx, cfg, 0)) / cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
     last = min(total, cfg.max_steps) if cfg.max_steps else total
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device != "cpu" else None)
-               if ctx.world > 1 else model)
-
-    step, epoch, micro = 0, 0, 0
+    optimizer, scaler, wrapped = _optimizing(model, cfg, precision, ctx, device)
     fingerprint = data_fingerprint(samples)
-    resumed_batches = None  # the data order of the epoch a resumed run is in the middle of
+    step, epoch, micro, resumed_batches = 0, 0, 0, None  # resumed_batches: the order of an epoch resumed mid-way
     if resume:
         step, epoch, micro, resumed_batches = _load_checkpoint(out, model, optimizer, scaler, ctx, fingerprint, say)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "step.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
         say(f"training {cfg.name} on {len(dataset)} samples, {ctx.world} process(es) on {device}, {precision}; "
-            f"{last} optimizer steps ({steps_per_epoch} per epoch), trainable: {', '.join(cfg.trainable)} "
-            f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters)")
+            f"{last} optimizer steps ({steps_per_epoch} per epoch), {_trainable_line(model, cfg)}")
     metrics = _Metrics(out, ctx.main, resume)
     from tqdm.auto import tqdm
 
@@ -188,10 +192,25 @@ def train(cfg: StepConfig, data: str | Path, out: str | Path, weights: str | Pat
             epoch, micro = epoch + 1, 0
     bar.close()
     metrics.close()
+    return _finish(out, model, tokenizer, base, cfg, data, ctx, say)
+
+
+def _optimizing(model, cfg: StepConfig, precision: str, ctx, device: str):
+    """AdamW over the trainable parameters, the fp16 loss scaler, and the model as backward sees it
+    (wrapped for data parallelism when there are several processes)."""
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device != "cpu" else None)
+               if ctx.world > 1 else model)
+    return optimizer, scaler, wrapped
+
+
+def _finish(out: Path, model, tokenizer, base, cfg: StepConfig, data, ctx, say: Callable[[str], None]) -> Path | None:
+    """The trained bundle (written by rank 0, which says where), once every process is done."""
     bundle = None
     if ctx.main:
         bundle = _final_bundle(out, model, tokenizer, base, cfg, data)
-        say(f"bundle written to {bundle}; serve it with: python launch.py --weights {bundle}")
+        say(f"bundle written to {bundle}; serve it with {{command:serve --weights {bundle}}}")
     ctx.barrier()
     return bundle
 

@@ -66,8 +66,8 @@ def earlier_photo(store, patient: str, visit: str) -> Earlier:
 
     record, jpegs = store.load(visit)
     if record.patient != patient:
-        raise RecordsError(f"visit {visit} is not one of patient {patient}'s; `launch.py records list --patient "
-                           f"{patient}` shows theirs")
+        raise RecordsError(f"visit {visit} is not one of patient {patient}'s; {{command:records list --patient "
+                           f"{patient}}} shows theirs")
     own = [data for photo, data in zip(record.photos, jpegs) if photo.from_visit is None]
     if not own:
         raise RecordsError(f"visit {visit} holds no photo of its own to compare with")

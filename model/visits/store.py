@@ -136,7 +136,7 @@ class VisitStore:
             found = db.execute("SELECT body FROM visits WHERE row = ?", (row,)).fetchone()
             photos = db.execute("SELECT n, jpeg FROM photos WHERE row = ? ORDER BY n", (row,)).fetchall()
         if found is None:
-            raise RecordsError(f"no visit {visit} in these records; `launch.py records list` shows them")
+            raise RecordsError(f"no visit {visit} in these records; {{command:records list}} shows them")
         record = _parse(Visit, self.keys.open("visit", row, found[0]))
         return record, [self.keys.open(f"photo{n}", row, sealed) for n, sealed in photos]
 

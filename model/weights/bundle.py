@@ -44,8 +44,8 @@ ENCODER_FILE = "encoder.safetensors"
 LLM_DIR = "llm"
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "skingpt-bundle/1"
-HOW_TO_GET = ("build one with `python launch.py convert` from the published weight files "
-              "(see weights/README.md), or use a bundle written by `python launch.py train`")
+HOW_TO_GET = ("build one with {command:convert} from the published weight files "
+              "(see weights/README.md), or use a bundle written by {command:train}")
 
 
 class BundleError(UserFacingError, RuntimeError):
@@ -474,8 +474,8 @@ def auto_policy(policy: LoadPolicy, config: SkinGPTConfig) -> tuple[LoadPolicy, 
     sizing = config_sizing(config)
     concrete, note = choose_policy(policy, sizing, psutil.virtual_memory().available, kernel_speeds)
     if concrete.resolve_device() == "cpu" and concrete.quantize in WEIGHT_ONLY:
-        note += ("; llama.cpp answers faster on a CPU: write a GGUF bundle once with `python launch.py quantize "
-                 "--weights BUNDLE --mode q4_k_m --out NEW` and serve that")
+        note += ("; llama.cpp answers faster on a CPU: write a GGUF bundle once with {command:quantize "
+                 "--weights BUNDLE --mode q4_k_m --out NEW} and serve that")
     return concrete, note
 
 

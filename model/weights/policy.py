@@ -49,8 +49,8 @@ class LoadPolicy:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise PolicyError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu (on a CPU, "
-                              "a GGUF bundle answers fastest: `python launch.py quantize --mode q4_k_m`, see the "
+            raise PolicyError("device 'cuda' was asked for but no CUDA GPU is visible; set {setting:device} to cpu (on a CPU, "
+                              "a GGUF bundle answers fastest: {command:quantize --mode q4_k_m}, see the "
                               "README's 'A clinic PC without a GPU')")
         return self.device
 

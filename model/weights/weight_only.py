@@ -214,7 +214,7 @@ class TensorFiles:
         self.files = sorted(Path(directory).glob("*.safetensors"))
         if not self.files:
             raise LLMLoadError(f"{directory} holds no .safetensors weights; serving never unpickles .bin files. "
-                               f"Build a bundle with `python launch.py convert`, which converts them once.")
+                               f"Build a bundle with {{command:convert}}, which converts them once.")
         self.where: dict[str, Path] = {}
         for path in self.files:
             with safe_open(str(path), framework="pt") as handle:
