@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cli.common import ArgumentProblem, empty_out, model_args, policy, record
-from model.errors import UserFacingError
+from model.errors import UserFacingError, spell
 from model.choices import GGUF, PRESETS
 
 
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     engine, load_s = load_for_bench(args.preset if args.random_init else None, weights, policy(args),
                                     Path(args.save) if args.save else None, max_batch=max(levels or [8]))
     if engine.loaded.note:
-        print(engine.loaded.note, file=sys.stderr)
+        print(spell(engine.loaded.note, cli=True), file=sys.stderr)
     result = bench(engine, load_s, turns=args.turns, new_tokens=args.new_tokens, repeats=args.repeat)
     result["api_followups"] = followup_ttft(engine, args.turns, args.new_tokens)
     if levels:

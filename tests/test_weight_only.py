@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, start_server
+from model.errors import spell
 from model.weights.bundle import BundleError, load_bundle, quantize_bundle, verify_bundle
 from model.weights.policy import LoadPolicy, PolicyError, Sizing, choose_policy
 from model.nn.skingpt import IMAGE_TOKEN_ID
@@ -202,7 +203,7 @@ def test_auto_says_when_nothing_fits_and_leaves_small_models_gpus_and_explicit_d
     policy, why = choose_policy(CPU, small, 64 << 30, never)
     assert policy.quantize == "none" and policy.resolve_dtype() == torch.float32 and "small" in why
     policy, why = choose_policy(LoadPolicy(device="cpu", dtype="fp32", quantize="auto"), SEVEN_B, 64 << 30, never)
-    assert (policy.dtype, policy.quantize) == ("fp32", "none") and "--dtype fp32 asked for" in why
+    assert (policy.dtype, policy.quantize) == ("fp32", "none") and "fp32 asked for (the dtype setting)" in spell(why)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     policy, why = choose_policy(LoadPolicy(quantize="auto"), SEVEN_B, 64 << 30, never)
@@ -224,7 +225,7 @@ def test_a_half_precision_encoder_can_compute_in_fp32_and_keeps_its_memory(tiny_
     def weight_bytes(module):
         return sum(p.numel() * p.element_size() for p in module.parameters())
 
-    stored = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16", encoder_compute="stored"))
+    stored = load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16", quantize="none", encoder_compute="stored"))
     assert stored.note == "" and stored.model.vision.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     half = stored.model.encode_image(pixels).float()
@@ -244,4 +245,4 @@ def test_a_half_precision_encoder_can_compute_in_fp32_and_keeps_its_memory(tiny_
     assert "computes in fp32 (bf16 products are 5.6x slower on this CPU)" in fast.note
     assert fast.model.vision.blocks[0].attn.qkv.weight.dtype == torch.float32
     monkeypatch.setattr(quantization, "half_is_slower_than_fp32", lambda dtype: (False, 0.5))
-    assert load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16")).note == ""
+    assert load_bundle(tiny_bundle, LoadPolicy(device="cpu", dtype="bf16", quantize="none")).note == ""

@@ -156,9 +156,9 @@ def choose_policy(policy: LoadPolicy, sizing: Sizing, available_bytes: int,
     device = policy.resolve_device()
     if device != "cpu":
         full = replace(policy, quantize="none")
-        return full, f"auto on a GPU: the LLM in {_name(full.resolve_dtype())} (--quantize nf4 or int8 saves GPU memory)"
+        return full, f"auto on a GPU: the LLM in {_name(full.resolve_dtype())} ({{setting:quantize}} nf4 or int8 saves GPU memory)"
     if policy.dtype != "auto":
-        return replace(policy, quantize="none"), f"--dtype {policy.dtype} asked for: the LLM is not quantised"
+        return replace(policy, quantize="none"), f"{policy.dtype} asked for ({{setting:dtype}}): the LLM is not quantised"
     bf16 = estimate_llm_bytes(sizing.llm_params, sizing.linear_params, "none")
     if bf16 < AUTO_FULL_PRECISION_BYTES:
         return replace(policy, quantize="none"), f"auto: the LLM is small ({bf16 / 2**30:.1f} GiB in bf16), so full precision"
