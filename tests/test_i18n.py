@@ -159,3 +159,25 @@ def test_chinese_warning_signs_are_punctuated_in_chinese():
     notice = red_flag_notice(flags, "zh")
     assert len(flags) >= 2 and "、" in notice and "。" in notice and ", " not in notice and ". " not in notice
     assert notice.startswith("**提到的警示征象**：")
+
+
+def test_a_report_pdf_with_a_phone_photo_stays_small_in_both_languages():
+    """A 12-megapixel photo is printed at 300 dpi as a JPEG, so the report is kilobytes, not megabytes,
+    and the Chinese one (its CJK font subset to the characters used) is near the English one in size."""
+    from pypdf import PdfReader
+
+    from model.clinical.consultation import new_visit
+    from model.clinical.report_pdf import PRINT_SIDE, report_pdf
+    from tools.fixtures import skin_photo
+
+    photo = skin_photo(3, size=(4000, 3000))
+    sizes = {}
+    for lang, said in (("zh", "可能是湿疹。"), ("en", "Probably eczema.")):
+        answers = {k: said for k in ("describe", "features", "causes", "treatment", "see_doctor")}
+        report = build_report(answers, {k: text(lang, f"flow.{k}") for k in answers}, lang)
+        report.details = new_visit("demo", ["photo-1.jpg"])
+        data = report_pdf(report, [photo])
+        images = [image for page in PdfReader(io.BytesIO(data)).pages for image in page.images]
+        assert len(images) == 1 and max(images[0].image.size) == PRINT_SIDE  # the photo is on it, at print size
+        sizes[lang] = len(data)
+    assert sizes["en"] < 300_000 and sizes["zh"] < 300_000 and sizes["zh"] < 2 * sizes["en"], sizes

@@ -4,6 +4,7 @@ installed by the set-up and the Dockerfile): nothing is fetched, and the text st
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from pathlib import Path
@@ -36,6 +37,20 @@ def _latin1(value: str) -> str:
         "latin-1", "replace").decode("latin-1")
 
 
+PRINT_SIDE = 830  # pixels on a photo's long side: its 70 mm at 300 dpi
+
+
+def _print_copy(photo: Image.Image) -> io.BytesIO:
+    """The photo as the page prints it: at most 300 dpi, as a JPEG (embedded as it is, not re-encoded
+    losslessly from the full-size pixels, which made a phone photo's report megabytes)."""
+    copy = photo.convert("RGB")
+    copy.thumbnail((PRINT_SIDE, PRINT_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    copy.save(buffer, "JPEG", quality=88)
+    buffer.seek(0)
+    return buffer
+
+
 def _new_pdf(report: ConsultationReport):
     """An A4 document with its first page, and the CJK font it carries (None: Latin-1 core fonts do)."""
     from fpdf import FPDF
@@ -63,7 +78,7 @@ def report_pdf(report: ConsultationReport, photos: Sequence[Image.Image] = ()) -
 
     def write(value: str, size: float, style: str = "", height: float = 5.5) -> None:
         pdf.set_font(family, style if font is None else "", size)  # the CJK face has no bold or italic
-        pdf.multi_cell(width, height, clean(value), new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(width, height, clean(value), new_x="LMARGIN", new_y="NEXT", align="L")  # no justified gaps
 
     def heading(key: str) -> None:
         pdf.ln(2)
@@ -76,7 +91,7 @@ def report_pdf(report: ConsultationReport, photos: Sequence[Image.Image] = ()) -
         write("\n".join(report.detail_lines()), 10.5)
         for n, photo in enumerate(photos, 1):
             scale = min(70 / photo.width, 60 / photo.height)  # mm: about a third of the page's width
-            pdf.image(photo.convert("RGB"), w=photo.width * scale, h=photo.height * scale)
+            pdf.image(_print_copy(photo), w=photo.width * scale, h=photo.height * scale)
             write(report.heading("photo_caption").format(n=n), 9)
     if report.red_flags:
         heading("warning_signs")
