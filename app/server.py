@@ -19,16 +19,16 @@ from app.settings import AppSettings, is_loopback
 _BODY_LIMIT = 2 * 2**20  # the page's own requests: a question and its settings
 
 
-def serve(settings: AppSettings, bundle: Callable[[], Path], demo_mode: bool, say: Callable[[str], None] = print,
-          block: bool = True, records: Callable[[], object] | None = None):
-    """Check the settings are safe and the port free, open the kept visits (`records`: the opener of
-    an unlocked VisitStore, asking for its passphrase), find the bundle (`bundle`: the demo is
-    generated on first use), load it, serve it. Everything that can be refused is, before the load."""
+def serve(settings: AppSettings, find_bundle: Callable[[], Path], demo_mode: bool, say: Callable[[str], None] = print,
+          block: bool = True, open_records: Callable[[], object] | None = None):
+    """Check the settings are safe and the port free, open the kept visits (`open_records`: unlocks a
+    VisitStore, asking for its passphrase), find the bundle (`find_bundle`: the demo is generated on
+    first use), load it, serve it. Everything that can be refused is, before the load."""
     settings.check_safe()  # before anything is loaded or bound
     check_port(settings.host, settings.port)  # a taken port is said now, not after the model loads
     keys = settings.api_keys() if not settings.no_api else []
-    records = records() if records is not None else None
-    bundle = bundle()
+    records = open_records() if open_records is not None else None
+    bundle = find_bundle()
     from app.privacy import private_root
 
     root = private_root()  # before Gradio creates its app, so uploads land in it

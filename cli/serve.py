@@ -57,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
         return VisitStore(chosen.records, passphrase_for(chosen.records, chosen.records_passphrase_file))
 
     serve(chosen, lambda: bundle_path(chosen.weights), demo_mode=chosen.weights is None,
-          say=lambda line: print(spell(line, cli=True), flush=True), records=records if chosen.records else None)
+          say=lambda line: print(spell(line, cli=True), flush=True), open_records=records if chosen.records else None)
     return 0

@@ -607,3 +607,21 @@ def test_a_queued_answer_shows_its_place_and_the_place_is_not_kept(app):
     assert len(waiting) == 2 and "as soon as the one being written now is done" in waiting[0]["content"]
     assert history[-1]["content"] == "It looks like eczema."
     assert not any((m.get("metadata") or {}).get("title") == "In the queue" for m in history)
+
+
+def test_a_cleaned_upload_keeps_its_pixels_on_disk_not_in_memory(tmp_path):
+    """Until it is sent, an upload is its private PNG and what was measured on arrival: no decoded
+    image is held for it (a 40-megapixel photo would hold 120 MB), and sending it reads the PNG back."""
+    from app.web.uploads import Uploads
+    from model.images.intake import Kept
+
+    uploads = Uploads(tmp_path)
+    folder = uploads.new_folder()
+    original = folder / "jane_doe_mole.jpg"
+    skin_photo(1, size=(640, 480)).save(original, "JPEG")
+    clean = uploads.clean(original)
+    entry = uploads._items[clean]
+    assert isinstance(entry.kept, Kept) and not any(isinstance(v, Image.Image) for v in vars(entry.kept).values())
+    assert uploads.quality(clean) is entry.kept.quality and not original.exists()
+    photo = uploads.take(clean)
+    assert photo.image.size == (640, 480) and photo.quality is entry.kept.quality and not os.path.exists(clean)

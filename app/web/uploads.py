@@ -5,9 +5,10 @@ Gradio names an upload's folder by the file's content hash, so the same photo se
 deletes it for the other. Our upload route (Gradio's own, with its login check, over a fresh
 folder per request) gives every upload its own path. Before the request returns, the photo is
 taken in (`model.images.intake`: decoded upright in sRGB, its quality measured) and written back
-from its pixels alone as a lossless PNG named by the server (never by the file's own name, which may be the patient's); the
-original, with whatever GPS tags it carried, is deleted. A file that is not a
-usable photo leaves an empty file and its reason, told in the chat when it is sent.
+from its pixels alone as a lossless PNG named by the server (never by the file's own name, which
+may be the patient's); the original, with whatever GPS tags it carried, is deleted. The pixels stay
+on disk, not in memory, until the photo is sent. A file that is not a usable photo leaves an empty
+file and its reason, told in the chat when it is sent.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Callable
 from starlette.requests import Request  # at module level: FastAPI reads the route's annotations by name
 
 from model.images.decode import ImageError
-from model.images.intake import Intake, keep_lossless, reopen, take_photo
+from model.images.intake import GONE, Intake, Kept, keep_lossless, reopen, take_photo
 from model.images.quality import PhotoQuality
 
 from app.errors import sentence
@@ -34,7 +35,7 @@ from app.privacy import UPLOADS, remove_upload
 
 @dataclass(frozen=True)
 class _Entry:
-    intake: Intake | ImageError  # what was taken in (its pixels are on disk), or why it is not a photo
+    kept: Kept | ImageError  # what was taken in (its pixels on disk, not in memory), or why it is not a photo
     made: float
 
 
@@ -72,18 +73,19 @@ class Uploads:
             taken = err
         clean = path.with_name(f"photo-{secrets.token_hex(6)}.png")  # named by us: no patient's name on disk
         if isinstance(taken, Intake):
-            keep_lossless(taken, clean)
+            kept: Kept | ImageError = keep_lossless(taken, clean)
         else:  # an empty file: the page shows the attachment, the chat says why it is refused
             os.close(os.open(clean, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+            kept = taken
         with self._lock:
-            self._items[str(clean)] = _Entry(taken, time.monotonic())
+            self._items[str(clean)] = _Entry(kept, time.monotonic())
         return str(clean)
 
     def quality(self, path: str | Path) -> PhotoQuality | None:
         """How a cleaned upload measured on arrival (None: unknown, or not a photo)."""
         with self._lock:
             entry = self._items.get(str(path))
-        return entry.intake.quality if entry is not None and isinstance(entry.intake, Intake) else None
+        return entry.kept.quality if entry is not None and isinstance(entry.kept, Kept) else None
 
     def known(self, path: str | Path) -> bool:
         with self._lock:
@@ -95,10 +97,10 @@ class Uploads:
             entry = self._items.pop(str(path), None)
         try:
             if entry is None:
-                raise ImageError("That file is no longer on the server; please attach the photo again")
-            if isinstance(entry.intake, ImageError):
-                raise entry.intake
-            return reopen(Path(path), entry.intake)
+                raise ImageError(GONE)
+            if isinstance(entry.kept, ImageError):
+                raise entry.kept
+            return reopen(entry.kept)
         finally:
             self._remove(path)
 
@@ -145,7 +147,8 @@ def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any
                                           upload_progress=file_upload_statuses if upload_id else None)
         except MultiPartException as exc:
             uploads.discard_folder(folder)
-            return PlainTextResponse(sentence(exc.message), status_code=413 if "maximum allowed size" in exc.message else 400)
+            status = 413 if "maximum allowed size" in exc.message else 400
+            return PlainTextResponse(sentence(exc.message), status_code=status)
         # identical files in one request land on one path: cleaned once, named as often as sent
         cleaned = await anyio.to_thread.run_sync(lambda: {f: uploads.clean(Path(f)) for f in dict.fromkeys(files)})
         blocks.upload_file_set.update(cleaned.values())

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
 from PIL import Image
 
 from model.images.decode import ImageError, decode_photo, read_photo_file
 from model.images.quality import PhotoQuality, assess
+
+GONE = "That file is no longer on the server; please attach the photo again"
 
 
 @dataclass(frozen=True)
@@ -46,25 +46,32 @@ def take_photo(source: bytes | str | Path, name: str = "That file") -> Intake:
     return Intake(photo.image, assess(photo.image), photo.notes)
 
 
-def keep_lossless(intake: Intake, path: Path) -> None:
+@dataclass(frozen=True)
+class Kept:
+    """A taken photo whose pixels live on disk only (`keep_lossless`), not in memory: where, and what
+    was measured when it was taken in."""
+
+    path: Path
+    quality: PhotoQuality
+    notes: tuple[str, ...]
+
+
+def keep_lossless(intake: Intake, path: Path) -> Kept:
     """Write a taken photo's pixels as a new lossless PNG file only this user can read (a front-end's
     private copy, which the browser shows and `reopen` reads back)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "wb") as handle:
-        _write_png(intake.image, handle)
+        intake.image.save(handle, "PNG", compress_level=1)  # fast, lossless: the model sees these pixels
+    return Kept(path, intake.quality, intake.notes)
 
 
-def _write_png(image: Image.Image, handle: BinaryIO) -> None:
-    image.save(handle, "PNG", compress_level=1)  # fast, lossless: the model sees these pixels
-
-
-def reopen(path: Path, intake: Intake) -> Intake:
+def reopen(kept: Kept) -> Intake:
     """A photo that `keep_lossless` wrote, read back with what was measured when it was taken in
     (ImageError when the file is gone or not that PNG)."""
     try:
-        with Image.open(path, formats=("PNG",)) as image:
+        with Image.open(kept.path, formats=("PNG",)) as image:
             image.load()
             pixels = image.convert("RGB")
     except OSError:
-        raise ImageError("That file is no longer on the server; please attach the photo again") from None
-    return Intake(pixels, intake.quality, intake.notes)
+        raise ImageError(GONE) from None
+    return Intake(pixels, kept.quality, kept.notes)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from model.choices import GGUF, GGUF_FILE_TYPES
+from model.choices import GGUF, GGUF_FILE_TYPES, ChoiceError, check_choice
 from model.errors import UserFacingError
 from model.nn.config import LLMConfig
 
@@ -182,8 +182,10 @@ def quantize_gguf(source: Path, out: Path, mode: str, threads: int = 0) -> Path:
     """llama.cpp's own quantiser: an f16 / f32 GGUF -> `mode` (q8_0, q4_0, q4_k_m). Tensors whose rows
     do not fit a k-quant's 256-wide blocks get llama.cpp's fallback type (tiny models only)."""
     llama_cpp = require_llama_cpp()
-    if mode not in GGUF:
-        raise GGUFError(f"GGUF mode must be one of {', '.join(GGUF)}, not {mode!r}")
+    try:
+        check_choice("GGUF mode", mode, GGUF)
+    except ChoiceError as err:
+        raise GGUFError(str(err)) from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = GGUF_FILE_TYPES[mode]
     params.nthread = threads
