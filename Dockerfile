@@ -35,13 +35,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 # (An image built with -march=native on an AVX-512 host would stop with an illegal instruction on an
 # AVX2 clinic PC.) It is the llama.cpp vendored in the pinned llama-cpp-python, whose bindings are then
 # installed without a native build of their own (LLAMA_BUILD=OFF) and load it from LLAMA_CPP_LIB_PATH.
+# GGML_OPENMP=OFF: ggml's own thread pool, not PyTorch's libgomp (see requirements.txt).
 ARG LLAMA_CPP_PYTHON=0.3.36
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip download -q --no-deps --no-binary :all: -d /tmp/llama \
         "llama-cpp-python==${LLAMA_CPP_PYTHON}" \
     && tar xzf /tmp/llama/llama_cpp_python-${LLAMA_CPP_PYTHON}.tar.gz -C /tmp/llama \
     && cmake -S /tmp/llama/llama_cpp_python-${LLAMA_CPP_PYTHON}/vendor/llama.cpp -B /tmp/llama/build \
         -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON \
-        -DGGML_CPU_ALL_VARIANTS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TOOLS=OFF \
+        -DGGML_CPU_ALL_VARIANTS=ON -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TOOLS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
         -DLLAMA_BUILD_COMMON=OFF \
     && cmake --build /tmp/llama/build -j"$(nproc)" \

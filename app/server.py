@@ -51,7 +51,7 @@ def serve(settings: AppSettings, find_bundle: Callable[[], Path], demo_mode: boo
     desk = _visit_desk(settings, records, store, loaded.label, say)
     blocks = build(handlers, demo_mode=demo_mode, model_name=loaded.config.name, concurrency=concurrency, desk=desk)
     blocks.queue(default_concurrency_limit=concurrency)
-    app = _http_app(settings, blocks, engine, keys, uploads,
+    app = _http_app(settings, blocks, engine, keys, store, uploads,
                     photo_room=lambda n: store.photo_bytes() + n <= store.max_photo_bytes)
     _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2),
                    purge=(lambda: desk.records.purge(settings.retain_days)) if desk and settings.retain_days else None)
@@ -89,9 +89,15 @@ def _open_engine(settings: AppSettings, bundle: Path, demo_mode: bool, say: Call
     loaded = engine.loaded
     say(f"[2/3] model ready on {loaded.device} ({sum(loaded.footprint.values()) / 2**30:.2f} GiB of weights)")
     if loaded.runtime == "llama.cpp":
-        from model.serving.llama_backend import cpu_variant
+        import llama_cpp
+
+        from model.serving.llama_backend import cpu_variant, uses_openmp
 
         say(f"      llama.cpp's CPU code: {_variant_line(cpu_variant())}")
+        if uses_openmp(llama_cpp):
+            say("      warning: this llama.cpp was built with OpenMP, which shares PyTorch's thread runtime and "
+                "decodes about 20% slower beside the photo encoder; reinstall it as requirements.txt says "
+                "(GGML_OPENMP=OFF, pip install --no-cache-dir)")
     kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
             else "idle consultations' KV caches within")
     say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} "
@@ -118,7 +124,8 @@ def _key_line(keys: list[str]) -> str:
     return f"{len(keys)} keys, each caller's cached prefixes its own"
 
 
-def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads, photo_room: Callable[[int], bool]):
+def _http_app(settings: AppSettings, blocks, engine, keys: list[str], store, uploads,
+              photo_room: Callable[[int], bool]):
     """Our FastAPI app: the API, Gradio at /, our upload route, no CORS unless configured, behind Guard."""
     import gradio as gr
     from fastapi import FastAPI
@@ -129,6 +136,8 @@ def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads, p
     from app.api.chat import API_PREFIX, MAX_BODY_BYTES, APIError, ChatAPI, error_response, router
     from app.guard import Guard, HostPolicy, Limits
     from app.web.ui import CSS, JS, THEME
+    from app.privacy import SESSIONS
+    from app.web.files import OwnFiles
     from app.web.uploads import own_upload_route
 
     from app.settings import MAX_PHOTOS
@@ -150,7 +159,8 @@ def _http_app(settings: AppSettings, blocks, engine, keys: list[str], uploads, p
         run_history=False)  # Gradio would otherwise keep every photo and answer in the browser's storage
     hosts = HostPolicy.for_server(settings.host, settings.host_names(), loopback=is_loopback(settings.host))
     limits = Limits(_BODY_LIMIT, {API_PREFIX: MAX_BODY_BYTES, "/gradio_api/upload": MAX_PHOTOS * MAX_BYTES + 2**20})
-    return Guard(app, hosts, limits, origins=settings.origins(), json_only=(API_PREFIX,))
+    owned = OwnFiles(app, uploads.root, lambda area, folder: (store if area == SESSIONS else uploads).owner(folder))
+    return Guard(owned, hosts, limits, origins=settings.origins(), json_only=(API_PREFIX,))
 
 
 def _gradio_app(app):

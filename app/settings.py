@@ -40,7 +40,7 @@ class AppSettings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0)  # one answer, queue wait included; then it stops with a message
     no_api: bool = False  # serve the web page only, no /v1 API
     max_batch: int = Field(8, ge=1, le=256)  # answers decoded together on the device, in one batch
-    kv_cache_gb: float | None = Field(None, gt=0)  # idle consultations' KV caches; default a third of free memory
+    kv_cache_gb: float | None = Field(None, gt=0)  # idle consultations' KV caches; default: what the consultations can fill, at most a third of free memory
     concurrency: int | None = Field(None, ge=1)  # requests Gradio runs at once; default twice max_batch
     max_message_chars: int = 2000
     session_ttl_s: int = 4 * 3600  # an idle consultation is wiped after this long

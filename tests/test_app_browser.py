@@ -500,3 +500,45 @@ def test_one_control_is_named_full_report_in_each_language(server, browser_page,
                               f".filter(e => e.offsetParent !== null && e.innerText.trim() === '{name}').length")
         assert named == 1, (name, named)
         page.close()
+
+
+def test_a_private_file_is_served_only_to_the_browser_that_made_it(server, browser_page, playwright, tmp_path):
+    """The chat's photo and the attached photo's preview load in the page that made them; the same URLs
+    from another browser, or from a client with no cookie or a forged one, are 404s (issue 33, low)."""
+    import httpx
+
+    photo = tmp_path / "arm.jpg"
+    skin_photo(5, size=(400, 300)).save(photo)
+    page = _open(browser_page, server, DESKTOP)
+    page.set_input_files("#message input[type=file]", str(photo))
+    page.wait_for_selector("#message img", timeout=30_000)
+    preview = page.eval_on_selector("#message img", "img => img.src")  # the upload, not sent yet
+    cookie = next(c for c in browser_page.cookies(server.url) if c["name"] == "skingpt_browser")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["expires"] == -1  # a session cookie
+    mine, forged = ({"Cookie": f"skingpt_browser={value}"} for value in (cookie["value"], "A" * 43))
+    assert "/uploads/" in preview
+    with httpx.Client(timeout=30) as plain:
+        assert plain.get(preview, headers=mine).status_code == 200
+        assert plain.get(preview).status_code == 404 and plain.get(preview, headers=forged).status_code == 404
+    page.fill("#message textarea", "What is this?")
+    page.press("#message textarea", "Enter")
+    page.wait_for_function("() => document.querySelector('#answer-live').innerText.trim().length > 0",
+                           timeout=60_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#chat img')].some(i => i.complete && i.naturalWidth > 0)",
+                           timeout=30_000)  # the chat's photo loaded in its own page
+    shown = page.eval_on_selector_all("#chat img", "imgs => imgs.map(i => i.src).filter(s => s.includes('sessions'))")
+    assert shown, "the chat's photo is a file of the consultation"
+    photo_url = shown[0]
+    with httpx.Client(timeout=30) as plain:
+        assert plain.get(photo_url, headers=mine).status_code == 200
+        assert plain.get(photo_url).status_code == 404  # no cookie
+        assert plain.get(photo_url, headers=forged).status_code == 404  # another browser's
+        assert plain.get(photo_url.replace("file=", "file/")).status_code == 404  # Gradio's older route
+        assert plain.get(photo_url.replace("file=", "file/"), headers=mine).status_code == 200
+    other = _browser(playwright, tmp_path / "other-profile", locale="en-US")
+    try:
+        stranger = other.new_page()
+        assert stranger.goto(photo_url).status == 404
+    finally:
+        other.close()
+    page.close()

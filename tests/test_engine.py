@@ -386,3 +386,23 @@ def test_only_printable_text_leaves_the_decoder():
     decoder = IncrementalDecoder(CodePoints())
     text = "".join(decoder.push(ord(c)) for c in "ok\x07\x1b[1m\x00 \ufffdred\r\n\tdone\x7f\x85") + decoder.flush()
     assert text == "ok[1m red\n\tdone"
+
+
+def test_the_default_kv_budget_is_what_the_consultations_can_fill_not_a_third_of_the_machine(engine):
+    """Issue 33: the idle-KV budget was a third of free memory whatever the model (4.8 GiB for the demo
+    bundle on a 24 GB machine). Now it is what 32 consultations at the whole context can hold, capped at a
+    third of free memory, at least 64 MiB."""
+    import os
+
+    from model.serving.engine import default_kv_budget
+    from model.serving.llama_runner import kv_bytes_per_position
+
+    llm = engine.config.llm
+    context = min(engine.config.generation.max_context, llm.max_position_embeddings)
+    fill = 32 * context * kv_bytes_per_position(llm, "f32")  # the tiny model runs in fp32 on a CPU
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert engine.kv_cache_bytes == max(fill, 64 * 2**20) < free // 3
+    seven_b = 32 * 2048 * 2 * 32 * 4096 * 2  # Vicuna-7B in bf16: 32 GiB would fill it
+    budget = default_kv_budget(engine.device, seven_b)  # free memory moves a little between two readings
+    assert budget == seven_b or abs(budget - free // 3) < free // 10
+    assert default_kv_budget(engine.device, 1) == 64 * 2**20

@@ -290,3 +290,16 @@ def test_llama_cpps_cpu_code_and_its_thread_pool_are_found_as_llama_bench_finds_
     assert pool.pool  # made through the CPU backend's registry entry, as llama-bench makes its own
     pool.close()
     assert pool.pool is None
+
+
+def test_the_installed_llama_cpp_runs_its_own_thread_pool_not_openmp():
+    """requirements.txt builds llama.cpp with GGML_OPENMP=OFF: with OpenMP its barriers are libgomp's,
+    shared with PyTorch's pools, and a 7B decode step beside the photo encoder took 21% longer (issue 31).
+    The check itself reads llama.cpp's own feature list, so a build with OpenMP is told."""
+    import llama_cpp
+
+    from model.serving.llama_backend import uses_openmp
+
+    info = llama_cpp.llama_print_system_info()
+    assert b"CPU :" in info  # the feature list the check reads is there
+    assert not uses_openmp(llama_cpp), info.decode()

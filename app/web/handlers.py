@@ -252,6 +252,7 @@ class Handlers:
 
     def end_session(self, session: str) -> None:
         self.new_patient(session)
+        self.store.unbind(session)
 
     def _forget(self, state: Consultation | None) -> None:
         if state is None:
@@ -266,7 +267,7 @@ class Handlers:
         were attached but never sent."""
         expired = self.store.expired()
         for key in expired:
-            self._forget(self.store.remove(key))
+            self._forget(self.store.remove(key, page_gone=True))
         if self.uploads is not None:
             self.uploads.sweep(self.upload_ttl_s)
         sweep_uploads(self.store.root, self.upload_ttl_s)

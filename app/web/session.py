@@ -78,6 +78,7 @@ class Consultation:
     earlier: Earlier | None = None  # a follow-up: the earlier visit's photo shown beside today's
     report: ConsultationReport | None = None  # the last Full report, kept with a saved visit
     saved_as: str | None = None  # the visit reference once this consultation is saved (--records)
+    browser: str | None = None  # whose files these are (app.web.files); None: started without the cookie
 
     def t(self, key: str, **fields) -> str:
         """A message in this consultation's language."""
@@ -268,6 +269,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self.max_photo_bytes = max_photo_bytes
         self._items: dict[str, Consultation] = {}
+        self._browsers: dict[str, str] = {}  # client key -> the browser its page was opened in
         self._lock = threading.Lock()
 
     def get(self, session: str | None) -> Consultation:
@@ -275,16 +277,41 @@ class SessionStore:
         with self._lock:
             item = self._items.get(key)
             if item is None:
-                item = self._items[key] = Consultation(self.root)
+                item = self._items[key] = Consultation(self.root, browser=self._browsers.get(key))
             item.last_seen = time.monotonic()
             return item
+
+    def bind(self, session: str | None, browser: str | None) -> None:
+        """The page of `session` was opened in `browser` (its cookie): its consultations' files are
+        that browser's alone. The first binding holds."""
+        if browser is None:
+            return
+        key = client_key(session)
+        with self._lock:
+            browser = self._browsers.setdefault(key, browser)
+            item = self._items.get(key)
+            if item is not None and item.browser is None:
+                item.browser = browser
+
+    def unbind(self, session: str | None) -> None:
+        """The page is gone (its tab closed)."""
+        with self._lock:
+            self._browsers.pop(client_key(session), None)
+
+    def owner(self, folder: str) -> tuple[bool, str | None]:
+        """Whether a consultation's folder name is a live consultation's, and its browser."""
+        with self._lock:
+            item = next((c for c in self._items.values() if c.id == folder), None)
+        return (False, None) if item is None else (True, item.browser)
 
     def wipe(self, session: str | None) -> Consultation | None:
         return self.remove(client_key(session))
 
-    def remove(self, key: str) -> Consultation | None:
+    def remove(self, key: str, page_gone: bool = False) -> Consultation | None:
         with self._lock:
             item = self._items.pop(key, None)
+            if page_gone:
+                self._browsers.pop(key, None)
         if item is not None:
             item.close()
         return item

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import gradio as gr
 
+from app.web.files import browser_of
 from app.web.handlers import QUICK_PROMPTS, Handlers
 from app.web.visits import VisitDesk
 from app.web.visits_ui import RecordsPanel, cleared, records_panel, relabel_records, wire_records
@@ -316,6 +317,10 @@ def build(handlers: Handlers, *, demo_mode: bool, model_name: str, concurrency: 
         def on_unload(request: gr.Request) -> None:
             handlers.end_session(request.session_hash)  # the tab closed: nothing of it is kept
 
+        def on_load(request: gr.Request) -> None:
+            handlers.store.bind(request.session_hash, browser_of(dict(request.cookies)))  # its files are its own
+
+        app.load(on_load, None, None, queue=False, api_visibility="private")
         app.unload(on_unload)
     return app
 

@@ -30,6 +30,7 @@ from model.images.intake import GONE, Intake, Kept, keep_lossless, reopen, take_
 from model.images.quality import PhotoQuality
 
 from app.errors import sentence
+from app.web.files import browser_of
 from app.privacy import UPLOADS, remove_upload
 
 
@@ -46,18 +47,28 @@ class Uploads:
         self.root = root
         self.folder = root / UPLOADS
         self._items: dict[str, _Entry] = {}
+        self._owners: dict[str, str | None] = {}  # upload folder -> the browser that sent it (app.web.files)
         self._lock = threading.Lock()
         self.on_forget: Callable[[str], None] = lambda path: None
 
     def discard_folder(self, folder: Path) -> None:
         """A refused upload request's folder and whatever it had received."""
         shutil.rmtree(folder, ignore_errors=True)
+        with self._lock:
+            self._owners.pop(folder.name, None)
 
-    def new_folder(self) -> Path:
-        """A folder for one upload request, named by the server."""
+    def new_folder(self, browser: str | None = None) -> Path:
+        """A folder for one upload request, named by the server, whose files are `browser`'s."""
         folder = self.folder / secrets.token_hex(16)
         folder.mkdir(mode=0o700, parents=True)
+        with self._lock:
+            self._owners[folder.name] = browser
         return folder
+
+    def owner(self, folder: str) -> tuple[bool, str | None]:
+        """Whether an upload folder is live, and the browser that sent it."""
+        with self._lock:
+            return (folder in self._owners), self._owners.get(folder)
 
     def clean(self, path: Path) -> str:
         """Replace an uploaded original by its pixels alone (or an empty file and the reason it is
@@ -107,6 +118,10 @@ class Uploads:
     def _remove(self, path: str | Path) -> None:
         remove_upload(Path(path), self.root)
         self.on_forget(str(path))
+        folder = Path(path).parent
+        if not folder.exists():
+            with self._lock:
+                self._owners.pop(folder.name, None)
 
     def sweep(self, older_than_s: float) -> int:
         """Forget entries whose file is gone or older than `older_than_s`."""
@@ -140,7 +155,7 @@ def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any
     async def upload_file(request: Request, upload_id: str | None = None):
         if not logged_in(request):
             return PlainTextResponse(sentence("not logged in: open the page and log in again"), status_code=401)
-        folder = uploads.new_folder()
+        folder = uploads.new_folder(browser_of(request.cookies))
         limit = blocks.max_file_size if blocks.max_file_size is not None else math.inf
         try:
             files, _, _ = await upload_fn(request, folder, limit, upload_id, force_move=True,

@@ -153,10 +153,22 @@ class Engine:
         self.images = ImageCache(self._encode, max_images)
         budget = self.runner.kv_bytes  # a fixed pool (llama.cpp) is its own budget
         if budget is None:
-            budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(self.device)
+            budget = kv_cache_bytes if kv_cache_bytes is not None else default_kv_budget(
+                self.device, self._full_cache_bytes(max_batch))
         self.sessions = SessionCache(self.runner.new_state, budget, self.runner.free)
         chunk = prefill_chunk or self.runner.prefill_chunk  # what an answer may wait between two tokens
         self.scheduler = Scheduler(self.runner, self.sessions, max_batch, chunk, hold)  # hold: a test hook
+
+    def _full_cache_bytes(self, max_batch: int) -> int:
+        """What the consultations the pool is for can use at most: as many as llama.cpp's pool keeps
+        (four times the batch, at least 32), each at the model's whole context, in its own dtype."""
+        from model.serving.llama_runner import kv_bytes_per_position
+
+        llm = self.config.llm
+        context = min(self.config.generation.max_context, llm.max_position_embeddings)
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float16)
+        element = {torch.float32: "f32"}.get(dtype, "f16")  # bf16 and fp16 caches are 2 bytes; int8 LLMs keep float caches
+        return max(4 * max_batch, 32) * context * kv_bytes_per_position(llm, element)
 
     @property
     def max_batch(self) -> int:
@@ -259,7 +271,7 @@ class EngineOptions:
     policy: LoadPolicy
     record: Path | None = None  # which bundle files already passed their sha256 check (None: check all)
     max_batch: int = 8  # answers decoded together
-    kv_cache_bytes: int | None = None  # idle sessions' KV caches (None: a third of free memory)
+    kv_cache_bytes: int | None = None  # idle sessions' KV caches (None: `default_kv_budget`)
     request_timeout_s: float | None = None  # one answer, queue wait included
     hold: Callable[[], bool] | None = None  # a test hook: decoding waits while it returns True
 
@@ -286,8 +298,10 @@ def make_runner(loaded: LoadedBundle, device_lock: threading.Lock, max_batch: in
     return LlamaRunner.for_bundle(loaded, device_lock, max_batch, kv_cache_bytes)
 
 
-def default_kv_budget(device: torch.device) -> int:
-    """A third of the device memory free now (of available RAM on a CPU), at least 256 MiB."""
+def default_kv_budget(device: torch.device, most_useful: int | None = None) -> int:
+    """The idle consultations' KV budget: what they can use at most (`most_useful`), but no more than a
+    third of the device memory free now (of available RAM on a CPU), and at least 64 MiB. A small model
+    on a big machine no longer reserves gigabytes it can never fill (issue 33: 4.8 GiB on 24 GB)."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -295,4 +309,5 @@ def default_kv_budget(device: torch.device) -> int:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             free = 2**32
-    return max(free // 3, 256 * 2**20)
+    cap = free // 3 if most_useful is None else min(free // 3, most_useful)
+    return max(cap, 64 * 2**20)
