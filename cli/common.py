@@ -51,7 +51,7 @@ def check_sampling(args: argparse.Namespace) -> None:
         config = SkinGPTConfig.from_yaml(bundle / "skingpt.yaml") if (bundle / "skingpt.yaml").is_file() else preset("demo")
     except ConfigError:
         return  # the bundle's own loader says what is wrong with its file, in full
-    context = min(config.generation.max_context, config.llm.max_position_embeddings)
+    context = config.context
     if args.max_new_tokens is not None and not 1 <= args.max_new_tokens < context:
         raise ArgumentProblem(f"--max-new-tokens must be between 1 and {context - 1}: this model's context holds "
                               f"{context} positions, the photo and question included (got {args.max_new_tokens})")

@@ -19,9 +19,10 @@ import hmac
 import os
 import re
 import secrets
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Callable
+
+from starlette.requests import cookie_parser
 
 from app.errors import refusal
 from app.privacy import SESSIONS, UPLOADS
@@ -90,14 +91,8 @@ class OwnFiles:
 
 
 def _cookies(scope) -> dict[str, str]:
-    jar = SimpleCookie()
-    for name, value in scope.get("headers", []):
-        if name == b"cookie":
-            try:
-                jar.load(value.decode("latin-1"))
-            except Exception:  # a malformed header is no cookie (http.cookies raises CookieError and others)
-                continue
-    return {key: morsel.value for key, morsel in jar.items()}
+    """The request's cookies, as Starlette reads them for a route (lenient: a malformed pair is skipped)."""
+    return cookie_parser(b"; ".join(v for k, v in scope.get("headers", []) if k == b"cookie").decode("latin-1"))
 
 
 def _with_cookie(send):

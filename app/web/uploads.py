@@ -38,6 +38,7 @@ from app.privacy import UPLOADS, remove_upload
 class _Entry:
     kept: Kept | ImageError  # what was taken in (its pixels on disk, not in memory), or why it is not a photo
     made: float
+    browser: str | None  # the browser that sent it: its file is served to that browser alone (app.web.files)
 
 
 class Uploads:
@@ -47,32 +48,29 @@ class Uploads:
         self.root = root
         self.folder = root / UPLOADS
         self._items: dict[str, _Entry] = {}
-        self._owners: dict[str, str | None] = {}  # upload folder -> the browser that sent it (app.web.files)
         self._lock = threading.Lock()
         self.on_forget: Callable[[str], None] = lambda path: None
 
     def discard_folder(self, folder: Path) -> None:
         """A refused upload request's folder and whatever it had received."""
         shutil.rmtree(folder, ignore_errors=True)
-        with self._lock:
-            self._owners.pop(folder.name, None)
 
-    def new_folder(self, browser: str | None = None) -> Path:
-        """A folder for one upload request, named by the server, whose files are `browser`'s."""
+    def new_folder(self) -> Path:
+        """A folder for one upload request, named by the server."""
         folder = self.folder / secrets.token_hex(16)
         folder.mkdir(mode=0o700, parents=True)
-        with self._lock:
-            self._owners[folder.name] = browser
         return folder
 
     def owner(self, folder: str) -> tuple[bool, str | None]:
-        """Whether an upload folder is live, and the browser that sent it."""
+        """Whether an upload folder holds a cleaned upload not yet sent, and the browser that sent it."""
         with self._lock:
-            return (folder in self._owners), self._owners.get(folder)
+            return next(((True, e.browser) for p, e in self._items.items()  # an upload lies under its request's folder
+                         if Path(p).is_relative_to(self.folder / folder)),
+                        (False, None))
 
-    def clean(self, path: Path) -> str:
+    def clean(self, path: Path, browser: str | None = None) -> str:
         """Replace an uploaded original by its pixels alone (or an empty file and the reason it is
-        not a photo); the path to hand to the page."""
+        not a photo), as `browser`'s; the path to hand to the page."""
         path = Path(path)
         try:
             data = path.read_bytes()
@@ -89,7 +87,7 @@ class Uploads:
             os.close(os.open(clean, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
             kept = taken
         with self._lock:
-            self._items[str(clean)] = _Entry(kept, time.monotonic())
+            self._items[str(clean)] = _Entry(kept, time.monotonic(), browser)
         return str(clean)
 
     def quality(self, path: str | Path) -> PhotoQuality | None:
@@ -118,10 +116,6 @@ class Uploads:
     def _remove(self, path: str | Path) -> None:
         remove_upload(Path(path), self.root)
         self.on_forget(str(path))
-        folder = Path(path).parent
-        if not folder.exists():
-            with self._lock:
-                self._owners.pop(folder.name, None)
 
     def sweep(self, older_than_s: float) -> int:
         """Forget entries whose file is gone or older than `older_than_s`."""
@@ -155,7 +149,7 @@ def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any
     async def upload_file(request: Request, upload_id: str | None = None):
         if not logged_in(request):
             return PlainTextResponse(sentence("not logged in: open the page and log in again"), status_code=401)
-        folder = uploads.new_folder(browser_of(request.cookies))
+        folder = uploads.new_folder()
         limit = blocks.max_file_size if blocks.max_file_size is not None else math.inf
         try:
             files, _, _ = await upload_fn(request, folder, limit, upload_id, force_move=True,
@@ -165,7 +159,9 @@ def own_upload_route(app, blocks, uploads: Uploads, gradio_app: Callable[[], Any
             status = 413 if "maximum allowed size" in exc.message else 400
             return PlainTextResponse(sentence(exc.message), status_code=status)
         # identical files in one request land on one path: cleaned once, named as often as sent
-        cleaned = await anyio.to_thread.run_sync(lambda: {f: uploads.clean(Path(f)) for f in dict.fromkeys(files)})
+        browser = browser_of(request.cookies)
+        cleaned = await anyio.to_thread.run_sync(
+            lambda: {f: uploads.clean(Path(f), browser) for f in dict.fromkeys(files)})
         blocks.upload_file_set.update(cleaned.values())
         return [cleaned[f] for f in files]
 

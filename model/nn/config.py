@@ -148,6 +148,11 @@ class SkinGPTConfig:
                  f"({self.vision.img_size})")
 
     # -- YAML round trip --------------------------------------------------------------------
+    @property
+    def context(self) -> int:
+        """Positions one conversation may hold: the generation limit, within what the LLM was trained on."""
+        return min(self.generation.max_context, self.llm.max_position_embeddings)
+
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dataclasses.asdict(self))
 

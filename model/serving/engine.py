@@ -160,15 +160,13 @@ class Engine:
         self.scheduler = Scheduler(self.runner, self.sessions, max_batch, chunk, hold)  # hold: a test hook
 
     def _full_cache_bytes(self, max_batch: int) -> int:
-        """What the consultations the pool is for can use at most: as many as llama.cpp's pool keeps
-        (four times the batch, at least 32), each at the model's whole context, in its own dtype."""
-        from model.serving.llama_runner import kv_bytes_per_position
+        """What the consultations the pool is for can use at most: as many as llama.cpp's pool keeps,
+        each at the model's whole context, in its own dtype."""
+        from model.serving.llama_runner import kept_sequences, kv_bytes_per_position
 
-        llm = self.config.llm
-        context = min(self.config.generation.max_context, llm.max_position_embeddings)
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float16)
         element = {torch.float32: "f32"}.get(dtype, "f16")  # bf16 and fp16 caches are 2 bytes; int8 LLMs keep float caches
-        return max(4 * max_batch, 32) * context * kv_bytes_per_position(llm, element)
+        return kept_sequences(max_batch) * self.config.context * kv_bytes_per_position(self.config.llm, element)
 
     @property
     def max_batch(self) -> int:

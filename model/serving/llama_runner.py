@@ -51,6 +51,11 @@ class LlamaState:
         return self.length * self.bytes_per_position
 
 
+def kept_sequences(max_batch: int) -> int:
+    """How many consultations' caches the server keeps at once: four times the batch, at least 32."""
+    return max(4 * max_batch, 32)
+
+
 def kv_bytes_per_position(cfg: LLMConfig, kv_type: str) -> int:
     """Keys and values of every layer for one position."""
     return int(2 * cfg.num_layers * cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads) * KV_BYTES[kv_type])
@@ -117,14 +122,14 @@ class LlamaRunner:
         from model.weights.bundle import quantized_mode
 
         llm = loaded.config.llm
-        context = min(loaded.config.generation.max_context, llm.max_position_embeddings)
+        context = loaded.config.context
         mode = quantized_mode(loaded.manifest)
         # An f32 file is for checking against torch: its cache is exact too. For a quantised LLM an 8-bit cache
         # costs nothing its weights have not already lost, and halves the pool (a 7B's context: 1.0 -> 0.53 GiB).
         # (q8_0 rows are blocks of 32: a head narrower than that, as in the tiny test models, stays f16.)
         kv_type = mode if mode in ("f32", "f16") else "q8_0" if (llm.hidden_size // llm.num_heads) % 32 == 0 else "f16"
         cells = max(context, (kv_cache_bytes or 0) // kv_bytes_per_position(llm, kv_type))
-        return cls(loaded.gguf, llm, device_lock, kv_cells=cells, max_sequences=max(4 * max_batch, 32), kv_type=kv_type)
+        return cls(loaded.gguf, llm, device_lock, kv_cells=cells, max_sequences=kept_sequences(max_batch), kv_type=kv_type)
 
     # -- ModelRunner -----------------------------------------------------------------------------
     def new_state(self) -> LlamaState:
