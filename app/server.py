@@ -7,6 +7,7 @@ The HTTP side is one FastAPI app of ours: the /v1 API, then Gradio mounted at /,
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -96,8 +97,9 @@ def _open_engine(settings: AppSettings, bundle: Path, demo_mode: bool, say: Call
         say(f"      llama.cpp's CPU code: {_variant_line(cpu_variant())}")
         if uses_openmp(llama_cpp):
             say("      warning: this llama.cpp was built with OpenMP, which shares PyTorch's thread runtime and "
-                "decodes about 20% slower beside the photo encoder; reinstall it as requirements.txt says "
-                "(GGML_OPENMP=OFF, pip install --no-cache-dir)")
+                "decodes about 20% slower beside the photo encoder; pip's wheel cache still holds that build. "
+                f"Rebuild it: {sys.executable} -m pip cache remove llama_cpp_python && {sys.executable} -m pip "
+                "install --force-reinstall --no-deps $(grep ^llama-cpp-python requirements.txt)")
     kept = ("consultations' KV caches in llama.cpp's pool of" if loaded.runtime == "llama.cpp"
             else "idle consultations' KV caches within")
     say(f"      up to {engine.max_batch} answers at once ({loaded.runtime}); {kept} "
