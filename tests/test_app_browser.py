@@ -4,6 +4,7 @@ and not one request leaves for another host."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
@@ -369,8 +370,8 @@ def test_the_report_comes_into_view_downloads_first(server, browser_page, tmp_pa
     order = page.evaluate("() => { const f = document.querySelector('#report-files'), t = "
                           "document.querySelector('#report-text'); return f.compareDocumentPosition(t); }")
     assert order & 4  # the downloads come before the text (DOCUMENT_POSITION_FOLLOWING)
-    names = page.inner_text("#report-files").replace("\n", "")
-    assert "skin-report.pdf" in names and "skin-report-photo-1.jpg" in names
+    names = page.evaluate("() => [...document.querySelectorAll('#report-files a[download]')].map(a => a.download)")
+    assert "skin-report.pdf" in names and "skin-report-photo-1.jpg" in names, names
     page.wait_for_function("() => { const shown = [...document.querySelectorAll('#report-text img')]; return "
                            "shown.length > 0 && shown.every(i => i.complete && i.naturalWidth > 0); }",
                            timeout=30_000)  # the photo shows, not a broken image
@@ -428,13 +429,12 @@ def test_the_keyboards_place_is_visible_on_the_language_radios_and_the_question_
     page = _open(browser_page, server, DESKTOP)
     outline = ("(sel) => { const e = document.querySelector(sel); const s = getComputedStyle(e); "
                "return s.outlineStyle !== 'none' ? parseFloat(s.outlineWidth) : 0; }")
-    radio = "#language label:has(input[value=zh])"
-    assert page.evaluate(outline, radio) < 3
+    radio = "#language label:has(input[value=en])"
+    assert page.evaluate(outline, radio) < 3  # the chosen language's own ring is thinner
     page.focus("#language input[value=en]")
-    page.keyboard.press("ArrowRight")  # the keyboard moves within the radio group (and picks Chinese)
-    page.wait_for_function(f"() => getComputedStyle(document.querySelector('{radio}')).outlineWidth === '3px'",
-                           timeout=10_000)
-    page.keyboard.press("ArrowLeft")  # back to English
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")  # back onto the radio by the keyboard
+    page.wait_for_function(f"({outline})('{radio}') === 3", timeout=10_000)
     page.focus("#message textarea")
     assert page.evaluate(outline, "#message") == 3
     page.close()
@@ -500,6 +500,118 @@ def test_one_control_is_named_full_report_in_each_language(server, browser_page,
                               f".filter(e => e.offsetParent !== null && e.innerText.trim() === '{name}').length")
         assert named == 1, (name, named)
         page.close()
+
+
+# -- what a review found on a phone (issue 33) ------------------------------------------------------------
+
+def _in_view(page, selector: str) -> bool:
+    return page.evaluate(f"""() => {{ const r = document.querySelector({selector!r}).getBoundingClientRect();
+        return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight; }}""")
+
+
+def test_on_a_phone_the_hint_the_refusal_and_the_report_files_are_whole(server, browser_page, tmp_path):
+    """The empty box's hint had its third line clipped, a refusal could sit below the screen, and the
+    report's files read "skin-… .md" with a Remove button on a list that only downloads."""
+    photo = tmp_path / "knee.jpg"
+    skin_photo(6, size=(400, 300)).save(photo)
+    page = _open(browser_page, server, PHONE)
+    cut = page.evaluate("""() => { const t = document.querySelector('#message textarea');
+        t.value = t.placeholder; const need = t.scrollHeight; t.value = '';
+        const bottom = t.getBoundingClientRect().top + need, cut = [];
+        if (need > t.clientHeight + 1) { cut.push(['the box', need, t.clientHeight]); }
+        for (let e = t.parentElement; e; e = e.parentElement) {
+            const s = getComputedStyle(e);
+            if (s.overflowY !== 'visible' && bottom > e.getBoundingClientRect().bottom + 1) {
+                cut.push([e.className || e.tagName, bottom, e.getBoundingClientRect().bottom]); } }
+        return cut; }""")
+    assert cut == [], cut  # every line of the hint shown, by the box and all that holds it
+
+    page.fill("#message textarea", "What is this?")  # no photo: refused, and the refusal on the screen
+    page.press("#message textarea", "Enter")
+    page.wait_for_function("() => document.querySelector('#chat').innerText.includes('Cannot do that')", timeout=30_000)
+    page.wait_for_timeout(500)
+    refusal = page.evaluate("""() => { const m = [...document.querySelectorAll('#chat .message')].pop();
+        const r = m.getBoundingClientRect(); return [r.top, r.bottom, window.innerHeight]; }""")
+    assert refusal[0] >= 0 and refusal[1] <= refusal[2], refusal
+
+    page.fill("#message textarea", "")
+    _answer(page, photo, "What is it?")
+    page.wait_for_function("() => !document.querySelector('#message textarea').disabled", timeout=120_000)
+    page.click("#full-report")
+    page.wait_for_function("() => document.querySelectorAll('#report-files a[download]').length >= 3", timeout=120_000)
+    page.wait_for_timeout(500)
+    files = page.evaluate("""() => [...document.querySelectorAll('#report-files tr.file')].map(row => {
+        const cell = row.querySelector('td.filename');
+        const cut = [...cell.querySelectorAll('*')].filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1);
+        return {download: row.querySelector('a[download]').getAttribute('download'),
+                shown: (getComputedStyle(cell, '::before').content.replace(/^"|"$/g, '') + cell.innerText).trim(),
+                cut: cut.length, overflows: cell.scrollWidth > cell.clientWidth + 1,
+                remove: [...row.querySelectorAll('button')].filter(b => b.offsetParent !== null).length}; })""")
+    assert len(files) >= 3 and all(f["shown"] == f["download"] and not f["cut"] and not f["overflows"]
+                                   and not f["remove"] for f in files), files
+    page.close()
+
+
+_RING_CLIPPED = """(selector) => {
+    const label = document.querySelector(selector);
+    const style = getComputedStyle(label);
+    const grow = parseFloat(style.outlineOffset) + parseFloat(style.outlineWidth);
+    const r = label.getBoundingClientRect();
+    const clipped = [];
+    for (let e = label.parentElement; e; e = e.parentElement) {
+        const s = getComputedStyle(e);
+        if (s.overflowX === 'visible' && s.overflowY === 'visible') { continue; }
+        const b = e.getBoundingClientRect();
+        for (const [side, out] of [['left', r.left - grow < b.left - 0.5], ['right', r.right + grow > b.right + 0.5],
+                                   ['top', r.top - grow < b.top - 0.5], ['bottom', r.bottom + grow > b.bottom + 0.5]]) {
+            if (out) { clipped.push(side + ' by ' + (e.id || e.className || e.tagName)); }
+        }
+    }
+    return style.outlineStyle === 'none' ? ['no ring'] : clipped;
+}"""
+
+
+@pytest.mark.parametrize("size", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_the_chosen_language_and_the_keyboards_place_show_their_whole_ring(server, browser_page, size):
+    """The selected language's ring was cut by the group's edge to a one-sided bar (a stray bracket);
+    the keyboard's ring on the first radio too."""
+    page = _open(browser_page, server, size)
+    assert page.evaluate(_RING_CLIPPED, "#language label.selected") == []
+    page.focus("#language input[value=en]")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")  # the keyboard on the first radio, the one whose ring was cut
+    ring = f"(sel) => {{ const clipped = ({_RING_CLIPPED})(sel); return clipped.includes('no ring') ? false : clipped; }}"
+    keyboard = "#language label:has(input:focus-visible)"
+    assert page.wait_for_function(ring, arg=keyboard, timeout=10_000, polling=10).json_value() == []
+    page.focus("#message textarea")
+    assert page.evaluate(_RING_CLIPPED, "#language label.selected") == []
+    page.close()
+
+
+def test_every_name_a_screen_reader_hears_on_the_chinese_page_is_chinese(server, chinese_browser, tmp_path):
+    """Gradio names the chat, its messages ("bot's message: ..."), the file input, the report's Remove
+    and the footer in English whatever the page's language. A name is English when what comes before its
+    first colon (the role; after it, the message's own text) is ASCII; file names are left as they are."""
+    photo = tmp_path / "cheek.jpg"
+    skin_photo(7, size=(400, 300)).save(photo)
+    page = chinese_browser.new_page()
+    page.set_viewport_size(PHONE)
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#new-patient') && "
+                           "document.querySelector('#new-patient').innerText.includes('新患者')", timeout=60_000)
+    _answer(page, photo, "这是什么？")
+    page.wait_for_function("() => !document.querySelector('#message textarea').disabled", timeout=120_000)
+    page.click("#full-report")
+    page.wait_for_function("() => document.querySelectorAll('#report-files a[download]').length >= 3", timeout=120_000)
+    page.wait_for_timeout(500)
+    names = page.evaluate("""() => [...document.querySelectorAll('[aria-label], [title], img[alt], [placeholder]')]
+        .filter(e => e.offsetParent !== null || e.tagName === 'INPUT')
+        .flatMap(e => ['aria-label', 'title', 'alt', 'placeholder'].map(a => e.getAttribute(a)).filter(Boolean))""")
+    english = sorted({name for name in names if re.split(r"[:：]", name)[0].isascii()
+                      and not re.fullmatch(r"[\w.-]+\.\w{2,4}", name)})
+    assert names and not english, english
+    assert any(name.startswith("SkinGPT 的回答：") for name in names), names  # the answers are named, in Chinese
+    page.close()
 
 
 def test_a_private_file_is_served_only_to_the_browser_that_made_it(server, browser_page, playwright, tmp_path):

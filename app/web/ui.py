@@ -40,6 +40,11 @@ footer .divider {display:none !important}
 /* the footer's light grey text reads at 2.4:1; WCAG AA needs 4.5:1 */
 footer, footer a, footer button, .show-api, .settings {color:#374151 !important}
 #report-files label, #report-files label span {color:#1f2937 !important;background:#ffffff !important}
+/* the report's files: whole names (a phone cut them to "skin-… .md"), and no Remove on a download list */
+#report-files td.filename {display:table-cell !important;white-space:normal !important;overflow-wrap:anywhere}
+#report-files td.filename > * {display:none !important}  /* Gradio's name and extension, apart */
+#report-files td.filename::before {content:attr(aria-label)}  /* the whole name, as the cell is named */
+#report-files .label-clear-button {display:none !important}
 #differential h2 {font-size:1.05em;margin:0 0 4px}
 #differential ol {list-style:none;padding:0;margin:0}
 #differential li {display:grid;grid-template-columns:minmax(8em,14em) 1fr 3.5em;gap:8px;align-items:center;margin:3px 0}
@@ -49,9 +54,10 @@ footer, footer a, footer button, .show-api, .settings {color:#374151 !important}
 #differential .disagree {background:#fef3c7;color:#78350f;border:1px solid #d97706;padding:8px 12px;border-radius:8px}
 #language {max-width:22em}
 #language label, #language label span {color:#111827 !important;background:#ffffff !important}
-#language label.selected {outline:2px solid #0f766e;font-weight:600}
+/* rings drawn inside the radio: the group's edge clipped the first one's outside ring to a stray bracket */
+#language label.selected {outline:2px solid #0f766e;outline-offset:-2px;font-weight:600}
 /* the keyboard's place is always visible (WCAG 2.4.7): the language radios, the question box, buttons */
-#language label:has(input:focus-visible) {outline:3px solid #1d4ed8 !important;outline-offset:2px}
+#language label:has(input:focus-visible) {outline:3px solid #1d4ed8 !important;outline-offset:-3px}
 #message:focus-within {outline:3px solid #1d4ed8 !important;outline-offset:2px;border-radius:8px}
 button:focus-visible, summary:focus-visible {outline:3px solid #1d4ed8 !important;outline-offset:2px}
 /* read by screen readers, not shown: the finished answer, announced once */
@@ -84,11 +90,17 @@ button:focus-visible, summary:focus-visible {outline:3px solid #1d4ed8 !importan
 JS = """
 () => {
   const ICONS_TO_DROP = ['M23,20a5,5', 'M4,6V8H6V28'];  // Share, Clear
-  const ZH = {'Copy conversation': '复制对话', 'Copy message': '复制消息', 'Fullscreen': '全屏',
-              'Exit fullscreen mode': '退出全屏', 'Enlarge the photo': '放大照片',
-              'Multimedia input field': '问题和照片输入框', 'Click to upload or drop files': '点击上传或拖入照片',
-              'Upload a file': '上传照片', 'Submit': '发送', 'Stop': '停止', 'Remove': '移除'};
-  const EN = Object.fromEntries(Object.entries(ZH).map(([en, zh]) => [zh, en]));
+  // Gradio's English names, each [what Gradio writes, English, Chinese]; a message's name is its role, then its text
+  const NAMES = [['Copy conversation', 'Copy conversation', '复制对话'], ['Copy message', 'Copy message', '复制消息'],
+    ['Fullscreen', 'Fullscreen', '全屏'], ['Exit fullscreen mode', 'Exit fullscreen mode', '退出全屏'],
+    ['Enlarge the photo', 'Enlarge the photo', '放大照片'], ['Multimedia input field', 'Question and photo box', '问题和照片输入框'],
+    ['Click to upload or drop files', 'Click to upload or drop a photo', '点击上传或拖入照片'],
+    ['Upload a file', 'Upload a photo', '上传照片'], ['Submit', 'Send', '发送'], ['Stop', 'Stop', '停止'],
+    ['Remove', 'Remove', '移除'], ['File upload', 'Choose a photo file', '选择照片文件'],
+    ['chatbot conversation', 'Conversation', '对话记录'],
+    ["user's message: a component of type image", 'Your photo', '您的照片'],
+    ['Gradio footer navigation', 'Page footer', '页脚导航']];
+  const ROLES = [["bot's message: ", "SkinGPT's answer: ", 'SkinGPT 的回答：'], ["user's message: ", 'Your message: ', '您的消息：']];
   const mend = () => {
     document.querySelectorAll('#chat button').forEach(b => {
       const d = (b.querySelector('svg path') || {getAttribute: () => ''}).getAttribute('d') || '';
@@ -98,10 +110,21 @@ JS = """
         if (slot && [...slot.querySelectorAll('button')].every(x => x.style.display === 'none')) { slot.style.display = 'none'; }
       }
     });
-    const names = document.documentElement.lang.startsWith('zh') ? ZH : EN;
-    document.querySelectorAll('#chat button[aria-label], #chat button[title], #message [aria-label]').forEach(b => {
+    const lang = document.documentElement.lang.startsWith('zh') ? 2 : 1;
+    document.querySelectorAll('[aria-label], #chat button[title]').forEach(b => {
       const now = b.getAttribute('aria-label') || b.getAttribute('title');
-      if (names[now]) { b.setAttribute('aria-label', names[now]); if (b.title) { b.setAttribute('title', names[now]); } }
+      const name = NAMES.find(n => n.includes(now));
+      if (name) {
+        if (now !== name[lang]) { b.setAttribute('aria-label', name[lang]); if (b.title) { b.setAttribute('title', name[lang]); } }
+        return;
+      }
+      for (const role of ROLES) {
+        const from = role.find(prefix => now.startsWith(prefix));
+        if (from !== undefined) {
+          if (from !== role[lang]) { b.setAttribute('aria-label', role[lang] + now.slice(from.length)); }
+          return;
+        }
+      }
     });
     const question = document.querySelector('#message textarea');  // Gradio names it by its class alone
     const named = document.documentElement.lang.startsWith('zh') ? '您的问题和照片' : 'Your question and photos';
