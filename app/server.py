@@ -39,7 +39,7 @@ def serve(settings: AppSettings, find_bundle: Callable[[], Path], demo_mode: boo
     import torch
 
     from app.web.handlers import Handlers, SessionStore
-    from app.web.ui import build
+    from app.web.ui import build, drop_replaced_components
     from app.web.uploads import Uploads
 
     engine = _open_engine(settings, bundle, demo_mode, say)
@@ -55,7 +55,8 @@ def serve(settings: AppSettings, find_bundle: Callable[[], Path], demo_mode: boo
     app = _http_app(settings, blocks, engine, keys, store, uploads,
                     photo_room=lambda n: store.photo_bytes() + n <= store.max_photo_bytes)
     _start_sweeper(handlers, every_s=min(60.0, settings.upload_ttl_s / 2),
-                   purge=(lambda: desk.records.purge(settings.retain_days)) if desk and settings.retain_days else None)
+                   purge=(lambda: desk.records.purge(settings.retain_days)) if desk and settings.retain_days else None,
+                   tidy=lambda: drop_replaced_components(blocks))
     say("[3/3] starting the web server ...")
     server = _run_server(app, settings.host, settings.port)
     if not settings.no_api:
@@ -225,10 +226,11 @@ def _visit_desk(settings: AppSettings, records, store, label: str, say: Callable
     return VisitDesk(store, records, label)
 
 
-def _start_sweeper(handlers, every_s: float, purge: Callable[[], int] | None = None) -> None:
+def _start_sweeper(handlers, every_s: float, purge: Callable[[], int] | None = None,
+                   tidy: Callable[[], int] | None = None) -> None:
     """Wipe consultations left idle past their time to live (a tab closed without notice), and photos
-    attached but never sent; then hand freed native memory back to the system. Daily, `purge` the
-    visits past their retention."""
+    attached but never sent; `tidy` what the web framework leaves behind; then hand freed native memory
+    back to the system. Daily, `purge` the visits past their retention."""
     trim = _native_heap()
     purged = time.monotonic()
 
@@ -237,6 +239,8 @@ def _start_sweeper(handlers, every_s: float, purge: Callable[[], int] | None = N
         while True:
             time.sleep(every_s)
             handlers.sweep()
+            if tidy is not None:
+                tidy()
             if purge is not None and time.monotonic() - purged > 24 * 3600:
                 purged = time.monotonic()
                 gone = purge()

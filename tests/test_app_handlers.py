@@ -625,3 +625,50 @@ def test_a_cleaned_upload_keeps_its_pixels_on_disk_not_in_memory(tmp_path):
     assert uploads.quality(clean) is entry.kept.quality and not original.exists()
     photo = uploads.take(clean)
     assert photo.image.size == (640, 480) and photo.quality is entry.kept.quality and not os.path.exists(clean)
+
+
+def test_a_long_consultation_leaves_no_components_behind(app, tmp_path):
+    """Gradio files a new instance of a component in the session after each property update (the
+    question box is locked and opened on every answer): ~200 more a minute, with their configs, under
+    the 30-minute soak, for as long as a tab stays open. The server's sweeper drops them; on a real
+    in-process server, after 20 more answers and one sweep the session holds no more than after the
+    first few, and the consultation goes on answering."""
+    import gc
+    import socket
+
+    import gradio as gr
+    from gradio_client import Client, handle_file
+
+    from app.web.ui import build, drop_replaced_components
+
+    handlers, _, _ = app
+    blocks = build(handlers, demo_mode=True, model_name="demo")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    blocks.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+        photo = tmp_path / "arm.jpg"
+        skin_photo(3, size=(320, 240)).save(photo)
+        settings = (24, False, 1.0, 0.9)
+
+        def ask(questions: int) -> None:
+            for _ in range(questions):
+                client.predict({"text": "What is it?", "files": [handle_file(str(photo))]}, *settings, api_name="/ask")
+                client.predict({"text": "What could cause it?", "files": []}, *settings, api_name="/ask")
+
+        def components() -> int:
+            gc.collect()
+            return sum(isinstance(o, gr.components.Component) for o in gc.get_objects())
+
+        ask(2)
+        drop_replaced_components(blocks)
+        settled = components()
+        ask(10)
+        dropped = drop_replaced_components(blocks)
+        assert components() <= settled, f"components pile up with each answer ({dropped} dropped)"
+        history = client.predict({"text": "Is it serious?", "files": []}, *settings, api_name="/ask")[0]
+        assert "Is it serious?" in str(history) and "eczema" in str(history)  # the session still answers
+    finally:
+        blocks.close()

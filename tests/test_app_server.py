@@ -210,8 +210,11 @@ def test_cancelled_answers_keep_the_consultation_working(server, tmp_path):
             client.predict(api_name="/stop")
         job.cancel()
         history = client.predict({"text": "And then?", "files": []}, *SETTINGS, api_name="/ask")[0]
-        last = history[-1]
-        assert last["role"] == "assistant" and not (last.get("metadata") or {}).get("title"), history[-2:]
+        asked = max(i for i, m in enumerate(history) if m["role"] == "user" and "And then?" in str(m["content"]))
+        # its answer follows; a note may follow that too (on a slow machine the stopped answers run longer,
+        # and the oldest turn's text is left out for room: the page says so)
+        assert any(m["role"] == "assistant" and not (m.get("metadata") or {}).get("title")
+                   for m in history[asked + 1:]), history[asked:]
     history = client.predict(*SETTINGS, api_name="/regenerate")[0]
     last = history[-1] if not (history[-1].get("metadata") or {}).get("title") else history[-2]
     assert last["role"] == "assistant" and not (last.get("metadata") or {}).get("title")

@@ -193,6 +193,31 @@ FOCUS_QUESTION = "() => { const box = document.querySelector('#message textarea'
 SET_LANG = "(lang) => { document.documentElement.lang = lang === 'zh' ? 'zh-CN' : 'en'; return lang; }"
 
 
+def drop_replaced_components(app: gr.Blocks) -> int:
+    """Drop what Gradio leaves behind in each session after a property update; returns how many.
+
+    Gradio 6 (6.31 seen) answers a property update (`gr.update(interactive=...)`, `open=`, `choices=`)
+    by storing a new instance of the component in the session's copy of the page; the next event that
+    reads it then files that instance under its own new id as well, and nothing removes it. The question
+    box is updated on every answer, so an open tab gained a component (its config with it) per question:
+    ~7 MB a minute under the soak, for as long as the tab stayed open. Ids the page itself never had
+    are such leftovers (the app makes no components at run time: no gr.render)."""
+    sessions = getattr(getattr(app, "state_holder", None), "session_data", None)
+    if not sessions:
+        return 0
+    known = app.default_config.blocks
+    dropped = 0
+    for state in list(sessions.values()):
+        config = getattr(state, "blocks_config", None)
+        if config is None or config.blocks is known:
+            continue
+        for key in [key for key in list(config.blocks) if key not in known]:
+            config.blocks.pop(key, None)
+            state.config_values.pop(key, None)
+            dropped += 1
+    return dropped
+
+
 def _banner(lang: str) -> str:
     return f'<div id="demo-banner" role="alert">{text(lang, "ui.demo_banner")}</div>'
 
@@ -440,15 +465,15 @@ def _wire_answers(page: Page, handlers: Handlers, model_events: dict) -> list:
     """Ask, regenerate, the quick questions and stop; after each answer, the live region, the focus
     and the ranking. Returns the answering events (what Stop and New patient cancel)."""
     def ask(message, max_new_tokens, do_sample, temp, p, request: gr.Request) -> Iterator:
-        cleared = gr.MultimodalTextbox(value=None, interactive=False)
+        cleared = gr.update(value=None, interactive=False)
         # closing() passes a cancel (Stop, a closed tab) on to the handler, which keeps the partial answer
         with closing(handlers.submit(request.session_hash, message,
                                      _sampling(max_new_tokens, do_sample, temp, p))) as updates:
             for history, flag in updates:
                 yield history, flag, cleared
         unsent = handlers.store.get(request.session_hash).unsent  # a refused question stays in the box
-        yield history, flag, (gr.MultimodalTextbox(value={"text": unsent, "files": []}, interactive=False) if unsent
-                              else gr.MultimodalTextbox(interactive=False))  # `_unlock` opens it after the event
+        yield history, flag, (gr.update(value={"text": unsent, "files": []}, interactive=False) if unsent
+                              else gr.update(interactive=False))  # `_unlock` opens it after the event
 
     inputs = page.sampling_inputs
     ask_event = page.box.submit(ask, [page.box, *inputs], [page.chatbot, page.notice, page.box], api_name="ask",
@@ -507,14 +532,14 @@ def _locking_box(updates: Iterator) -> Iterator:
     """(history, notice) updates, with the question box locked (what it holds stays); `_unlock` opens it."""
     with closing(updates):  # a cancel (Stop, a closed tab) reaches the handler, which keeps the partial answer
         for history, flag in updates:
-            yield history, flag, gr.MultimodalTextbox(interactive=False)
+            yield history, flag, gr.update(interactive=False)
 
 
-def _unlock(history) -> tuple[str, gr.MultimodalTextbox]:
+def _unlock(history) -> tuple[str, dict]:
     """After an answering event has ended: the answer for the live region, and the question box open.
     Not in the event's own last update: a question sent between that update and the event's end is
     dropped by Gradio (an event already pending takes no second submit)."""
-    return _announce(history), gr.MultimodalTextbox(interactive=True)
+    return _announce(history), gr.update(interactive=True)
 
 
 def _wire_report(page: Page, handlers: Handlers, model_events: dict):
@@ -528,7 +553,7 @@ def _wire_report(page: Page, handlers: Handlers, model_events: dict):
                                           render_pdf=report_pdf, on_step=step)
         if files:
             markdown = handlers.store.get(request.session_hash).t("ui.report_ready") + "\n\n" + markdown
-        return markdown, files or None, gr.Accordion(open=True)
+        return markdown, files or None, gr.update(open=True)
 
     event = page.report_btn.click(report, page.sampling_inputs, [page.report_md, page.report_files, page.report_panel],
                                   api_name="report", **model_events)

@@ -86,7 +86,7 @@ def wire_records(p: RecordsPanel, desk: VisitDesk, chatbot: gr.Chatbot, compare_
     listing = [p.status, p.visits, p.pick]
 
     def shown(status: str, html: str, choices: list) -> tuple:
-        return status, html, gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+        return status, html, gr.update(choices=choices, value=choices[0][1] if choices else None)
 
     def save(patient, name, request: gr.Request):
         return shown(*desk.save(request.session_hash, patient, name))
