@@ -294,17 +294,24 @@ def _visible_extras(page) -> int:
         return {GRADIO_EXTRAS}.some(i => d.startsWith(i)) && b.offsetParent !== null; }}).length""")
 
 
+def _open_chinese(chinese_browser, server, size=None):
+    """The page in a Chinese browser, once its own labels are Chinese."""
+    page = chinese_browser.new_page()
+    if size is not None:
+        page.set_viewport_size(size)
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#new-patient') && "
+                           "document.querySelector('#new-patient').innerText.includes('新患者')", timeout=60_000)
+    return page
+
+
 def test_the_chat_follows_the_conversation_and_the_page_speaks_one_language(server, chinese_browser, tmp_path):
     """Chinese page on a phone: the newest turn in view after three, no Share/Clear (nor their empty
     slots), Gradio's own labels in Chinese, no stray footer dot; Stop only while an answer is written;
     a refused question stays in the box; the history form raises the warning signs; New patient asks."""
     photo = tmp_path / "back.jpg"
     skin_photo(0, size=(400, 300)).save(photo)
-    page = chinese_browser.new_page()
-    page.set_viewport_size(PHONE)
-    page.goto(server.url, wait_until="domcontentloaded")
-    page.wait_for_function("() => document.querySelector('#new-patient') && "
-                           "document.querySelector('#new-patient').innerText.includes('新患者')", timeout=60_000)
+    page = _open_chinese(chinese_browser, server, PHONE)
     assert page.inner_text("footer").strip() == "设置" and "·" not in page.inner_text("footer")
     assert not page.locator("#message .stop-button").is_visible()
     assert page.locator("#demo-banner").bounding_box()["height"] <= 70  # not six lines of the first screen
@@ -457,10 +464,7 @@ def test_a_poor_photo_is_said_as_soon_as_it_is_attached(server, browser_page, tm
 
 def test_the_question_box_has_a_name_in_the_pages_language(server, chinese_browser):
     """Its accessible name was Gradio's class name, "MultimodalTextbox", in both languages."""
-    page = chinese_browser.new_page()
-    page.goto(server.url, wait_until="domcontentloaded")
-    page.wait_for_function("() => document.querySelector('#new-patient') && "
-                           "document.querySelector('#new-patient').innerText.includes('新患者')", timeout=60_000)
+    page = _open_chinese(chinese_browser, server)
     page.wait_for_function("() => document.querySelector('#message textarea').getAttribute('aria-label') === "
                            "'您的问题和照片'", timeout=30_000)
     names = page.evaluate("() => [...document.querySelectorAll('#message [aria-label]')].filter(e => "
@@ -509,6 +513,14 @@ def _in_view(page, selector: str) -> bool:
         return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight; }}""")
 
 
+def _report_files(page) -> None:
+    """Once the answer is written: Full report, until its three files (Markdown, PDF, photo) are listed."""
+    page.wait_for_function("() => !document.querySelector('#message textarea').disabled", timeout=120_000)
+    page.click("#full-report")
+    page.wait_for_function("() => document.querySelectorAll('#report-files a[download]').length >= 3", timeout=120_000)
+    page.wait_for_timeout(500)
+
+
 def test_on_a_phone_the_hint_the_refusal_and_the_report_files_are_whole(server, browser_page, tmp_path):
     """The empty box's hint had its third line clipped, a refusal could sit below the screen, and the
     report's files read "skin-… .md" with a Remove button on a list that only downloads."""
@@ -536,10 +548,7 @@ def test_on_a_phone_the_hint_the_refusal_and_the_report_files_are_whole(server, 
 
     page.fill("#message textarea", "")
     _answer(page, photo, "What is it?")
-    page.wait_for_function("() => !document.querySelector('#message textarea').disabled", timeout=120_000)
-    page.click("#full-report")
-    page.wait_for_function("() => document.querySelectorAll('#report-files a[download]').length >= 3", timeout=120_000)
-    page.wait_for_timeout(500)
+    _report_files(page)
     files = page.evaluate("""() => [...document.querySelectorAll('#report-files tr.file')].map(row => {
         const cell = row.querySelector('td.filename');
         const cut = [...cell.querySelectorAll('*')].filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1);
@@ -594,16 +603,9 @@ def test_every_name_a_screen_reader_hears_on_the_chinese_page_is_chinese(server,
     first colon (the role; after it, the message's own text) is ASCII; file names are left as they are."""
     photo = tmp_path / "cheek.jpg"
     skin_photo(7, size=(400, 300)).save(photo)
-    page = chinese_browser.new_page()
-    page.set_viewport_size(PHONE)
-    page.goto(server.url, wait_until="domcontentloaded")
-    page.wait_for_function("() => document.querySelector('#new-patient') && "
-                           "document.querySelector('#new-patient').innerText.includes('新患者')", timeout=60_000)
+    page = _open_chinese(chinese_browser, server, PHONE)
     _answer(page, photo, "这是什么？")
-    page.wait_for_function("() => !document.querySelector('#message textarea').disabled", timeout=120_000)
-    page.click("#full-report")
-    page.wait_for_function("() => document.querySelectorAll('#report-files a[download]').length >= 3", timeout=120_000)
-    page.wait_for_timeout(500)
+    _report_files(page)
     names = page.evaluate("""() => [...document.querySelectorAll('[aria-label], [title], img[alt], [placeholder]')]
         .filter(e => e.offsetParent !== null || e.tagName === 'INPUT')
         .flatMap(e => ['aria-label', 'title', 'alt', 'placeholder'].map(a => e.getAttribute(a)).filter(Boolean))""")
