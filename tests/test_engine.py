@@ -83,14 +83,17 @@ def test_followup_prefill_holds_the_image(engine):
     hook = engine.model.llm.register_forward_pre_hook(
         lambda module, args, kwargs: captured.append(kwargs.get("inputs_embeds")), with_kwargs=True)
     try:
-        "".join(engine.stream(conversation, session=None, do_sample=False, max_new_tokens=2))  # no reuse
+        fresh = engine.stream(conversation, session=None, do_sample=False, max_new_tokens=2)  # no reuse
+        "".join(fresh)
     finally:
         hook.remove()
     positions, _, _ = engine.prompt.positions(conversation, 10_000)
-    prefill = torch.cat([c[0] for c in captured if c is not None])[:len(positions)]  # (T, D), over its chunks
+    opening = fresh.stats.shared_tokens  # the opening every prompt starts with is not fed again
+    assert fresh.stats.reused_tokens == 0 and opening == len(engine.prompt.opening())
+    prefill = torch.cat([c[0] for c in captured if c is not None])[:len(positions) - opening]  # over its chunks
     positions = [i for i, s in enumerate(positions) if isinstance(s, ImagePosition)]
     assert len(positions) == 32
-    torch.testing.assert_close(prefill[positions], engine.encode(image))
+    torch.testing.assert_close(prefill[[i - opening for i in positions]], engine.encode(image))
 
     # with reuse, the image stays in the session's KV cache: its positions are there, in place
     reused = engine.stream(conversation, session="img", do_sample=False, max_new_tokens=2, fixed_length=True)

@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import ROOT
 from model.prompt.conversation import Conversation
 from model.serving.engine import Engine
+from model.serving.requests import ImagePosition
 from model.weights.bundle import BundleError, load_bundle, quantize_bundle, verify_bundle
 from model.weights.gguf_llm import GGUF_FILE, GGUFError
 from test_batching import QUESTIONS, _consult, _photo  # the same consultations as the torch runner's tests
@@ -101,6 +102,39 @@ def test_four_consultations_decoded_together_equal_each_alone(loaded_f32):
     assert together == alone
 
 
+def _fed_whole(engine: Engine, conversation: Conversation, tokens: int) -> list[int]:
+    """Greedy tokens with every prompt position fed to the runner on a fresh state (nothing shared)."""
+    positions, images, _ = engine.prompt.positions(conversation, 900)
+    runner, state, out = engine.runner, engine.runner.new_state(), []
+    logits = runner.prefill(state, positions, {img.key: engine.encode(img) for img in images})
+    runner.join(state)
+    for _ in range(tokens):
+        out.append(int(logits.argmax()))
+        logits = runner.decode([out[-1]])[0]
+    runner.free(runner.leave(0))
+    return out
+
+
+def test_a_new_consultation_shares_the_opening_and_answers_as_if_fed_whole(loaded_f32):
+    """Every prompt opens with BOS, the system text and the first question's words before its photo:
+    computed once when the engine is made; each new consultation's sequence shares those cells. Its
+    answer is the one a sequence fed the whole prompt gives, and a session that shared the opening
+    and is then forgotten takes none of it away."""
+    engine = Engine(loaded_f32)
+    opening = engine.prompt.opening()
+    assert len(opening) > 20 and all(isinstance(p, int) for p in opening)
+    for seed, question in enumerate(("What's wrong with my skin?", "Is this mole dangerous?")):
+        conversation = Conversation().ask(question, [_photo(seed)])
+        positions, _, _ = engine.prompt.positions(conversation, 900)
+        assert positions[:len(opening)] == opening and isinstance(positions[len(opening)], ImagePosition)
+        gen = engine.stream(conversation, session=f"new{seed}", do_sample=False, max_new_tokens=12, fixed_length=True)
+        "".join(gen)
+        assert (gen.stats.shared_tokens, gen.stats.reused_tokens) == (len(opening), 0)
+        assert gen.stats.prefill_tokens == gen.stats.prompt_tokens - len(opening)
+        assert gen.tokens == _fed_whole(engine, conversation, 12)
+        engine.forget(f"new{seed}")  # its sequence goes; the opening's cells stay for the next
+
+
 def test_cancel_leaves_the_others_and_a_dropped_stream_frees_its_sequence(loaded_f32):
     settings = {"do_sample": False, "max_new_tokens": 24}
     alone = {n: _consult(Engine(loaded_f32), n, **settings)[0] for n in (0, 2)}
@@ -122,11 +156,12 @@ def test_cancel_leaves_the_others_and_a_dropped_stream_frees_its_sequence(loaded
     "".join(streams[1])  # drain what the cancelled answer still holds
     assert streams[1].finish_reason == "cancelled"
     assert {n: results[n][1] for n in (0, 2)} == alone
-    # three named sessions keep their sequences; the unnamed, dropped one gave its back
+    # three named sessions keep their sequences, and the opening every prompt shares its own; the unnamed,
+    # dropped one gave its back
     deadline = time.monotonic() + 120  # the scheduler frees it at its next step; the limit is a safety net
-    while len(runner._free_seqs) != runner.max_sequences - 3 and time.monotonic() < deadline:
+    while len(runner._free_seqs) != runner.max_sequences - 4 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(runner._free_seqs) == runner.max_sequences - 3
+    assert len(runner._free_seqs) == runner.max_sequences - 4
 
 
 def test_regenerate_removes_the_old_answers_tail(loaded_f32):

@@ -200,9 +200,10 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, rep
             engine.forget(f"bench{repeat}")
         else:
             conversation = opening.answer(text)  # the follow-ups go on from the first repeat's session
+        bare = _bare_decode(engine, opening, new_tokens)  # right after, same prompt
         pair = {"ttft_ms": first.stats.time_to_first_token_s * 1000, "prompt_tokens": first.stats.prompt_tokens,
-                "decode_tokens_per_s": first.stats.decode_tokens_per_s,
-                "bare_decode_tokens_per_s": _bare_decode(engine, opening, new_tokens)}  # right after, same prompt
+                "shared_tokens": first.stats.shared_tokens, "decode_tokens_per_s": first.stats.decode_tokens_per_s,
+                "bare_decode_tokens_per_s": bare["decode_tokens_per_s"], "whole_prefill_ms": bare["prefill_ms"]}
         if loaded.runtime == "llama.cpp":  # the peer, timed by llama.cpp itself on the same file, right after too
             # serving's peak is taken before the peer's context exists (llama.cpp's pool is allocated up
             # front, so the follow-ups below add next to nothing)
@@ -219,6 +220,8 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, rep
         "load_s": load_s, "image_encode_ms": statistics.median(encode_ms),
         "first_turn_ttft_ms": median("ttft_ms"),
         "first_turn_prompt_tokens": paired[0]["prompt_tokens"],
+        "first_turn_shared_tokens": paired[0]["shared_tokens"],
+        "whole_prefill_ms": median("whole_prefill_ms"),
         "decode_tokens_per_s": median("decode_tokens_per_s"),
         "bare_decode_tokens_per_s": median("bare_decode_tokens_per_s"),
         "engine_overhead": statistics.median(1 - p["decode_tokens_per_s"] / p["bare_decode_tokens_per_s"]
@@ -237,6 +240,8 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, rep
             p["decode_tokens_per_s"] / p["llama_cpp"]["decode_tokens_per_s"] for p in paired)
         result["ttft_vs_llama_cpp_prefill"] = statistics.median(
             p["ttft_ms"] / p["llama_cpp"]["prefill_ms"] for p in paired)
+        result["whole_prefill_vs_llama_cpp"] = statistics.median(
+            p["whole_prefill_ms"] / p["llama_cpp"]["prefill_ms"] for p in paired)
     return result
 
 
@@ -255,10 +260,10 @@ def run_concurrency(engine: Engine, levels: list[int], new_tokens: int = 32) -> 
     engine.answer(Conversation().ask("Describe it.", [bench_photo(99)]), **settings)  # warm-up
     rows = []
     for n in levels:
-        together = _sessions_at_once(engine, n, f"c{n}", settings)
+        together = _sessions_at_once(engine, n, f"c{n}", settings, photos=1000 + 100 * n)
         serial_start = time.perf_counter()
         for i in range(n):
-            engine.answer(_consultation(i), session=f"s{n}-{i}", **settings)
+            engine.answer(_consultation(i, 2000 + 100 * n + i), session=f"s{n}-{i}", **settings)
         serial_s = time.perf_counter() - serial_start
         for i in range(n):
             engine.forget(f"c{n}-{i}"), engine.forget(f"s{n}-{i}")
@@ -277,23 +282,23 @@ def run_concurrency(engine: Engine, levels: list[int], new_tokens: int = 32) -> 
     return rows
 
 
-def _consultation(i: int) -> Conversation:
+def _consultation(i: int, photo: int) -> Conversation:
     question = f"{QUESTIONS[i % len(QUESTIONS)]} Please describe the skin in this photo."
-    return Conversation().ask(question, [bench_photo(i)])
+    return Conversation().ask(question, [bench_photo(photo)])
 
 
-def _sessions_at_once(engine: Engine, n: int, prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Start n answers together (a barrier), stream each in its own thread, time every piece."""
+def _sessions_at_once(engine: Engine, n: int, prefix: str, settings: dict[str, Any], photos: int) -> dict[str, Any]:
+    """Start n answers together (a barrier), stream each in its own thread, time every piece. Each has a
+    photo the engine has not seen (seeds from `photos`), so the n photos are encoded in the window, as
+    the app encodes a photo when its question is sent."""
     import threading
 
-    for i in range(n):
-        engine.encode(bench_photo(i))  # each photo's embeddings are cached, as after its upload in the app
     barrier, answers = threading.Barrier(n), [None] * n
 
     def one(i: int) -> None:
         barrier.wait()
         start = time.perf_counter()
-        generation = engine.stream(_consultation(i), session=f"{prefix}-{i}", **settings)
+        generation = engine.stream(_consultation(i, photos + i), session=f"{prefix}-{i}", **settings)
         "".join(generation)
         stamps = generation.stats.token_times  # (random weights often sample ids that print nothing)
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -317,9 +322,10 @@ def format_concurrency(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _bare_decode(engine: Engine, conversation: Conversation, new_tokens: int) -> float:
+def _bare_decode(engine: Engine, conversation: Conversation, new_tokens: int) -> dict[str, float]:
     """Greedy decoding of the first turn's prompt (the same positions the engine was timed at) with
-    nothing but LLM forwards and argmax: the floor the engine is held to."""
+    nothing but LLM forwards and argmax: the floor the engine is held to. Its decode tokens/s, and the
+    milliseconds its prefill of the whole prompt took (nothing shared, the photo's embeddings ready)."""
     from model.nn.skingpt import IMAGE_TOKEN_ID
     from model.serving.requests import ImagePosition
 
@@ -334,33 +340,38 @@ def _bare_decode(engine: Engine, conversation: Conversation, new_tokens: int) ->
         from model.serving.kv_cache import new_cache
 
         cache = new_cache()
+        _sync(str(engine.device))
+        started = time.perf_counter()
         embeds = model.embed_inputs(torch.tensor([ids], device=engine.device), image)
         logits = model.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = int(logits[0, -1].argmax())
         _sync(str(engine.device))
-        start = time.perf_counter()
+        prefill_s = (start := time.perf_counter()) - started
         for _ in range(new_tokens - 1):
             logits = model.llm(input_ids=torch.tensor([[token]], device=engine.device), past_key_values=cache,
                                use_cache=True).logits
             token = int(logits[0, -1].argmax())
         _sync(str(engine.device))
         elapsed = time.perf_counter() - start
-    return (new_tokens - 1) / elapsed
+    return {"decode_tokens_per_s": (new_tokens - 1) / elapsed, "prefill_ms": 1000 * prefill_s}
 
 
-def _bare_runner_decode(engine: Engine, positions: list, embeds: dict[str, torch.Tensor], new_tokens: int) -> float:
+def _bare_runner_decode(engine: Engine, positions: list, embeds: dict[str, torch.Tensor],
+                        new_tokens: int) -> dict[str, float]:
     """The same loop on a runtime of its own (llama.cpp): the runner's prefill and decode calls alone,
-    on an engine with nothing else in flight."""
+    on an engine with nothing else in flight; the whole prompt is prefilled (nothing shared)."""
     runner = engine.runner
     state = runner.new_state()
+    started = time.perf_counter()
     token = int(runner.prefill(state, positions, embeds).argmax())
+    prefill_s = time.perf_counter() - started
     runner.join(state)
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         token = int(runner.decode([token])[0].argmax())
     elapsed = time.perf_counter() - start
     runner.free(runner.leave(0))  # the only row: nothing else decodes during the bench
-    return (new_tokens - 1) / elapsed
+    return {"decode_tokens_per_s": (new_tokens - 1) / elapsed, "prefill_ms": 1000 * prefill_s}
 
 
 
@@ -402,7 +413,9 @@ def format_table(r: dict[str, Any]) -> str:
     lines = [f"model {r['model']} on {r['device']}, {r['dtype']} ({r['runtime']})",
              f"load                  {r['load_s']:.2f} s",
              f"image encode          {r['image_encode_ms']:.1f} ms",
-             f"first turn TTFT       {r['first_turn_ttft_ms']:.1f} ms ({r['first_turn_prompt_tokens']} prompt positions)",
+             f"first turn TTFT       {r['first_turn_ttft_ms']:.1f} ms ({r['first_turn_prompt_tokens']} prompt positions, "
+             f"{r['first_turn_shared_tokens']} of them the opening every prompt shares); the whole prompt "
+             f"prefilled alone {r['whole_prefill_ms']:.0f} ms",
              f"decode                {r['decode_tokens_per_s']:.1f} tokens/s "
              f"(bare loop {r['bare_decode_tokens_per_s']:.1f}; engine overhead {100 * r['engine_overhead']:.1f}%)",
              "", "turn  prompt  prefilled  TTFT ms  reference-style ms  speed-up"]
@@ -414,7 +427,8 @@ def format_table(r: dict[str, Any]) -> str:
         lines.insert(5, f"llama.cpp's own       prefill {own['prefill_tokens_per_s']:.1f} tokens/s "
                         f"({own['prompt_tokens']:.0f} positions in {own['prefill_ms']:.0f} ms), decode "
                         f"{own['decode_tokens_per_s']:.1f} tokens/s: ours is {r['decode_vs_llama_cpp']:.0%} "
-                        f"of it; first token {r['ttft_vs_llama_cpp_prefill']:.2f}x its prefill")
+                        f"of it; first token {r['ttft_vs_llama_cpp_prefill']:.2f}x its prefill, the whole prompt "
+                        f"prefilled alone {r['whole_prefill_vs_llama_cpp']:.2f}x")
     if len(r.get("repeats", [])) > 1:
         lines.insert(5, f"(medians of {len(r['repeats'])} back-to-back repeats; ratios: the median of each repeat's own)")
     lines += ["", f"peak RSS              {format_bytes(r['peak_rss_bytes'])}",

@@ -158,6 +158,7 @@ class Engine:
         self.sessions = SessionCache(self.runner.new_state, budget, self.runner.free)
         chunk = prefill_chunk or self.runner.prefill_chunk  # what an answer may wait between two tokens
         self.scheduler = Scheduler(self.runner, self.sessions, max_batch, chunk, hold)  # hold: a test hook
+        self.scheduler.keep_opening(self.prompt.opening())
 
     def _full_cache_bytes(self, max_batch: int) -> int:
         """What the consultations the pool is for can use at most: as many as llama.cpp's pool keeps,

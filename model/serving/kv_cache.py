@@ -98,6 +98,15 @@ def new_cache() -> KVCache:
     return KVCache()
 
 
+def copy_prefix(source: KVCache, target: KVCache, length: int) -> None:
+    """`target` holds a copy of `source`'s first `length` positions (whatever it held before is gone)."""
+    target.layers = []
+    for layer in source.layers:
+        copy = GrowingLayer()
+        copy.set(layer.keys[..., :length, :], layer.values[..., :length, :])
+        target.layers.append(copy)
+
+
 def trim_cache(cache: KVCache, length: int) -> None:
     """Keep the first `length` positions."""
     extra = cache.get_seq_length() - length

@@ -10,6 +10,8 @@ state is one llama.cpp sequence:
   holds ids or embeddings, not both), embeddings only, its words as rows of the GGUF's token table;
 - the decode batch is one `llama_decode` of one token per row, each row its own sequence;
 - trim removes a sequence's tail (`llama_memory_seq_rm`), so regenerate and cancel keep the prefix;
+- share tags another sequence's leading cells with the state's (`llama_memory_seq_cp`): every
+  consultation's prompt opens the same way, and that opening is computed once;
 - a freed state gives its sequence back.
 When the pool or the sequence ids run out, `make_room` (the session cache's: drop the least
 recently used idle session) is asked before anything fails.
@@ -147,6 +149,17 @@ class LlamaRunner:
             if state.seq is None:
                 state.seq = self._take_sequence(make_room)
             return self._feed(state, positions, embeds, make_room)
+
+    def share(self, source: LlamaState, state: LlamaState, length: int, make_room: MakeRoom = no_room) -> None:
+        """llama.cpp tags the cells of `source`'s first `length` positions with `state`'s sequence too: in the
+        unified pool nothing is copied or computed, and the cells stay until no sequence holds them."""
+        with self._lock:
+            if state.seq is None:
+                state.seq = self._take_sequence(make_room)
+            else:
+                self.llama.llama_memory_seq_rm(self.memory, state.seq, -1, -1)
+            self.llama.llama_memory_seq_cp(self.memory, source.seq, state.seq, 0, length)
+            state.length = length
 
     def join(self, state: LlamaState) -> None:
         self.rows.append(state)

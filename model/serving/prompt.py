@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from PIL import Image
+
 from model.prompt.conversation import Conversation, ConversationError, ImageInput, Template, Turn, render, render_turn
 from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 from model.serving.requests import ImagePosition, Position
@@ -79,6 +81,19 @@ class PromptBuilder:
             else:
                 positions.append(token)
         return positions, images, tuple(dropped)
+
+    def opening(self) -> list[Position]:
+        """The positions every consultation's prompt opens with, whatever is asked: BOS, the system text
+        and the first question's words before its photo (what two first turns with a photo share)."""
+        photo = ImageInput(Image.new("RGB", (1, 1)), key="opening")
+        first, second = (self.positions(Conversation().ask(question, [photo]), self.max_context)[0]
+                         for question in ("a", "b"))
+        shared = []
+        for a, b in zip(first, second):
+            if a != b or isinstance(a, ImagePosition):
+                break
+            shared.append(a)
+        return shared
 
     def _too_long(self, needed: str, budget: int) -> ConversationError:
         return ConversationError(

@@ -45,6 +45,7 @@ def inside_image(position: Position) -> bool:
 class GenerationStats:
     prompt_tokens: int = 0  # positions in the prompt, image positions included
     reused_tokens: int = 0  # of those, already in the session's cache
+    shared_tokens: int = 0  # of those, the opening every prompt starts with, computed once for all
     prefill_tokens: int = 0  # of those, run through the model now
     new_tokens: int = 0
     time_to_first_token_s: float = 0.0  # from the call, queueing and image encoding included

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 
 from model.nn.skingpt import IMAGE_TOKEN_ID
-from model.serving.kv_cache import Batch, new_cache, trim_cache
+from model.serving.kv_cache import Batch, copy_prefix, new_cache, trim_cache
 from model.serving.requests import ImagePosition, Position, starts_image
 
 
@@ -49,6 +49,10 @@ class ModelRunner(Protocol):
     def prefill(self, state: Any, positions: Sequence[Position], embeds: Mapping[str, torch.Tensor],
                 make_room: MakeRoom = no_room) -> torch.Tensor:
         """Feed `positions` after what the state holds (an image's run never split); (V,) logits of the last."""
+
+    def share(self, source: Any, state: Any, length: int, make_room: MakeRoom = no_room) -> None:
+        """`state` holds `source`'s first `length` positions and nothing else (`source` is unchanged):
+        a prompt that starts as another did gets those positions without computing them again."""
 
     def join(self, state: Any) -> None:
         """The state's answer enters the decode batch as its last row."""
@@ -95,6 +99,9 @@ class TorchRunner:
             inputs = self.model.embed_inputs(ids, images)  # (1, T_chunk, D)
             out = self.model.llm(inputs_embeds=inputs, past_key_values=state, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]
+
+    def share(self, source, state, length: int, make_room: MakeRoom = no_room) -> None:
+        copy_prefix(source, state, length)  # torch caches share no memory: a copy, but no forward
 
     def join(self, state) -> None:
         self.batch.add(state)

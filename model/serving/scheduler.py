@@ -7,7 +7,9 @@ requests while fewer than `max_batch` are running, (3) prefills one chunk of at 
 answers already streaming for more than one chunk), and (4) runs one batched decode
 step over every answer whose prefill is done. Prefill runs on the session's own state (B=1), so
 a follow-up prefills only its new tail; the finished prefill's state joins the runner's batch, and
-leaves it again when its answer ends.
+leaves it again when its answer ends. Every prompt opens the same way (BOS, the system text, the first
+question's words before its photo: about 40 of a first turn's ~116 positions); that opening is
+computed once, when the engine is made, and a new consultation's state shares it.
 
 Why our own batch and not transformers' `generate_batch` / `ContinuousBatchingManager`: those
 take token ids only and keep their own paged cache per request, so images would need reserved ids
@@ -31,7 +33,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 
-from model.serving.requests import Request, inside_image
+from model.serving.requests import Position, Request, inside_image
 from model.serving.runner import ModelRunner
 from model.serving.sessions import SessionCache, reusable
 
@@ -61,6 +63,18 @@ class Scheduler:
         self.largest_batch = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.opening: list[Position] = []  # what every prompt opens with, held by `_opened` (see `keep_opening`)
+        self._opened = None
+
+    def keep_opening(self, positions: list[Position]) -> None:
+        """Compute the positions every prompt opens with once, into a state of its own that is never
+        dropped: a new consultation's state then shares them (`ModelRunner.share`) instead of computing
+        them again. Called before the first request, so every caller finds it there."""
+        if len(positions) < 2:
+            return  # BOS alone: nothing worth keeping
+        state = self.runner.new_state()
+        self.runner.prefill(state, positions, {})
+        self.opening, self._opened = list(positions), state
 
     # -- called from consumer threads ----------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -146,12 +160,7 @@ class Scheduler:
         session, positions = request.session, request.positions
         try:
             if request.fed is None:
-                reuse = reusable(session.positions, positions)
-                self.runner.trim(session.state, reuse)
-                session.positions = session.positions[:reuse]
-                request.fed = reuse
-                stats = request.stats
-                stats.prompt_tokens, stats.reused_tokens, stats.prefill_tokens = len(positions), reuse, len(positions) - reuse
+                self._start(request)
             end = min(len(positions), request.fed + self.prefill_chunk)
             while end < len(positions) and inside_image(positions[end]):
                 end += 1  # an image's run is never split between chunks
@@ -173,6 +182,22 @@ class Scheduler:
         session.state = None  # the batch holds it until the answer leaves
         self.decoding.append(request)
         self.largest_batch = max(self.largest_batch, len(self.decoding))
+
+    def _start(self, request: Request) -> None:
+        """Keep what the session's state shares with the prompt, or, where the opening every prompt
+        starts with covers more, take that instead; the rest is prefilled."""
+        session, positions, stats = request.session, request.positions, request.stats
+        reuse = reusable(session.positions, positions)
+        shared = reusable(self.opening, positions) if self._opened is not None else 0
+        if shared > reuse:
+            self.runner.share(self._opened, session.state, shared, self.sessions.drop_oldest_idle)
+            session.positions, reuse = positions[:shared], 0
+        else:
+            self.runner.trim(session.state, reuse)
+            session.positions, shared = session.positions[:reuse], 0
+        request.fed = reuse + shared
+        stats.prompt_tokens, stats.reused_tokens, stats.shared_tokens = len(positions), reuse, shared
+        stats.prefill_tokens = len(positions) - request.fed
 
     def _decode_step(self) -> None:
         tokens = [r.next_token for r in self.decoding]
