@@ -234,15 +234,18 @@ def run(engine: Engine, load_s: float, turns: int = 8, new_tokens: int = 32, rep
     }
     result.update(_bandwidth(result, loaded, device))
     if loaded.runtime == "llama.cpp":
-        peers = [p["llama_cpp"] for p in paired]
-        result["llama_cpp"] = {key: statistics.median(p[key] for p in peers) for key in peers[0]}
-        result["decode_vs_llama_cpp"] = statistics.median(
-            p["decode_tokens_per_s"] / p["llama_cpp"]["decode_tokens_per_s"] for p in paired)
-        result["ttft_vs_llama_cpp_prefill"] = statistics.median(
-            p["ttft_ms"] / p["llama_cpp"]["prefill_ms"] for p in paired)
-        result["whole_prefill_vs_llama_cpp"] = statistics.median(
-            p["whole_prefill_ms"] / p["llama_cpp"]["prefill_ms"] for p in paired)
+        result.update(_against_llama_cpp(paired))
     return result
+
+
+def _against_llama_cpp(paired: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peer's medians, and the median of each repeat's own ratio to it."""
+    peers = [p["llama_cpp"] for p in paired]
+    ratio = lambda ours, theirs: statistics.median(p[ours] / p["llama_cpp"][theirs] for p in paired)  # noqa: E731
+    return {"llama_cpp": {key: statistics.median(p[key] for p in peers) for key in peers[0]},
+            "decode_vs_llama_cpp": ratio("decode_tokens_per_s", "decode_tokens_per_s"),
+            "ttft_vs_llama_cpp_prefill": ratio("ttft_ms", "prefill_ms"),
+            "whole_prefill_vs_llama_cpp": ratio("whole_prefill_ms", "prefill_ms")}
 
 
 def _llm_dtype(loaded: LoadedBundle) -> str:
