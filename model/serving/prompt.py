@@ -17,6 +17,7 @@ from PIL import Image
 from model.prompt.conversation import Conversation, ConversationError, ImageInput, Template, Turn, render, render_turn
 from model.nn.skingpt import IMAGE_TOKEN_ID, tokenize_prompt
 from model.serving.requests import ImagePosition, Position
+from model.serving.sessions import common_prefix
 
 
 def context_budget(max_context: int, max_positions: int, max_new_tokens: int) -> int:
@@ -88,12 +89,9 @@ class PromptBuilder:
         photo = ImageInput(Image.new("RGB", (1, 1)), key="opening")
         first, second = (self.positions(Conversation().ask(question, [photo]), self.max_context)[0]
                          for question in ("a", "b"))
-        shared = []
-        for a, b in zip(first, second):
-            if a != b or isinstance(a, ImagePosition):
-                break
-            shared.append(a)
-        return shared
+        shared = first[:common_prefix(first, second)]
+        photo_at = next((i for i, p in enumerate(shared) if isinstance(p, ImagePosition)), len(shared))
+        return shared[:photo_at]
 
     def _too_long(self, needed: str, budget: int) -> ConversationError:
         return ConversationError(

@@ -8,7 +8,7 @@ answers already streaming for more than one chunk), and (4) runs one batched dec
 step over every answer whose prefill is done. Prefill runs on the session's own state (B=1), so
 a follow-up prefills only its new tail; the finished prefill's state joins the runner's batch, and
 leaves it again when its answer ends. Every prompt opens the same way (BOS, the system text, the first
-question's words before its photo: about 40 of a first turn's ~116 positions); that opening is
+question's words before its photo: 66 of a first turn's 116 with the reference template); that opening is
 computed once, when the engine is made, and a new consultation's state shares it.
 
 Why our own batch and not transformers' `generate_batch` / `ContinuousBatchingManager`: those
@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from model.serving.requests import Position, Request, inside_image
 from model.serving.runner import ModelRunner
-from model.serving.sessions import SessionCache, reusable
+from model.serving.sessions import Session, SessionCache, reusable
 
 log = logging.getLogger(__name__)
 _RUNNING: weakref.WeakSet[Scheduler] = weakref.WeakSet()
@@ -63,8 +63,7 @@ class Scheduler:
         self.largest_batch = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.opening: list[Position] = []  # what every prompt opens with, held by `_opened` (see `keep_opening`)
-        self._opened = None
+        self.opening: Session | None = None  # what every prompt opens with, and its state (see `keep_opening`)
 
     def keep_opening(self, positions: list[Position]) -> None:
         """Compute the positions every prompt opens with once, into a state of its own that is never
@@ -74,7 +73,7 @@ class Scheduler:
             return  # BOS alone: nothing worth keeping
         state = self.runner.new_state()
         self.runner.prefill(state, positions, {})
-        self.opening, self._opened = list(positions), state
+        self.opening = Session(state, list(positions), busy=True)  # busy: never an idle session to drop
 
     # -- called from consumer threads ----------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -188,9 +187,9 @@ class Scheduler:
         starts with covers more, take that instead; the rest is prefilled."""
         session, positions, stats = request.session, request.positions, request.stats
         reuse = reusable(session.positions, positions)
-        shared = reusable(self.opening, positions) if self._opened is not None else 0
+        shared = reusable(self.opening.positions, positions) if self.opening is not None else 0
         if shared > reuse:
-            self.runner.share(self._opened, session.state, shared, self.sessions.drop_oldest_idle)
+            self.runner.share(self.opening.state, session.state, shared, self.sessions.drop_oldest_idle)
             session.positions, reuse = positions[:shared], 0
         else:
             self.runner.trim(session.state, reuse)
